@@ -1,0 +1,618 @@
+"""The zeroshard JSON config: a DeepSpeed-compatible schema, loading and validation.
+
+Users arrive with DeepSpeed configs, so key names, nesting and defaults follow DeepSpeed's
+(differences are listed in docs/config.md). Every section forbids unknown keys: a misspelled or
+unsupported option must fail loudly, never be ignored, because ignoring it silently changes
+training. All problems are reported as one :class:`ConfigError` naming the full key path.
+"""
+
+# pydantic evaluates field annotations at runtime, and `X | Y` fails there on Python 3.9
+# (still supported by setup.py), so the models keep Optional/Union.
+# ruff: noqa: UP007, UP045
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union, get_args, get_origin
+
+import torch
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from zeroshard.config_errors import ConfigError, format_path, translate_validation_error
+
+__all__ = [
+    "ConfigError",
+    "ZeroConfig",
+    "ZeroOptimizationConfig",
+    "FP16Config",
+    "BF16Config",
+    "OptimizerConfig",
+    "SchedulerConfig",
+    "load_config",
+]
+
+Auto = Literal["auto"]
+_AUTO_HELP = (
+    'is "auto", which zeroshard cannot resolve (the Hugging Face Trainer replaces "auto" '
+    "values before handing the config over); give a number"
+)
+
+
+class _Section(BaseModel):
+    """Base for every config section: unknown keys are errors, values are re-validated."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Field names that may legitimately hold "auto" (resolved later by zeroshard).
+    _auto_ok: ClassVar[frozenset[str]] = frozenset()
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _reject_auto_and_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode would read `true` as 1 for a number and silently accept it;
+        # "auto" only has meaning where zeroshard can resolve it.
+        name = info.field_name or ""
+        if isinstance(value, str) and value == "auto" and name not in cls._auto_ok:
+            raise ValueError(_AUTO_HELP)
+        field = cls.model_fields.get(name)
+        if isinstance(value, bool) and field is not None and not _accepts_bool(field.annotation):
+            raise ValueError("must be a number, not a boolean")
+        return value
+
+
+def _accepts_bool(annotation: Any) -> bool:
+    """Whether a field type admits JSON true/false (bool, Optional[bool], Literal[True])."""
+    if annotation is bool:
+        return True
+    if get_origin(annotation) is Literal:
+        return any(isinstance(a, bool) for a in get_args(annotation))
+    return any(_accepts_bool(a) for a in get_args(annotation))
+
+
+Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
+Betas = tuple[Probability, Probability]
+LR = Annotated[float, Field(ge=0.0)]
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+class AdamWParams(_Section):
+    """torch.optim.AdamW hyperparameters (DeepSpeed's FusedAdam keys)."""
+
+    lr: LR = 1e-3
+    betas: Betas = (0.9, 0.999)
+    eps: Annotated[float, Field(gt=0.0)] = 1e-8
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
+    amsgrad: bool = False
+    # DeepSpeed keys: under AdamW decay is always decoupled; `torch_adam` picks torch's kernel.
+    adam_w_mode: Literal[True] = True
+    torch_adam: bool = False
+
+
+class AdamParams(AdamWParams):
+    """DeepSpeed "Adam": decoupled decay (= AdamW) unless adam_w_mode is false, as in DeepSpeed."""
+
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    adam_w_mode: bool = True  # type: ignore[assignment]
+
+
+class SGDParams(_Section):
+    """torch.optim.SGD hyperparameters; lr is required as it has no sensible default."""
+
+    lr: LR
+    momentum: Annotated[float, Field(ge=0.0)] = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> SGDParams:
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ValueError(
+                "`optimizer.params.nesterov` = true requires `optimizer.params.momentum` > 0 "
+                f"and `optimizer.params.dampening` == 0 (got momentum={self.momentum}, "
+                f"dampening={self.dampening})"
+            )
+        return self
+
+
+class LionParams(_Section):
+    """Lion hyperparameters (defaults from the Lion paper)."""
+
+    lr: LR = 1e-4
+    betas: Betas = (0.9, 0.99)
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+
+
+class _OptimizerBase(_Section):
+    @field_validator("type", mode="before", check_fields=False)
+    @classmethod
+    def _canonical_type(cls, value: Any) -> Any:
+        return _OPTIMIZER_NAMES.get(value.lower(), value) if isinstance(value, str) else value
+
+
+class AdamWOptimizer(_OptimizerBase):
+    type: Literal["AdamW"]
+    params: AdamWParams = Field(default_factory=AdamWParams)
+
+
+class AdamOptimizer(_OptimizerBase):
+    type: Literal["Adam"]
+    params: AdamParams = Field(default_factory=AdamParams)
+
+
+class SGDOptimizer(_OptimizerBase):
+    type: Literal["SGD"]
+    params: SGDParams
+
+
+class LionOptimizer(_OptimizerBase):
+    type: Literal["Lion"]
+    params: LionParams = Field(default_factory=LionParams)
+
+
+_OPTIMIZERS: dict[str, type[_OptimizerBase]] = {
+    "AdamW": AdamWOptimizer,
+    "Adam": AdamOptimizer,
+    "SGD": SGDOptimizer,
+    "Lion": LionOptimizer,
+}
+_OPTIMIZER_NAMES = {name.lower(): name for name in _OPTIMIZERS}
+
+
+def _tag(value: Any, names: Mapping[str, str]) -> str | None:
+    """Case-insensitive discriminator: the canonical type name, or None if unknown."""
+    raw = value.get("type") if isinstance(value, Mapping) else getattr(value, "type", None)
+    return names.get(raw.lower()) if isinstance(raw, str) else None
+
+
+OptimizerConfig = Annotated[
+    Union[tuple(Annotated[m, Tag(n)] for n, m in _OPTIMIZERS.items())],  # type: ignore[misc]
+    Discriminator(
+        lambda v: _tag(v, _OPTIMIZER_NAMES),
+        custom_error_type="optimizer_type",
+        custom_error_message=(
+            "must be one of AdamW, Adam, SGD, Lion (case-insensitive); "
+            "other DeepSpeed optimizers (Lamb, OneBitAdam, ...) are not supported by zeroshard yet"
+        ),
+    ),
+]
+
+
+# --------------------------------------------------------------------------- scheduler
+
+
+class WarmupLRParams(_Section):
+    """DeepSpeed WarmupLR. warmup_max_lr null means "the optimizer's lr", as in DeepSpeed."""
+
+    warmup_min_lr: LR = 0.0
+    warmup_max_lr: Optional[LR] = None
+    warmup_num_steps: Annotated[int, Field(ge=1)] = 1000
+    warmup_type: Literal["log", "linear"] = "log"
+
+
+class WarmupDecayLRParams(WarmupLRParams):
+    """DeepSpeed WarmupDecayLR: warmup, then linear decay to 0 at total_num_steps."""
+
+    warmup_max_lr: Optional[LR] = 0.001
+    total_num_steps: Annotated[int, Field(ge=1)]
+
+    @model_validator(mode="after")
+    def _decay_after_warmup(self) -> WarmupDecayLRParams:
+        if self.total_num_steps <= self.warmup_num_steps:
+            raise ValueError(
+                f"`scheduler.params.total_num_steps` ({self.total_num_steps}) must be greater "
+                f"than `scheduler.params.warmup_num_steps` ({self.warmup_num_steps})"
+            )
+        return self
+
+
+class WarmupCosineLRParams(_Section):
+    """DeepSpeed WarmupCosineLR: ratios of the optimizer's lr, cosine decay after warmup."""
+
+    total_num_steps: Annotated[int, Field(ge=1)]
+    warmup_min_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    warmup_num_steps: Annotated[int, Field(ge=1)] = 1000
+    cos_min_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0001
+    warmup_type: Literal["log", "linear"] = "log"
+
+
+class _SchedulerBase(_Section):
+    @field_validator("type", mode="before", check_fields=False)
+    @classmethod
+    def _canonical_type(cls, value: Any) -> Any:
+        return _SCHEDULER_NAMES.get(value.lower(), value) if isinstance(value, str) else value
+
+
+class WarmupLRConfig(_SchedulerBase):
+    type: Literal["WarmupLR"]
+    params: WarmupLRParams = Field(default_factory=WarmupLRParams)
+
+
+class WarmupDecayLRConfig(_SchedulerBase):
+    type: Literal["WarmupDecayLR"]
+    params: WarmupDecayLRParams
+
+
+class WarmupCosineLRConfig(_SchedulerBase):
+    type: Literal["WarmupCosineLR"]
+    params: WarmupCosineLRParams
+
+
+_SCHEDULERS: dict[str, type[_SchedulerBase]] = {
+    "WarmupLR": WarmupLRConfig,
+    "WarmupDecayLR": WarmupDecayLRConfig,
+    "WarmupCosineLR": WarmupCosineLRConfig,
+}
+_SCHEDULER_NAMES = {name.lower(): name for name in _SCHEDULERS}
+
+SchedulerConfig = Annotated[
+    Union[tuple(Annotated[m, Tag(n)] for n, m in _SCHEDULERS.items())],  # type: ignore[misc]
+    Discriminator(
+        lambda v: _tag(v, _SCHEDULER_NAMES),
+        custom_error_type="scheduler_type",
+        custom_error_message=(
+            "must be one of WarmupLR, WarmupDecayLR, WarmupCosineLR; "
+            "DeepSpeed's LRRangeTest and OneCycle are not supported by zeroshard yet"
+        ),
+    ),
+]
+
+
+# --------------------------------------------------------------------------- precision, ZeRO
+
+
+class FP16Config(_Section):
+    """DeepSpeed fp16 mixed precision with (dynamic) loss scaling."""
+
+    enabled: bool = False
+    loss_scale: Annotated[float, Field(ge=0.0)] = 0.0  # 0 = dynamic loss scaling
+    initial_scale_power: Annotated[int, Field(ge=0, le=64)] = 16
+    loss_scale_window: Annotated[int, Field(ge=1)] = 1000
+    hysteresis: Annotated[int, Field(ge=1)] = 2
+    consecutive_hysteresis: bool = False
+    min_loss_scale: Annotated[float, Field(gt=0.0)] = 1.0
+
+
+class BF16Config(_Section):
+    """DeepSpeed bf16 mixed precision (no loss scaling needed)."""
+
+    enabled: bool = False
+
+
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class ZeroOptimizationConfig(_Section):
+    """DeepSpeed's `zero_optimization` section. Sizes are element counts, as in DeepSpeed."""
+
+    _auto_ok: ClassVar[frozenset[str]] = frozenset(
+        {"reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"}
+    )
+
+    stage: Literal[0, 1, 2, 3] = 0
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    reduce_scatter: bool = True
+    reduce_bucket_size: Union[PositiveInt, Auto] = 500_000_000
+    allgather_partitions: bool = True
+    allgather_bucket_size: PositiveInt = 500_000_000
+    stage3_prefetch_bucket_size: Union[PositiveInt, Auto] = 50_000_000
+    stage3_param_persistence_threshold: Union[Annotated[int, Field(ge=0)], Auto] = 100_000
+    stage3_max_live_parameters: PositiveInt = 1_000_000_000
+    stage3_max_reuse_distance: Annotated[int, Field(ge=0)] = 1_000_000_000
+    stage3_gather_16bit_weights_on_model_save: bool = False
+    load_from_fp32_weights: bool = True
+
+
+# --------------------------------------------------------------------------- top level
+
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ZeroConfig(_Section):
+    """A validated zeroshard config. Build it with :func:`load_config`.
+
+    After loading, the three batch sizes are concrete ints consistent with ``world_size``.
+    Bucket sizes may still be "auto" until :meth:`resolve_auto` is called.
+    """
+
+    _auto_ok: ClassVar[frozenset[str]] = frozenset(_BATCH_KEYS)
+
+    train_batch_size: Union[PositiveInt, Auto, None] = None
+    train_micro_batch_size_per_gpu: Union[PositiveInt, Auto, None] = None
+    gradient_accumulation_steps: Union[PositiveInt, Auto, None] = None
+    optimizer: Optional[OptimizerConfig] = None
+    scheduler: Optional[SchedulerConfig] = None
+    fp16: FP16Config = Field(default_factory=FP16Config)
+    bf16: BF16Config = Field(
+        default_factory=BF16Config, validation_alias=AliasChoices("bf16", "bfloat16")
+    )
+    communication_data_type: Optional[Literal["fp32", "fp16", "bf16"]] = None
+    gradient_clipping: Annotated[float, Field(ge=0.0)] = 0.0
+    steps_per_print: PositiveInt = 10
+    wall_clock_breakdown: bool = False
+    zero_optimization: ZeroOptimizationConfig = Field(default_factory=ZeroOptimizationConfig)
+    kernel: Literal["auto", "triton", "torch"] = "auto"
+
+    _world_size: int = PrivateAttr(default=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_bf16_spelling(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "bf16" in data and "bfloat16" in data:
+            raise ValueError("give only one of `bf16` and its DeepSpeed alias `bfloat16`")
+        return data
+
+    @model_validator(mode="after")
+    def _cross_checks(self, info: ValidationInfo) -> ZeroConfig:
+        problems = []
+        if self.fp16.enabled and self.bf16.enabled:
+            problems.append("`fp16.enabled` and `bf16.enabled` are both true; enable at most one")
+        opt = self.optimizer
+        if opt is not None and getattr(opt.params, "torch_adam", False) and self.kernel == "triton":
+            problems.append(
+                '`optimizer.params.torch_adam` = true conflicts with `kernel` = "triton" '
+                "(torch_adam selects the torch kernel); drop one of them"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        world_size = (info.context or {}).get("world_size", 1)
+        self._derive_batch_sizes(world_size)
+        self._world_size = world_size
+        return self
+
+    def _derive_batch_sizes(self, world_size: int) -> None:
+        """DeepSpeed's rule: train_batch_size == micro * gas * world_size; derive the rest."""
+
+        def given(v: int | str | None) -> int | None:
+            return v if isinstance(v, int) else None
+
+        tb = given(self.train_batch_size)
+        mb = given(self.train_micro_batch_size_per_gpu)
+        gas = given(self.gradient_accumulation_steps)
+        values = (
+            f"train_batch_size={self.train_batch_size}, "
+            f"train_micro_batch_size_per_gpu={self.train_micro_batch_size_per_gpu}, "
+            f"gradient_accumulation_steps={self.gradient_accumulation_steps}, "
+            f"world_size={world_size}"
+        )
+        if tb is not None and mb is not None and gas is not None:
+            if tb != mb * gas * world_size:
+                raise ValueError(
+                    "inconsistent batch sizes: `train_batch_size` must equal "
+                    "`train_micro_batch_size_per_gpu` * `gradient_accumulation_steps` * "
+                    f"world_size, but {tb} != {mb} * {gas} * {world_size} ({values})"
+                )
+        elif tb is not None:
+            if mb is None and gas is None:
+                gas = 1
+            if mb is None:
+                assert gas is not None
+                mb, rem = divmod(tb, gas * world_size)
+                missing = "train_micro_batch_size_per_gpu"
+            else:
+                gas, rem = divmod(tb, mb * world_size)
+                missing = "gradient_accumulation_steps"
+            if rem or mb == 0 or gas == 0:
+                raise ValueError(
+                    f"cannot derive `{missing}`: `train_batch_size` is not divisible by the "
+                    f"product of the other batch sizes and world_size ({values})"
+                )
+        else:
+            mb = 1 if mb is None else mb
+            gas = 1 if gas is None else gas
+            tb = mb * gas * world_size
+        self.__dict__.update(
+            train_batch_size=tb, train_micro_batch_size_per_gpu=mb, gradient_accumulation_steps=gas
+        )
+
+    # ---------------------------------------------------------------- derived views
+
+    @property
+    def world_size(self) -> int:
+        """The world size the batch sizes were derived for."""
+        return self._world_size
+
+    @property
+    def precision(self) -> Literal["fp32", "bf16", "fp16"]:
+        """Training precision: "bf16" or "fp16" when that section is enabled, else "fp32"."""
+        if self.bf16.enabled:
+            return "bf16"
+        return "fp16" if self.fp16.enabled else "fp32"
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """dtype of the model's working (non-master) parameters."""
+        return _DTYPES[self.precision]
+
+    @property
+    def reduce_dtype(self) -> torch.dtype:
+        """dtype gradients are reduced in: communication_data_type, else fp16 for fp16 runs
+        (as DeepSpeed) and fp32 otherwise (bf16 sums lose too much precision)."""
+        if self.communication_data_type is not None:
+            return _DTYPES[self.communication_data_type]
+        return torch.float16 if self.precision == "fp16" else torch.float32
+
+    @property
+    def effective_kernel(self) -> Literal["auto", "triton", "torch"]:
+        """`kernel`, except that DeepSpeed's `optimizer.params.torch_adam` forces "torch"."""
+        if self.optimizer is not None and getattr(self.optimizer.params, "torch_adam", False):
+            return "torch"
+        return self.kernel
+
+    def optimizer_spec(self) -> tuple[str, dict[str, Any]]:
+        """(update rule, every hyperparameter it needs), defaults filled in.
+
+        The rule is one of "adamw", "adam", "sgd", "lion"; DeepSpeed "Adam" with adam_w_mode
+        (its default) is decoupled-decay Adam, hence "adamw". No optimizer section means AdamW.
+        """
+        opt = self.optimizer if self.optimizer is not None else AdamWOptimizer(type="AdamW")
+        p = opt.params
+        if isinstance(p, AdamWParams):  # AdamParams included
+            rule = "adamw" if p.adam_w_mode else "adam"
+            return rule, {
+                "lr": p.lr,
+                "betas": tuple(p.betas),
+                "eps": p.eps,
+                "weight_decay": p.weight_decay,
+                "amsgrad": p.amsgrad,
+                "maximize": False,
+            }
+        if isinstance(p, SGDParams):
+            return "sgd", {
+                "lr": p.lr,
+                "momentum": p.momentum,
+                "dampening": p.dampening,
+                "nesterov": p.nesterov,
+                "weight_decay": p.weight_decay,
+                "maximize": False,
+            }
+        assert isinstance(p, LionParams)
+        return "lion", {"lr": p.lr, "betas": tuple(p.betas), "weight_decay": p.weight_decay}
+
+    def resolve_auto(self, hidden_size: int | None) -> ZeroConfig:
+        """Copy with "auto" bucket sizes replaced by the Hugging Face integration's rules:
+        reduce_bucket_size = h*h, stage3_prefetch_bucket_size = 0.9*h*h,
+        stage3_param_persistence_threshold = 10*h."""
+        zo = self.zero_optimization
+        autos = [k for k in sorted(zo._auto_ok) if getattr(zo, k) == "auto"]
+        if not autos:
+            return self.model_copy(deep=True)
+        if hidden_size is None or isinstance(hidden_size, bool) or hidden_size < 1:
+            raise ConfigError(
+                [
+                    f'`zero_optimization.{k}` is "auto" but the model\'s hidden size is unknown '
+                    f"(got hidden_size={hidden_size!r}); give a number in the config or pass "
+                    "hidden_size"
+                    for k in autos
+                ]
+            )
+        rules = {
+            "reduce_bucket_size": hidden_size * hidden_size,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+            "stage3_param_persistence_threshold": 10 * hidden_size,
+        }
+        new = self.model_copy(deep=True)
+        new.zero_optimization = zo.model_copy(update={k: rules[k] for k in autos})
+        new._world_size = self._world_size
+        return new
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _section_keys() -> tuple[dict[tuple, list[str]], dict[str, frozenset[str]]]:
+    """Allowed keys per raw pydantic location, and the union tags found at each path."""
+    allowed: dict[tuple, list[str]] = {}
+
+    def keys(model: type[BaseModel]) -> list[str]:
+        out = []
+        for name, field in model.model_fields.items():
+            alias = field.validation_alias
+            out += list(alias.choices) if isinstance(alias, AliasChoices) else [name]  # type: ignore[arg-type]
+        return out
+
+    allowed[()] = keys(ZeroConfig)
+    for name in ("zero_optimization", "fp16", "bf16", "bfloat16"):
+        model = (
+            ZeroOptimizationConfig
+            if name == "zero_optimization"
+            else (FP16Config if name == "fp16" else BF16Config)
+        )
+        allowed[(name,)] = keys(model)
+    for section, table in (("optimizer", _OPTIMIZERS), ("scheduler", _SCHEDULERS)):
+        for tag, model in table.items():
+            allowed[(section, tag)] = keys(model)
+            allowed[(section, tag, "params")] = keys(model.model_fields["params"].annotation)
+    tags = {"optimizer": frozenset(_OPTIMIZERS), "scheduler": frozenset(_SCHEDULERS)}
+    return allowed, tags
+
+
+_ALLOWED_KEYS, _UNION_TAGS = _section_keys()
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ConfigError(f"key `{key}` appears twice in the same JSON object")
+        seen[key] = value
+    return seen
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"malformed JSON at {path}, line {e.lineno}, column {e.colno}: {e.msg}"
+        ) from None
+    except ConfigError as e:
+        raise ConfigError(e.problems, source=path) from None
+
+
+def _default_world_size() -> int:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def load_config(
+    src: str | os.PathLike[str] | Mapping[str, Any], *, world_size: int | None = None
+) -> ZeroConfig:
+    """Load and validate a DeepSpeed-style config from a JSON file path or a mapping.
+
+    ``world_size`` (default: torch.distributed's, or 1 when not initialized) is needed to derive
+    and check the batch sizes. Raises :class:`ConfigError` listing every problem found.
+    """
+    source: str | None = None
+    if isinstance(src, (str, os.PathLike)):
+        source = os.fspath(src)
+        data = _read_json(source)
+    elif isinstance(src, Mapping):
+        data = copy.deepcopy(dict(src))
+    else:
+        raise ConfigError(f"expected a JSON file path or a mapping, got {type(src).__name__}")
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"the top level must be a JSON object, got {type(data).__name__}", source=source
+        )
+    if world_size is None:
+        world_size = _default_world_size()
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError(f"world_size must be a positive int, got {world_size!r}", source=source)
+    try:
+        return ZeroConfig.model_validate(data, context={"world_size": world_size})
+    except ValidationError as e:
+        problems = translate_validation_error(e, _ALLOWED_KEYS, _UNION_TAGS)
+        raise ConfigError(problems, source=source) from None
+
+
+# Re-exported for users who want to render a path in their own messages.
+format_key_path = format_path
