@@ -208,7 +208,7 @@ class WarmupLRParams(_Section):
 
 
 class WarmupDecayLRParams(WarmupLRParams):
-    """DeepSpeed WarmupDecayLR: warmup, then linear decay to 0 at total_num_steps."""
+    """DeepSpeed WarmupDecayLR: warmup, then linear decay back to warmup_min_lr."""
 
     warmup_max_lr: Optional[LR] = 0.001
     total_num_steps: Annotated[int, Field(ge=1)]
