@@ -16,310 +16,71 @@ import copy
 import json
 import os
 from collections.abc import Mapping
-from typing import Annotated, Any, ClassVar, Literal, Optional, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 import torch
 from pydantic import (
     AliasChoices,
     BaseModel,
-    ConfigDict,
-    Discriminator,
     Field,
     PrivateAttr,
-    Tag,
     ValidationError,
     ValidationInfo,
-    field_validator,
     model_validator,
 )
 
 from zeroshard.config_errors import ConfigError, format_path, translate_validation_error
-
-__all__ = [
-    "ConfigError",
-    "ZeroConfig",
-    "ZeroOptimizationConfig",
-    "FP16Config",
-    "BF16Config",
-    "OptimizerConfig",
-    "SchedulerConfig",
-    "load_config",
-]
-
-Auto = Literal["auto"]
-_AUTO_HELP = (
-    'is "auto", which zeroshard cannot resolve (the Hugging Face Trainer replaces "auto" '
-    "values before handing the config over); give a number"
+from zeroshard.config_sections import (
+    _OPTIMIZERS,
+    _SCHEDULERS,
+    AdamOptimizer,
+    AdamParams,
+    AdamWOptimizer,
+    AdamWParams,
+    Auto,
+    BF16Config,
+    FP16Config,
+    LionOptimizer,
+    LionParams,
+    OptimizerConfig,
+    PositiveInt,
+    SchedulerConfig,
+    SGDOptimizer,
+    SGDParams,
+    WarmupCosineLRConfig,
+    WarmupCosineLRParams,
+    WarmupDecayLRConfig,
+    WarmupDecayLRParams,
+    WarmupLRConfig,
+    WarmupLRParams,
+    ZeroOptimizationConfig,
+    _Section,
 )
 
-
-class _Section(BaseModel):
-    """Base for every config section: unknown keys are errors, values are re-validated."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    # Field names that may legitimately hold "auto" (resolved later by zeroshard).
-    _auto_ok: ClassVar[frozenset[str]] = frozenset()
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _reject_auto_and_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        # pydantic's lax mode would read `true` as 1 for a number and silently accept it;
-        # "auto" only has meaning where zeroshard can resolve it.
-        name = info.field_name or ""
-        if isinstance(value, str) and value == "auto" and name not in cls._auto_ok:
-            raise ValueError(_AUTO_HELP)
-        field = cls.model_fields.get(name)
-        if isinstance(value, bool) and field is not None and not _accepts_bool(field.annotation):
-            raise ValueError("must be a number, not a boolean")
-        return value
-
-
-def _accepts_bool(annotation: Any) -> bool:
-    """Whether a field type admits JSON true/false (bool, Optional[bool], Literal[True])."""
-    if annotation is bool:
-        return True
-    if get_origin(annotation) is Literal:
-        return any(isinstance(a, bool) for a in get_args(annotation))
-    return any(_accepts_bool(a) for a in get_args(annotation))
-
-
-Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
-Betas = tuple[Probability, Probability]
-LR = Annotated[float, Field(ge=0.0)]
-
-
-# --------------------------------------------------------------------------- optimizer
-
-
-class AdamWParams(_Section):
-    """torch.optim.AdamW hyperparameters (DeepSpeed's FusedAdam keys)."""
-
-    lr: LR = 1e-3
-    betas: Betas = (0.9, 0.999)
-    eps: Annotated[float, Field(gt=0.0)] = 1e-8
-    weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
-    amsgrad: bool = False
-    # DeepSpeed keys: under AdamW decay is always decoupled; `torch_adam` picks torch's kernel.
-    adam_w_mode: Literal[True] = True
-    torch_adam: bool = False
-
-
-class AdamParams(AdamWParams):
-    """DeepSpeed "Adam": decoupled decay (= AdamW) unless adam_w_mode is false, as in DeepSpeed."""
-
-    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
-    adam_w_mode: bool = True  # type: ignore[assignment]
-
-
-class SGDParams(_Section):
-    """torch.optim.SGD hyperparameters; lr is required as it has no sensible default."""
-
-    lr: LR
-    momentum: Annotated[float, Field(ge=0.0)] = 0.0
-    dampening: float = 0.0
-    nesterov: bool = False
-    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
-
-    @model_validator(mode="after")
-    def _nesterov_needs_momentum(self) -> SGDParams:
-        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
-            raise ValueError(
-                "`optimizer.params.nesterov` = true requires `optimizer.params.momentum` > 0 "
-                f"and `optimizer.params.dampening` == 0 (got momentum={self.momentum}, "
-                f"dampening={self.dampening})"
-            )
-        return self
-
-
-class LionParams(_Section):
-    """Lion hyperparameters (defaults from the Lion paper)."""
-
-    lr: LR = 1e-4
-    betas: Betas = (0.9, 0.99)
-    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
-
-
-class _OptimizerBase(_Section):
-    @field_validator("type", mode="before", check_fields=False)
-    @classmethod
-    def _canonical_type(cls, value: Any) -> Any:
-        return _OPTIMIZER_NAMES.get(value.lower(), value) if isinstance(value, str) else value
-
-
-class AdamWOptimizer(_OptimizerBase):
-    type: Literal["AdamW"]
-    params: AdamWParams = Field(default_factory=AdamWParams)
-
-
-class AdamOptimizer(_OptimizerBase):
-    type: Literal["Adam"]
-    params: AdamParams = Field(default_factory=AdamParams)
-
-
-class SGDOptimizer(_OptimizerBase):
-    type: Literal["SGD"]
-    params: SGDParams
-
-
-class LionOptimizer(_OptimizerBase):
-    type: Literal["Lion"]
-    params: LionParams = Field(default_factory=LionParams)
-
-
-_OPTIMIZERS: dict[str, type[_OptimizerBase]] = {
-    "AdamW": AdamWOptimizer,
-    "Adam": AdamOptimizer,
-    "SGD": SGDOptimizer,
-    "Lion": LionOptimizer,
-}
-_OPTIMIZER_NAMES = {name.lower(): name for name in _OPTIMIZERS}
-
-
-def _tag(value: Any, names: Mapping[str, str]) -> str | None:
-    """Case-insensitive discriminator: the canonical type name, or None if unknown."""
-    raw = value.get("type") if isinstance(value, Mapping) else getattr(value, "type", None)
-    return names.get(raw.lower()) if isinstance(raw, str) else None
-
-
-OptimizerConfig = Annotated[
-    Union[tuple(Annotated[m, Tag(n)] for n, m in _OPTIMIZERS.items())],  # type: ignore[misc]
-    Discriminator(
-        lambda v: _tag(v, _OPTIMIZER_NAMES),
-        custom_error_type="optimizer_type",
-        custom_error_message=(
-            "must be one of AdamW, Adam, SGD, Lion (case-insensitive); "
-            "other DeepSpeed optimizers (Lamb, OneBitAdam, ...) are not supported by zeroshard yet"
-        ),
-    ),
+__all__ = [
+    "AdamOptimizer",
+    "AdamParams",
+    "AdamWOptimizer",
+    "AdamWParams",
+    "BF16Config",
+    "ConfigError",
+    "FP16Config",
+    "LionOptimizer",
+    "LionParams",
+    "OptimizerConfig",
+    "SGDOptimizer",
+    "SGDParams",
+    "SchedulerConfig",
+    "WarmupCosineLRConfig",
+    "WarmupCosineLRParams",
+    "WarmupDecayLRConfig",
+    "WarmupDecayLRParams",
+    "WarmupLRConfig",
+    "WarmupLRParams",
+    "ZeroConfig",
+    "ZeroOptimizationConfig",
+    "load_config",
 ]
-
-
-# --------------------------------------------------------------------------- scheduler
-
-
-class WarmupLRParams(_Section):
-    """DeepSpeed WarmupLR. warmup_max_lr null means "the optimizer's lr", as in DeepSpeed."""
-
-    warmup_min_lr: LR = 0.0
-    warmup_max_lr: Optional[LR] = None
-    warmup_num_steps: Annotated[int, Field(ge=1)] = 1000
-    warmup_type: Literal["log", "linear"] = "log"
-
-
-class WarmupDecayLRParams(WarmupLRParams):
-    """DeepSpeed WarmupDecayLR: warmup, then linear decay back to warmup_min_lr."""
-
-    warmup_max_lr: Optional[LR] = 0.001
-    total_num_steps: Annotated[int, Field(ge=1)]
-
-    @model_validator(mode="after")
-    def _decay_after_warmup(self) -> WarmupDecayLRParams:
-        if self.total_num_steps <= self.warmup_num_steps:
-            raise ValueError(
-                f"`scheduler.params.total_num_steps` ({self.total_num_steps}) must be greater "
-                f"than `scheduler.params.warmup_num_steps` ({self.warmup_num_steps})"
-            )
-        return self
-
-
-class WarmupCosineLRParams(_Section):
-    """DeepSpeed WarmupCosineLR: ratios of the optimizer's lr, cosine decay after warmup."""
-
-    total_num_steps: Annotated[int, Field(ge=1)]
-    warmup_min_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
-    warmup_num_steps: Annotated[int, Field(ge=1)] = 1000
-    cos_min_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0001
-    warmup_type: Literal["log", "linear"] = "log"
-
-
-class _SchedulerBase(_Section):
-    @field_validator("type", mode="before", check_fields=False)
-    @classmethod
-    def _canonical_type(cls, value: Any) -> Any:
-        return _SCHEDULER_NAMES.get(value.lower(), value) if isinstance(value, str) else value
-
-
-class WarmupLRConfig(_SchedulerBase):
-    type: Literal["WarmupLR"]
-    params: WarmupLRParams = Field(default_factory=WarmupLRParams)
-
-
-class WarmupDecayLRConfig(_SchedulerBase):
-    type: Literal["WarmupDecayLR"]
-    params: WarmupDecayLRParams
-
-
-class WarmupCosineLRConfig(_SchedulerBase):
-    type: Literal["WarmupCosineLR"]
-    params: WarmupCosineLRParams
-
-
-_SCHEDULERS: dict[str, type[_SchedulerBase]] = {
-    "WarmupLR": WarmupLRConfig,
-    "WarmupDecayLR": WarmupDecayLRConfig,
-    "WarmupCosineLR": WarmupCosineLRConfig,
-}
-_SCHEDULER_NAMES = {name.lower(): name for name in _SCHEDULERS}
-
-SchedulerConfig = Annotated[
-    Union[tuple(Annotated[m, Tag(n)] for n, m in _SCHEDULERS.items())],  # type: ignore[misc]
-    Discriminator(
-        lambda v: _tag(v, _SCHEDULER_NAMES),
-        custom_error_type="scheduler_type",
-        custom_error_message=(
-            "must be one of WarmupLR, WarmupDecayLR, WarmupCosineLR; "
-            "DeepSpeed's LRRangeTest and OneCycle are not supported by zeroshard yet"
-        ),
-    ),
-]
-
-
-# --------------------------------------------------------------------------- precision, ZeRO
-
-
-class FP16Config(_Section):
-    """DeepSpeed fp16 mixed precision with (dynamic) loss scaling."""
-
-    enabled: bool = False
-    loss_scale: Annotated[float, Field(ge=0.0)] = 0.0  # 0 = dynamic loss scaling
-    initial_scale_power: Annotated[int, Field(ge=0, le=64)] = 16
-    loss_scale_window: Annotated[int, Field(ge=1)] = 1000
-    hysteresis: Annotated[int, Field(ge=1)] = 2
-    consecutive_hysteresis: bool = False
-    min_loss_scale: Annotated[float, Field(gt=0.0)] = 1.0
-
-
-class BF16Config(_Section):
-    """DeepSpeed bf16 mixed precision (no loss scaling needed)."""
-
-    enabled: bool = False
-
-
-PositiveInt = Annotated[int, Field(ge=1)]
-
-
-class ZeroOptimizationConfig(_Section):
-    """DeepSpeed's `zero_optimization` section. Sizes are element counts, as in DeepSpeed."""
-
-    _auto_ok: ClassVar[frozenset[str]] = frozenset(
-        {"reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"}
-    )
-
-    stage: Literal[0, 1, 2, 3] = 0
-    overlap_comm: bool = True
-    contiguous_gradients: bool = True
-    reduce_scatter: bool = True
-    reduce_bucket_size: Union[PositiveInt, Auto] = 500_000_000
-    allgather_partitions: bool = True
-    allgather_bucket_size: PositiveInt = 500_000_000
-    stage3_prefetch_bucket_size: Union[PositiveInt, Auto] = 50_000_000
-    stage3_param_persistence_threshold: Union[Annotated[int, Field(ge=0)], Auto] = 100_000
-    stage3_max_live_parameters: PositiveInt = 1_000_000_000
-    stage3_max_reuse_distance: Annotated[int, Field(ge=0)] = 1_000_000_000
-    stage3_gather_16bit_weights_on_model_save: bool = False
-    load_from_fp32_weights: bool = True
-
 
 # --------------------------------------------------------------------------- top level
 
