@@ -1,1 +1,13 @@
-"""zeroshard: ZeRO-style sharded optimizer for PyTorch (stages 0-3) on torch.distributed."""
+"""zeroshard: ZeRO-style sharded optimizer for PyTorch (stages 0-3) on torch.distributed.
+
+Two ways in:
+- drop-in: `opt = zeroshard.ZeroOptimizer(model.parameters(), "adamw", stage=2, lr=3e-4)`
+- config-driven: `model, opt = zeroshard.initialize(model, "configs/zero2.json")`
+"""
+
+from .config import ConfigError, load_config
+from .optimizer import ZeroOptimizer
+from .precision import LossScaler
+
+__all__ = ["ConfigError", "LossScaler", "ZeroOptimizer", "load_config"]
+__version__ = "0.1.0"

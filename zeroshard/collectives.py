@@ -1,0 +1,133 @@
+"""The collectives zeroshard issues, each one counted.
+
+Every byte a rank sends goes through this module, so `comm_report()` is measured rather than
+estimated from the model size. The counts are those of the ring algorithms NCCL and gloo use
+for large messages: for a tensor of S bytes on N ranks, all-reduce sends 2·S·(N-1)/N,
+reduce-scatter S·(N-1)/N (S = input size) and all-gather S·(N-1)/N (S = output size).
+With one rank (or no process group) nothing is sent and the calls are local no-ops.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+# torch 2.13 renamed the tensor forms; keep working on older releases (setup.py: torch>=2.4).
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather", "broadcast")
+
+
+class _DoneWork:
+    """Stands in for a `dist.Work` when there was nothing to communicate."""
+
+    def wait(self) -> bool:
+        return True
+
+
+DONE = _DoneWork()
+
+
+@dataclass
+class CommCounter:
+    """Bytes sent by this rank, per collective, since the last `snapshot()`."""
+
+    current: Counter = field(default_factory=Counter)
+    last: dict[str, int] = field(default_factory=dict)
+
+    def add(self, kind: str, nbytes: float) -> None:
+        self.current[kind] += int(round(nbytes))
+
+    def snapshot(self) -> dict[str, int]:
+        """Close the current step: its counts become `last`, and counting restarts at zero."""
+        report = {k: int(self.current.get(k, 0)) for k in COLLECTIVES}
+        report["total"] = sum(report.values())
+        self.last = report
+        self.current = Counter()
+        return report
+
+
+class Comm:
+    """A process group plus the counter its collectives report to.
+
+    Works without `torch.distributed` being initialised (one rank), so the same optimizer
+    runs in a plain single-process script.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.initialized = dist.is_available() and dist.is_initialized()
+        self.group = group
+        self.rank = dist.get_rank(group) if self.initialized else 0
+        self.world_size = dist.get_world_size(group) if self.initialized else 1
+        self.counter = CommCounter()
+
+    @property
+    def active(self) -> bool:
+        return self.initialized and self.world_size > 1
+
+    def _ring_fraction(self) -> float:
+        return (self.world_size - 1) / self.world_size
+
+    def all_reduce(self, tensor: Tensor, op: str = "avg", async_op: bool = False):
+        """In-place all-reduce; `op` is "avg", "sum" or "max"."""
+        if not self.active:
+            return DONE if async_op else None
+        self.counter.add("all_reduce", 2 * _nbytes(tensor) * self._ring_fraction())
+        return dist.all_reduce(tensor, op=_reduce_op(op), group=self.group, async_op=async_op)
+
+    def reduce_scatter(self, output: Tensor, input: Tensor, op: str = "avg", async_op: bool = False):
+        """Reduce `input` (N equal chunks) across ranks; chunk `rank` of the result lands in
+        `output`, which may be that chunk of `input` itself (in place)."""
+        if not self.active:
+            if output.data_ptr() != input.data_ptr() or output.numel() != input.numel():
+                output.copy_(input)
+            return DONE if async_op else None
+        self.counter.add("reduce_scatter", _nbytes(input) * self._ring_fraction())
+        return _reduce_scatter_single(
+            output, input, op=_reduce_op(op), group=self.group, async_op=async_op
+        )
+
+    def all_gather(self, output: Tensor, input: Tensor, async_op: bool = False):
+        """Concatenate every rank's `input` into `output`; `input` may be this rank's chunk of
+        `output` (in place)."""
+        if not self.active:
+            if output.data_ptr() != input.data_ptr():
+                output.copy_(input)
+            return DONE if async_op else None
+        self.counter.add("all_gather", _nbytes(output) * self._ring_fraction())
+        return _all_gather_single(output, input, group=self.group, async_op=async_op)
+
+    def broadcast(self, tensor: Tensor, src: int = 0) -> None:
+        """Broadcast from group rank `src` (a group-local rank, like every rank here)."""
+        if not self.active:
+            return
+        self.counter.add("broadcast", _nbytes(tensor) * self._ring_fraction())
+        global_src = dist.get_global_rank(self.group, src) if self.group is not None else src
+        dist.broadcast(tensor, src=global_src, group=self.group)
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _reduce_op(op: str) -> dist.ReduceOp:
+    try:
+        return {"avg": dist.ReduceOp.AVG, "sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+    except KeyError:
+        raise ValueError(f"reduce op must be 'avg', 'sum' or 'max', got {op!r}") from None
+
+
+def wait_all(works: list) -> None:
+    for w in works:
+        if w is not None:
+            w.wait()
+    works.clear()
+
+
+def device_of(tensors: list[Tensor]) -> torch.device:
+    return tensors[0].device if tensors else torch.device("cpu")

@@ -1,0 +1,153 @@
+"""Flat, padded parameter buffers and how they are split into shards.
+
+The parameters of one (param group, dtype) are packed one after another into a single flat
+buffer, and each `nn.Parameter`'s `.data` becomes a view of it, so the model keeps using its
+parameters while the optimizer and the collectives see one contiguous tensor.
+
+The buffer is cut into buckets (at most `bucket_numel` elements, a bucket boundary never cuts
+a parameter). Each bucket is padded to a multiple of `num_shards * ALIGN` and split into
+`num_shards` equal chunks: rank r owns chunk r of every bucket. A parameter may straddle two
+ranks' chunks, so shards are balanced to within padding (torch's ZeroRedundancyOptimizer
+assigns whole parameters and can be far off). A bucket is the unit of one reduce-scatter or
+all-gather: its chunks are exactly what `reduce_scatter_single` / `all_gather_single` split.
+
+With one shard (stage 0) the layout is the same, and each rank "owns" every bucket whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+# Chunks start on 16-element boundaries (64 bytes in fp32): the update kernels then issue
+# full-width vector loads, and the pieces stay aligned when views of one allocation.
+ALIGN = 16
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one parameter lives in its flat buffer."""
+
+    param: nn.Parameter
+    index: int  # position among the buffer's parameters
+    offset: int  # first element in the flat buffer
+    numel: int
+    bucket: int
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A contiguous, padded range of the flat buffer; the unit of one collective."""
+
+    index: int
+    start: int  # first element in the flat buffer
+    numel: int  # padded size, a multiple of num_shards * ALIGN
+    chunk: int  # numel // num_shards: what each rank owns
+    shard_offset: int  # where this rank's chunk starts in the contiguous per-rank shard
+    slots: tuple[int, ...]  # indices of the parameters inside
+
+    def chunk_range(self, shard: int) -> tuple[int, int]:
+        """[begin, end) of shard `shard`'s chunk, in flat-buffer elements."""
+        begin = self.start + shard * self.chunk
+        return begin, begin + self.chunk
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class FlatParams:
+    """One param group's parameters of one dtype, packed, bucketed and sharded.
+
+    Args:
+        params: parameters of a single dtype and device, in the order given by the user.
+        num_shards: ranks the buffer is split across (1 for replicated stage 0).
+        shard: this rank's index among them.
+        bucket_numel: largest bucket, in elements (DeepSpeed's `reduce_bucket_size`).
+    """
+
+    def __init__(
+        self, params: list[nn.Parameter], num_shards: int, shard: int, bucket_numel: int
+    ) -> None:
+        if not params:
+            raise ValueError("FlatParams needs at least one parameter")
+        dtypes = {p.dtype for p in params}
+        devices = {p.device for p in params}
+        if not 0 <= shard < num_shards:
+            raise ValueError(f"shard index {shard} out of range for {num_shards} shards")
+        if len(dtypes) != 1 or len(devices) != 1:
+            raise ValueError(f"one flat buffer holds one dtype and device, got {dtypes} {devices}")
+        self.dtype = params[0].dtype
+        self.device = params[0].device
+        self.num_shards = num_shards
+        self.shard = shard
+        unit = num_shards * ALIGN
+
+        # Plan buckets: close one when the next parameter would not fit.
+        plan: list[list[int]] = [[]]
+        filled = 0
+        for i, p in enumerate(params):
+            n = p.numel()
+            if plan[-1] and filled + n > bucket_numel:
+                plan.append([])
+                filled = 0
+            plan[-1].append(i)
+            filled += n
+
+        slots: list[Slot] = []
+        buckets: list[Bucket] = []
+        start = shard_offset = 0
+        for b, members in enumerate(plan):
+            offset = start
+            for i in members:
+                slots.append(Slot(params[i], i, offset, params[i].numel(), b))
+                offset += params[i].numel()
+            numel = max(_round_up(offset - start, unit), unit)
+            chunk = numel // num_shards
+            buckets.append(Bucket(b, start, numel, chunk, shard_offset, tuple(members)))
+            start += numel
+            shard_offset += chunk
+        self.slots = slots
+        self.buckets = buckets
+        self.numel = start
+        self.shard_numel = shard_offset
+        self.param_numel = sum(s.numel for s in slots)
+
+        # Move the parameters into the flat buffer and point them at it.
+        self.flat = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+        with torch.no_grad():
+            for s in slots:
+                view = self.flat[s.offset : s.offset + s.numel]
+                view.copy_(s.param.detach().reshape(-1))
+                s.param.data = view.view_as(s.param)
+
+    # -- views --------------------------------------------------------------------------
+    def param_view(self, flat: Tensor, slot: Slot) -> Tensor:
+        """The 1-D range of a full-size flat tensor (params or grads) that belongs to `slot`."""
+        return flat[slot.offset : slot.offset + slot.numel]
+
+    def own_chunks(self, flat: Tensor) -> list[Tensor]:
+        """This rank's chunk of every bucket, as views of a full-size flat tensor."""
+        out = []
+        for b in self.buckets:
+            lo, hi = b.chunk_range(self.shard)
+            out.append(flat[lo:hi])
+        return out
+
+    def bucket_view(self, flat: Tensor, bucket: Bucket) -> Tensor:
+        return flat[bucket.start : bucket.start + bucket.numel]
+
+    def split_shard(self, shard: Tensor) -> list[Tensor]:
+        """Split a contiguous per-rank shard tensor into its per-bucket pieces."""
+        return [shard[b.shard_offset : b.shard_offset + b.chunk] for b in self.buckets]
+
+    def repoint(self) -> None:
+        """Point each parameter back at the flat buffer (after `load_state_dict` replaced
+        `.data`, for instance)."""
+        for s in self.slots:
+            if s.param.data.data_ptr() != self.flat[s.offset :].data_ptr():
+                with torch.no_grad():
+                    self.flat[s.offset : s.offset + s.numel].copy_(s.param.data.reshape(-1))
+                s.param.data = self.flat[s.offset : s.offset + s.numel].view_as(s.param)

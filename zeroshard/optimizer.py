@@ -1,0 +1,329 @@
+"""`ZeroOptimizer`: a `torch.optim.Optimizer` whose state, master weights and (stage 2)
+gradients are sharded across ranks.
+
+Reading order for a newcomer: parameters are packed into `FlatParams` (flat_buffer.py); their
+gradients are moved and averaged by `GradReducer` (grad_reducer.py); `step()` below updates
+this rank's chunk through one call per rule (update.py) and all-gathers the result back into
+the parameters. fp16 loss scaling lives in precision.py, byte accounting in accounting.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import update
+from .accounting import memory_report
+from .collectives import Comm, wait_all
+from .flat_buffer import FlatParams
+from .grad_reducer import GradReducer
+from .precision import LossScaler, default_reduce_dtype
+from .rules import RULE_DEFAULTS, resolve_rule
+
+log = logging.getLogger("zeroshard")
+
+
+@dataclass
+class _Entry:
+    """One (param group, dtype) unit: its flat params, fp32 master chunks and update state."""
+
+    group: int
+    flat: FlatParams
+    master: list[Tensor]  # fp32 pieces this rank updates (views of `flat` when fp32)
+    master_shard: Tensor | None  # the contiguous fp32 copy when params are bf16/fp16
+    model_copies: list[Tensor] | None  # low-precision chunks the update writes, else None
+    state: dict[str, list[Tensor]] = field(default_factory=dict)
+    step: int = 0
+    generic: torch.optim.Optimizer | None = None  # a torch optimizer run on the pieces
+
+
+class ZeroOptimizer(torch.optim.Optimizer):
+    """Drop-in for `torch.optim.AdamW` & co. that shards optimizer memory across ranks.
+
+    Args:
+        params: parameters or param-group dicts, as for any torch optimizer. Parameters with
+            `requires_grad=False` are left alone.
+        optimizer: "adamw", "adam", "sgd", "lion", or a `torch.optim.Optimizer` subclass
+            (run on this rank's flat shard; its state is sharded too).
+        stage: 0 (replicated, DDP-like), 1 (optimizer state + fp32 master sharded) or 2
+            (+ gradients reduce-scattered as backward runs).
+        process_group: ranks to shard across (default: the whole world).
+        reduce_bucket_size: elements per bucket of the gradient reduction.
+        allgather_bucket_size: bytes of parameter all-gathers in flight at once.
+        overlap_comm: reduce during backward, not after it.
+        gradient_clipping: max global gradient norm applied in `step()` (0: off).
+        gradient_accumulation_steps: micro-steps per step: `backward()` divides the loss by it,
+            and stage 0/1 reduce once per step instead of once per backward.
+        reduce_dtype: dtype gradients are averaged in (default: fp32, fp16 for fp16 params).
+        loss_scaler: fp16 loss scaling (`LossScaler`); default dynamic for fp16 params.
+        kernel: "auto" | "triton" | "torch": the update backend (see update.py).
+        **hyperparams: lr, betas, eps, weight_decay, amsgrad, momentum, ... per rule.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        optimizer: str | type[torch.optim.Optimizer] = "adamw",
+        stage: int = 2,
+        *,
+        process_group: dist.ProcessGroup | None = None,
+        reduce_bucket_size: int = 500_000_000,
+        allgather_bucket_size: int = 500_000_000,
+        overlap_comm: bool = True,
+        gradient_clipping: float = 0.0,
+        gradient_accumulation_steps: int = 1,
+        reduce_dtype: torch.dtype | None = None,
+        loss_scaler: LossScaler | None = None,
+        kernel: str = "auto",
+        **hyperparams: Any,
+    ) -> None:
+        if stage not in (0, 1, 2):
+            hint = " (stage 3 shards parameters: use zeroshard.initialize)" if stage == 3 else ""
+            raise ValueError(f"ZeroOptimizer stage must be 0, 1 or 2, got {stage!r}{hint}")
+        if gradient_accumulation_steps < 1:
+            raise ValueError("gradient_accumulation_steps must be >= 1")
+        self.rule, defaults, self._generic_cls = resolve_rule(optimizer, hyperparams)
+        self.stage = stage
+        self.comm = Comm(process_group)
+        self.kernel = kernel
+        self.gradient_clipping = float(gradient_clipping)
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.allgather_bucket_size = int(allgather_bucket_size)
+        self._bucket_numel = int(reduce_bucket_size)
+        self._explicit_reduce_dtype = reduce_dtype
+        self.loss_scaler = loss_scaler
+        self.lr_scheduler = None  # set by zeroshard.initialize from the config
+        self._entries: list[_Entry] = []
+        self._reducer: GradReducer | None = None
+        self._pending_stats: Tensor | None = None
+        self._pending_clip: float | None = None
+        self.skipped_steps = 0
+        self.last_grad_norm: float | None = None
+        self._overlap = overlap_comm
+        super().__init__(params, defaults)
+
+    # -- building -------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group_index = len(self.param_groups) - 1
+        trainable = [p for p in self.param_groups[-1]["params"] if p.requires_grad]
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for p in trainable:
+            by_dtype.setdefault(p.dtype, []).append(p)
+        for dtype, params in by_dtype.items():
+            self._add_entry(group_index, dtype, params)
+
+    def _add_entry(self, group_index: int, dtype: torch.dtype, params: list[Tensor]) -> None:
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"zeroshard trains fp32, bf16 or fp16 parameters, not {dtype}")
+        if dtype == torch.float16 and self.loss_scaler is None:
+            self.loss_scaler = LossScaler()
+        if self._reducer is None:
+            reduce_dtype = self._explicit_reduce_dtype or default_reduce_dtype(dtype)
+            self._reducer = GradReducer(
+                self.comm, self.stage, reduce_dtype, self._overlap,
+                self.gradient_accumulation_steps,
+            )  # fmt: skip
+        # stage 0 replicates: one shard, and every rank owns all of it
+        num_shards, shard = (1, 0) if self.stage == 0 else (self.comm.world_size, self.comm.rank)
+        flat = FlatParams(params, num_shards, shard, self._bucket_numel)
+        chunks = flat.own_chunks(flat.flat)
+        if dtype == torch.float32:
+            master, master_shard, copies = chunks, None, None  # the params are the master
+        else:
+            master_shard = torch.empty(flat.shard_numel, dtype=torch.float32, device=flat.device)
+            master = flat.split_shard(master_shard)
+            for m, c in zip(master, chunks):
+                m.copy_(c)
+            copies = chunks
+        entry = _Entry(group_index, flat, master, master_shard, copies)
+        hp = self._hyperparams(self.param_groups[group_index])
+        if self._generic_cls is None:
+            entry.state = update.init_state(self.rule, hp, master)
+        else:
+            entry.generic = self._make_generic(entry)
+        self._entries.append(entry)
+        self._reducer.add(flat)
+
+    def _make_generic(self, entry: _Entry) -> torch.optim.Optimizer:
+        group = {k: v for k, v in self.param_groups[entry.group].items() if k != "params"}
+        return self._generic_cls([{"params": entry.master, **group}])
+
+    def _hyperparams(self, group: dict[str, Any]) -> dict[str, Any]:
+        return {k: group[k] for k in RULE_DEFAULTS.get(self.rule, {}) if k in group}
+
+    # -- the training-loop API --------------------------------------------------------------
+    @property
+    def loss_scale(self) -> float:
+        return self.loss_scaler.scale if self.loss_scaler is not None else 1.0
+
+    def backward(self, loss: Tensor, **kwargs: Any) -> None:
+        """`loss.backward()` with fp16 loss scaling and 1/gradient_accumulation_steps applied
+        (DeepSpeed's `engine.backward` semantics). Fine to use at every precision."""
+        scale = self.loss_scale / self.gradient_accumulation_steps
+        (loss * scale if scale != 1.0 else loss).backward(**kwargs)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the flat gradient buffers (they stay allocated); parameters' `.grad` stay None:
+        gradients live in the optimizer's buffers after backward."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    if set_to_none:
+                        p.grad = None
+                    else:
+                        p.grad.zero_()
+        if self._reducer is not None:
+            self._reducer.zero_grad()
+        self._pending_stats = None
+        self._pending_clip = None
+
+    def _grad_stats(self) -> Tensor:
+        """Global [sum of squares, non-finite count] of this step's averaged gradients."""
+        if self._pending_stats is None:
+            self._reducer.finish()
+            pieces = [g for i in range(len(self._entries)) for g in self._reducer.grad_pieces(i)]
+            stats = update.grad_stats(pieces, backend=self.kernel).to(torch.float64)
+            if self.stage > 0:  # shards are disjoint: sum them; stage 0 grads are replicated
+                self.comm.all_reduce(stats, op="sum")
+            self._pending_stats = stats
+        return self._pending_stats
+
+    def clip_grad_norm_(self, max_norm: float) -> Tensor:
+        """Clip by the global norm over every rank's shard; returns that (unscaled) norm."""
+        stats = self._grad_stats()
+        norm = math.sqrt(max(stats[0].item(), 0.0)) / self.loss_scale
+        if stats[1].item() > 0:
+            norm = float("inf")
+        self._pending_clip = min(1.0, max_norm / (norm + 1e-6)) if math.isfinite(norm) else 1.0
+        return torch.tensor(norm)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        stats = self._grad_stats()
+        sumsq, nonfinite = stats.tolist()
+        if nonfinite > 0:
+            self._skip_step()
+            return loss
+        inv_scale = 1.0 / self.loss_scale
+        self.last_grad_norm = math.sqrt(max(sumsq, 0.0)) * inv_scale
+        coef = self._pending_clip
+        if coef is None and self.gradient_clipping > 0:
+            coef = min(1.0, self.gradient_clipping / (self.last_grad_norm + 1e-6))
+        grad_scale = inv_scale * (coef if coef is not None else 1.0)
+
+        for entry in self._entries:
+            self._update_entry(entry, grad_scale)
+        self._gather_params()
+        if self.loss_scaler is not None:
+            self.loss_scaler.update(False)
+        self._end_step()
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        return loss
+
+    def _update_entry(self, entry: _Entry, grad_scale: float) -> None:
+        group = self.param_groups[entry.group]
+        grads = self._reducer.grad_pieces(self._entries.index(entry))
+        entry.step += 1
+        if entry.generic is not None:
+            inner = entry.generic.param_groups[0]
+            for k, v in group.items():
+                if k != "params":
+                    inner[k] = v
+            for m, g in zip(entry.master, grads):
+                m.grad = g.to(torch.float32) * grad_scale if grad_scale != 1.0 else g.float()
+            entry.generic.step()
+            for m in entry.master:
+                m.grad = None
+            if entry.model_copies is not None:
+                for c, m in zip(entry.model_copies, entry.master):
+                    c.copy_(m)
+            return
+        update.apply_update(
+            self.rule, entry.master, grads, entry.state,
+            lr=float(group["lr"]), step=entry.step, hp=self._hyperparams(group),
+            grad_scale=grad_scale if grad_scale != 1.0 else None,
+            model_copies=entry.model_copies, backend=self.kernel,
+        )  # fmt: skip
+
+    def _gather_params(self) -> None:
+        """Every rank updated its chunks; all-gather them back into the full parameters."""
+        if self.stage == 0:
+            return
+        works: list = []
+        in_flight = 0
+        for entry in self._entries:
+            flat = entry.flat
+            for bucket, chunk in zip(flat.buckets, flat.own_chunks(flat.flat)):
+                full = flat.bucket_view(flat.flat, bucket)
+                works.append(self.comm.all_gather(full, chunk, async_op=True))
+                in_flight += full.numel() * full.element_size()
+                if in_flight >= self.allgather_bucket_size:
+                    wait_all(works)
+                    in_flight = 0
+        wait_all(works)
+
+    def _skip_step(self) -> None:
+        self.skipped_steps += 1
+        scale = self.loss_scale
+        if self.loss_scaler is not None:
+            self.loss_scaler.update(True)
+        log.warning(
+            "rank %d: non-finite gradients, step skipped (loss scale %g -> %g)",
+            self.comm.rank, scale, self.loss_scale,
+        )  # fmt: skip
+        self._end_step()
+
+    def _end_step(self) -> None:
+        self._reducer.end_step()
+        self._pending_stats = None
+        self._pending_clip = None
+        self.comm.counter.snapshot()
+
+    # -- accounting -----------------------------------------------------------------------
+    def memory_report(self) -> dict[str, int]:
+        """Bytes held on this rank: params, grads, master, optimizer_states, comm_buffers."""
+        held = self._reducer.held_tensors() if self._reducer else {}
+        states: list[Tensor] = []
+        for e in self._entries:
+            if e.generic is not None:
+                for st in e.generic.state.values():
+                    states += [v for v in st.values() if torch.is_tensor(v)]
+            for ts in e.state.values():
+                states += list(ts)
+        return memory_report(
+            {
+                "params": [e.flat.flat for e in self._entries],
+                "grads": held.get("grads", []),
+                "master": [m for e in self._entries for m in e.master],
+                "optimizer_states": states,
+                "comm_buffers": held.get("comm_buffers", []),
+            }
+        )
+
+    def comm_report(self) -> dict[str, int]:
+        """Bytes this rank sent during the last step, per collective, and `total`."""
+        return dict(self.comm.counter.last) or self.comm.counter.snapshot()
+
+    # -- checkpoints (same world size) ------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        from .checkpoint import optimizer_state_dict
+
+        return optimizer_state_dict(self)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        from .checkpoint import load_optimizer_state_dict
+
+        load_optimizer_state_dict(self, state_dict)
