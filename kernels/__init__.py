@@ -1,0 +1,25 @@
+"""Fused Triton optimizer-update kernels (installed as `zeroshard_kernels`).
+
+One kernel per file with its launch wrapper. Each updates a flat fp32 master shard in one pass,
+folding in the gradient scale, the device-side inf/nan skip and the low-precision model copy.
+`zeroshard.update` dispatches to these on CUDA tensors (or on CPU under TRITON_INTERPRET=1).
+"""
+
+from ._common import INTERPRET, INTERPRET_BLOCK
+from .adam import adam_kernel, adam_update
+from .grad_stats import grad_stats, grad_stats_kernel
+from .lion import lion_kernel, lion_update
+from .sgd import sgd_kernel, sgd_update
+
+__all__ = [
+    "INTERPRET",
+    "INTERPRET_BLOCK",
+    "adam_kernel",
+    "adam_update",
+    "grad_stats",
+    "grad_stats_kernel",
+    "lion_kernel",
+    "lion_update",
+    "sgd_kernel",
+    "sgd_update",
+]
