@@ -6,8 +6,9 @@ Two ways in:
 """
 
 from .config import ConfigError, load_config
+from .initialize import initialize
 from .optimizer import ZeroOptimizer
 from .precision import LossScaler
 
-__all__ = ["ConfigError", "LossScaler", "ZeroOptimizer", "load_config"]
+__all__ = ["ConfigError", "LossScaler", "ZeroOptimizer", "initialize", "load_config"]
 __version__ = "0.1.0"

@@ -37,3 +37,29 @@ def memory_report(held: Mapping[str, Iterable[Tensor]]) -> dict[str, int]:
         report[cat] = total
     report["total"] = sum(report[c] for c in CATEGORIES)
     return report
+
+
+def zero_formula(
+    numel: int,
+    stage: int,
+    world_size: int,
+    param_bytes: int = 4,
+    grad_bytes: int = 4,
+    state_tensors: int = 2,
+) -> dict[str, float]:
+    """The ZeRO paper's model-state bytes per rank for `numel` trainable parameters.
+
+    `param_bytes`/`grad_bytes` are the element sizes of the model's parameters and of the
+    gradients as held; the fp32 master copy exists only when params are not fp32 (with fp32
+    params the master is the parameter). `state_tensors` fp32 tensors per element (Adam: 2).
+    """
+    n = world_size
+    shard = lambda b, sharded: numel * b / (n if sharded else 1)  # noqa: E731
+    report = {
+        "params": shard(param_bytes, stage >= 3),
+        "grads": shard(grad_bytes, stage >= 2),
+        "master": 0.0 if param_bytes == 4 else shard(4, stage >= 1),
+        "optimizer_states": shard(4 * state_tensors, stage >= 1),
+    }
+    report["total"] = sum(report.values())
+    return report

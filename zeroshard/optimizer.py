@@ -56,7 +56,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             (+ gradients reduce-scattered as backward runs).
         process_group: ranks to shard across (default: the whole world).
         reduce_bucket_size: elements per bucket of the gradient reduction.
-        allgather_bucket_size: bytes of parameter all-gathers in flight at once.
+        allgather_bucket_size: elements of parameter all-gathers in flight at once.
         overlap_comm: reduce during backward, not after it.
         gradient_clipping: max global gradient norm applied in `step()` (0: off).
         gradient_accumulation_steps: micro-steps per step: `backward()` divides the loss by it,
@@ -269,7 +269,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             for bucket, chunk in zip(flat.buckets, flat.own_chunks(flat.flat)):
                 full = flat.bucket_view(flat.flat, bucket)
                 works.append(self.comm.all_gather(full, chunk, async_op=True))
-                in_flight += full.numel() * full.element_size()
+                in_flight += full.numel()
                 if in_flight >= self.allgather_bucket_size:
                     wait_all(works)
                     in_flight = 0

@@ -1,0 +1,25 @@
+# The two commands of the README. Both install what they need first (torch pinned and first:
+# an unpinned or other torch pulls a multi-GB CUDA build).
+PY ?= python
+NPROC ?= 2
+CONFIG ?= configs/zero2.json
+
+.PHONY: install demo test lint bench
+
+install:
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q triton==3.7.1 numpy
+	$(PY) -m pip install -q -e ".[test,bench]"
+
+# The main job: a small GPT trained on $(NPROC) CPU ranks with $(CONFIG).
+demo: install
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) -m zeroshard.train --config $(CONFIG)
+
+lint:
+	$(PY) -m ruff check .
+
+test: install lint
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) bench/bench_step.py
