@@ -5,7 +5,7 @@ from setuptools import setup
 setup(
     name="zeroshard",
     version="0.1.0",
-    description="ZeRO stages 0-3 sharded optimizer on torch.distributed, with fused Triton update kernels",
+    description="ZeRO stages 0-3 sharded optimizer on torch.distributed with fused Triton kernels",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",

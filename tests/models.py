@@ -17,7 +17,8 @@ class Block(nn.Module):
         # from rounding noise into full-size updates and so into test flakiness
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=True, bias=False)
         self.ln2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 3 * dim + 1), nn.GELU(), nn.Linear(3 * dim + 1, dim))
+        hidden = 3 * dim + 1
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.ln1(x)

@@ -80,7 +80,9 @@ class Comm:
         self.counter.add("all_reduce", 2 * _nbytes(tensor) * self._ring_fraction())
         return dist.all_reduce(tensor, op=_reduce_op(op), group=self.group, async_op=async_op)
 
-    def reduce_scatter(self, output: Tensor, input: Tensor, op: str = "avg", async_op: bool = False):
+    def reduce_scatter(
+        self, output: Tensor, input: Tensor, op: str = "avg", async_op: bool = False
+    ):
         """Reduce `input` (N equal chunks) across ranks; chunk `rank` of the result lands in
         `output`, which may be that chunk of `input` itself (in place)."""
         if not self.active:
