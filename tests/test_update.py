@@ -265,3 +265,18 @@ def test_grad_stats_matches_float64(gdtype: torch.dtype, backend: str = "torch")
     out = grad_stats(grads, backend=backend)
     assert out[1].item() == 3
     assert not torch.isfinite(out[0])
+
+
+@pytest.mark.parametrize("gdtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_compiled_lion_path(gdtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large CPU Lion pieces run a torch.compile'd kernel: same float64 reference."""
+    if update._compiled_lion() is None:
+        pytest.skip("torch.compile unavailable here (no C++ toolchain?)")
+    monkeypatch.setattr(update, "_LION_COMPILE_MIN", 0)
+    rule, hp = CASES["lion"]
+    torch.manual_seed(5)
+    p0 = torch.randn(5003)
+    grads = make_grads(5003, len(LRS), gdtype, 64.0)
+    p, state, _ = run_ours(rule, hp, p0, grads, 1.0 / 64, "torch")
+    ref_p, ref_state = reference(rule, hp, p0, grads, 1.0 / 64)
+    assert_matches(rule, hp, p, state, ref_p, ref_state)

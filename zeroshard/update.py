@@ -13,6 +13,7 @@ Grads are inputs only, but the torch backend may overwrite fp32 grads with their
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -27,7 +28,11 @@ Backend = Literal["auto", "triton", "torch"]
 # (4 MB fp32: stays in L3 between the upcast and the fused kernel, no shard-sized allocation).
 _UPCAST_CHUNK = 1 << 20
 # Lion's eager CPU path works on chunks small enough that its 5 ops hit L2, not DRAM.
-_LION_CHUNK = 1 << 15
+_LION_CHUNK = 1 << 16
+# From this many elements on, CPU Lion runs a torch.compile'd one-pass kernel (2.4x faster than
+# the chunked eager ops here) when compilation works; its one-off compile (~3-30 s) would
+# dominate small pieces. ZEROSHARD_NO_COMPILE=1 disables it.
+_LION_COMPILE_MIN = 1 << 22
 
 __all__ = ["RULES", "BACKENDS", "Backend", "init_state", "apply_update", "grad_stats"]
 
@@ -393,6 +398,15 @@ def _torch_lion(
     for p, g, m in zip(params, grads, exp_avgs):
         g = g.reshape(-1)
         n = p.numel()
+        if found_inf is None and p.device.type == "cpu" and n >= _LION_COMPILE_MIN:
+            fn = _compiled_lion()
+            if fn is not None:
+                dev = p.device
+                sc = scale if isinstance(scale, Tensor) else _scalar(
+                    dev, "lion_scale", 1.0 if scale is None else scale)
+                fn(p, g, m, _scalar(dev, "lr", lr), _scalar(dev, "lion_decay", decay),
+                   _scalar(dev, "lion_b1", beta1), _scalar(dev, "lion_b2", beta2), sc)
+                continue
         if found_inf is not None:  # off-CPU only: keep the old values where the flag is set
             p_old, m_old = p.clone(), m.clone()
         chunk = _LION_CHUNK if p.device.type == "cpu" else max(n, 1)
@@ -417,3 +431,31 @@ def _torch_lion(
             skip = found_inf != 0
             p.copy_(torch.where(skip, p_old, p))
             m.copy_(torch.where(skip, m_old, m))
+
+
+def _lion_flat(p: Tensor, g: Tensor, m: Tensor, lr: Tensor, decay: Tensor, beta1: Tensor,
+               beta2: Tensor, scale: Tensor) -> None:
+    """Lion on one flat piece; compiled into a single pass (scalars are 0-d tensors so that
+    lr schedules and new pieces' sizes do not recompile)."""
+    g = g.float() * scale
+    c = (m * beta1 + g * (1 - beta1)).sign()
+    p.copy_(p * decay - lr * c)
+    m.copy_(m * beta2 + g * (1 - beta2))
+
+
+_LION_FN: list[Any] = []  # [] untried; [fn] compiled; [None] unavailable
+
+
+def _compiled_lion() -> Any:
+    if not _LION_FN:
+        fn = None
+        if os.environ.get("ZEROSHARD_NO_COMPILE", "0") != "1":
+            try:
+                fn = torch.compile(_lion_flat, dynamic=True)
+                z = torch.zeros(8)
+                one = torch.ones(())
+                fn(z.clone(), z.clone(), z.clone(), one, one, one, one, one)  # compile now
+            except Exception:  # no compiler toolchain, unsupported platform: eager chunks
+                fn = None
+        _LION_FN.append(fn)
+    return _LION_FN[0]
