@@ -167,7 +167,9 @@ class GradReducer:
             self._in_flight.append((work, state, None if out is piece else out))
             state.wrote_shard = True
             state.buffer = None  # the in-flight entry keeps it alive until the wait
-            while len(self._in_flight) > MAX_IN_FLIGHT:
+            # without overlap_comm each bucket is finished before backward goes on
+            limit = MAX_IN_FLIGHT if self.overlap_comm else 0
+            while len(self._in_flight) > limit:
                 self._complete_oldest()
         else:
             full = flat.bucket_view(self.grad_flat[fi], b)
