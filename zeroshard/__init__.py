@@ -5,10 +5,14 @@ Two ways in:
 - config-driven: `model, opt = zeroshard.initialize(model, "configs/zero2.json")`
 """
 
+from .checkpoint_io import load_checkpoint, save_checkpoint
 from .config import ConfigError, load_config
 from .initialize import initialize
 from .optimizer import ZeroOptimizer
 from .precision import LossScaler
 
-__all__ = ["ConfigError", "LossScaler", "ZeroOptimizer", "initialize", "load_config"]
+__all__ = [
+    "load_checkpoint",
+    "save_checkpoint",
+    "ConfigError", "LossScaler", "ZeroOptimizer", "initialize", "load_config"]
 __version__ = "0.1.0"
