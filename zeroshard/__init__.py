@@ -12,7 +12,12 @@ from .optimizer import ZeroOptimizer
 from .precision import LossScaler
 
 __all__ = [
+    "ConfigError",
+    "LossScaler",
+    "ZeroOptimizer",
+    "initialize",
     "load_checkpoint",
+    "load_config",
     "save_checkpoint",
-    "ConfigError", "LossScaler", "ZeroOptimizer", "initialize", "load_config"]
+]
 __version__ = "0.1.0"
