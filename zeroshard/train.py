@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save-dir", default=None, help="save a checkpoint here at the end")
+    ap.add_argument("--resume", action="store_true", help="load the latest from --save-dir")
     args = ap.parse_args(argv)
 
     _setup_distributed()
@@ -99,7 +101,14 @@ def main(argv: list[str] | None = None) -> None:
             f"the language's entropy (best possible) is {lang.entropy():.2f}",
             flush=True,
         )
-    bar = tqdm(range(args.steps), disable=rank != 0, desc="train", unit="step", mininterval=1.0)
+    start = 0
+    if args.resume and args.save_dir:
+        _, client = zeroshard.load_checkpoint(args.save_dir, model, opt)
+        start = client.get("step", 0)
+        if rank == 0:
+            print(f"resumed from {args.save_dir} at step {start}", flush=True)
+    steps = range(start, start + args.steps)
+    bar = tqdm(steps, disable=rank != 0, desc="train", unit="step", mininterval=1.0)
     t0 = time.perf_counter()
     for step in bar:
         loss_sum = 0.0
@@ -112,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         opt.step()
         opt.zero_grad()
         if (step + 1) % cfg.steps_per_print == 0 or step + 1 == args.steps:
-            ms = (time.perf_counter() - t0) * 1000 / (step + 1)
+            ms = (time.perf_counter() - t0) * 1000 / (step + 1 - start)
             reports = [None] * world
             mem = opt.memory_report()
             if dist.is_initialized():
@@ -130,6 +139,13 @@ def main(argv: list[str] | None = None) -> None:
                     lines.append(f"  rank {r} MiB: {_memory_line(rep, formula)}")
                 bar.write("\n".join(lines))
         bar.set_postfix(loss=f"{loss_sum:.3f}")
+    if args.save_dir:
+        path = zeroshard.save_checkpoint(
+            args.save_dir, model, opt, tag=f"step{start + args.steps}",
+            client_state={"step": start + args.steps},
+        )  # fmt: skip
+        if rank == 0:
+            print(f"checkpoint saved to {path}", flush=True)
     if rank == 0:
         comm = opt.comm_report()
         print("last step sent (bytes): " + json.dumps(comm), flush=True)
