@@ -67,6 +67,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         **hyperparams: lr, betas, eps, weight_decay, amsgrad, momentum, ... per rule.
     """
 
+    _STAGES: tuple[int, ...] = (0, 1, 2)  # stage 3's optimizer (zeroshard.stage3) widens it
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -84,7 +86,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         kernel: str = "auto",
         **hyperparams: Any,
     ) -> None:
-        if stage not in (0, 1, 2):
+        if stage not in self._STAGES:
             hint = " (stage 3 shards parameters: use zeroshard.initialize)" if stage == 3 else ""
             raise ValueError(f"ZeroOptimizer stage must be 0, 1 or 2, got {stage!r}{hint}")
         if gradient_accumulation_steps < 1:

@@ -1,0 +1,139 @@
+"""`zeroshard.Init`: build a model whose parameters are partitioned as they are created.
+
+    with zeroshard.Init(config):
+        model = MyModel()          # each rank holds ~1/N of it from the start
+
+Every `nn.Module` subclass's `__init__` is wrapped while the context is open (classes defined
+inside it too). When the outermost `__init__` of a module returns (so its
+`reset_parameters()` has run), the module's own parameters are packed into a unit and only
+this rank's chunk is kept. Children finish before their parent, so at any moment a rank
+holds the shards built so far plus one module's full parameters: peak about model/N plus
+the largest layer. Every rank must build the same model with the same random seed (the
+values are the same as without Init). `initialize_stage3` later adopts these units.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import TracebackType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..collectives import Comm
+from ..config import ZeroConfig, load_config
+from .unit import GatherTracker, ShardedUnit
+
+
+def _subclasses(cls: type) -> list[type]:
+    out, todo = [], [cls]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub not in out:
+                out.append(sub)
+                todo.append(sub)
+    return out
+
+
+class Init:
+    """Context manager partitioning parameters at construction (see module docstring).
+
+    Args:
+        config: a ZeroConfig, dict or path (dtype, bucket size, persistence threshold); None
+            keeps parameters' dtype with default sizes.
+        process_group: the ranks to shard across (default: the world).
+        enabled: False makes the context a no-op (build normally).
+    """
+
+    def __init__(
+        self,
+        config: ZeroConfig | dict | str | None = None,
+        *,
+        process_group: dist.ProcessGroup | None = None,
+        enabled: bool = True,
+    ) -> None:
+        self.enabled = enabled
+        cfg = None if config is None else (
+            config if isinstance(config, ZeroConfig) else load_config(config)
+        )  # fmt: skip
+        zo = cfg.zero_optimization if cfg is not None else None
+        self.dtype = cfg.compute_dtype if cfg is not None else None
+        self.bucket_numel = int(zo.allgather_bucket_size) if zo else 500_000_000
+        threshold = zo.stage3_param_persistence_threshold if zo else 0
+        self.threshold = threshold if isinstance(threshold, int) else 0  # "auto": shard all
+        self.comm = Comm(process_group)
+        self.tracker = GatherTracker()
+        self._saved: dict[type, Any] = {}
+        self._saved_init_subclass: Any = None
+
+    # -- patching -------------------------------------------------------------------------
+    def __enter__(self) -> Init:
+        if not self.enabled:
+            return self
+        for cls in _subclasses(nn.Module):
+            self._wrap(cls)
+        ctx = self
+        self._saved_init_subclass = nn.Module.__dict__.get("__init_subclass__")
+
+        def init_subclass(cls: type, **kwargs: Any) -> None:
+            super(nn.Module, cls).__init_subclass__(**kwargs)
+            ctx._wrap(cls)
+
+        nn.Module.__init_subclass__ = classmethod(init_subclass)  # type: ignore[assignment]
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self.enabled:
+            return
+        for cls, orig in self._saved.items():
+            cls.__init__ = orig  # type: ignore[misc]
+        self._saved.clear()
+        if self._saved_init_subclass is None:
+            del nn.Module.__init_subclass__
+        else:
+            nn.Module.__init_subclass__ = self._saved_init_subclass  # type: ignore[assignment]
+
+    def _wrap(self, cls: type) -> None:
+        orig = cls.__dict__.get("__init__")
+        if orig is None or cls in self._saved:
+            return
+        self._saved[cls] = orig
+        ctx = self
+
+        @functools.wraps(orig)
+        def init(module: nn.Module, *args: Any, **kwargs: Any) -> None:
+            depth = module.__dict__.get("_zs_init_depth", 0)
+            module.__dict__["_zs_init_depth"] = depth + 1
+            try:
+                orig(module, *args, **kwargs)
+            finally:
+                module.__dict__["_zs_init_depth"] = depth
+            if depth == 0:
+                del module.__dict__["_zs_init_depth"]
+                ctx._partition(module)
+
+        cls.__init__ = init  # type: ignore[misc]
+
+    # -- partitioning ---------------------------------------------------------------------
+    def _partition(self, module: nn.Module) -> None:
+        fresh: dict[torch.dtype, list[nn.Parameter]] = {}
+        for p in module.parameters(recurse=False):
+            if getattr(p, "_zs_unit", None) is not None:
+                continue
+            if self.dtype is not None and p.is_floating_point() and p.dtype != self.dtype:
+                with torch.no_grad():
+                    p.data = p.data.to(self.dtype)
+            fresh.setdefault(p.dtype, []).append(p)
+        for params in fresh.values():  # each parameter keeps its unit alive (p._zs_unit)
+            numel = sum(p.numel() for p in params)
+            ShardedUnit(
+                params, self.comm, self.bucket_numel, name=type(module).__name__,
+                tracker=self.tracker, persistent=numel < self.threshold,
+            )  # fmt: skip

@@ -1,0 +1,345 @@
+"""When stage-3 units are gathered, released and reduced: module hooks and prefetching.
+
+- Forward: before a module runs, the units of its parameters (its own, tied ones owned by
+  another module, and "external" ones it was seen to use) are gathered; after it returns
+  they are released unless another running module still uses them. The root forward is
+  wrapped (try/finally), so an exception leaves nothing gathered.
+- Backward: a hook on each module output gathers the module's units again when the output's
+  gradient arrives, pinned until every parameter's gradient is in; then the unit's flat
+  gradient is reduce-scattered into the owner's shard and the full tensors are freed. A
+  callback at the end of backward reduces whatever is left (unused parameters) and releases.
+- Prefetch: every pass records the order units were fetched in; the next pass of the same
+  kind (forward, no-grad forward, backward) issues the all-gathers of the units after the
+  current one, up to `prefetch_numel` elements not yet in use, so they overlap compute.
+- A parameter used outside its owner's forward (`F.linear(x, self.embed.weight)`, or an
+  `out_proj` that `nn.MultiheadAttention` never calls) is caught by a TorchFunctionMode
+  during forward: its unit is gathered on the spot and the running module learns it as a
+  dependency, fetched in its pre-forward from then on (and in any recomputation).
+
+Collectives are issued in execution order, identical on every rank for the same model and
+control flow (as FSDP and DeepSpeed assume).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from ..collectives import Comm
+from .unit import GATHERED, RELEASED, GatherTracker, ShardedUnit
+
+# Metadata reads that need no parameter values: a released placeholder answers them right.
+_METADATA = frozenset(
+    getattr(Tensor, name).__get__
+    for name in ("dtype", "device", "requires_grad", "is_cuda", "is_leaf", "grad_fn", "layout")
+)
+
+# Reduce-scatters kept in flight before waiting on the oldest (double buffering).
+MAX_REDUCE_IN_FLIGHT = 2
+
+
+class _ExternalParamMode(TorchFunctionMode):
+    """Gathers a released sharded parameter the moment any torch function receives it."""
+
+    def __init__(self, engine: Stage3Engine) -> None:
+        super().__init__()
+        self.engine = engine
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.engine.busy or func in _METADATA:  # not a use of the values
+            return func(*args, **kwargs)
+        units = self.engine.param_units
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, (list, tuple)):
+                for x in a:
+                    u = units.get(id(x))
+                    if u is not None and u.state != GATHERED:
+                        self.engine.fetch_external(u)
+            else:
+                u = units.get(id(a))
+                if u is not None and u.state != GATHERED:
+                    self.engine.fetch_external(u)
+        return func(*args, **kwargs)
+
+
+class Stage3Engine:
+    """Owns the units of one model and the hooks that gather, release and reduce them."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        units: list[ShardedUnit],
+        comm: Comm,
+        reduce_dtype: torch.dtype,
+        *,
+        prefetch_numel: int,
+        max_live_numel: int,
+        tracker: GatherTracker,
+    ) -> None:
+        self.model = model
+        self.units = units
+        self.comm = comm
+        self.reduce_dtype = reduce_dtype
+        self.prefetch_numel = int(prefetch_numel)
+        self.max_live_numel = int(max_live_numel)
+        self.tracker = tracker
+        index_units(units)
+        self.param_units: dict[int, ShardedUnit] = {}
+        for u in units:
+            u.ensure_grad_shard(reduce_dtype)
+            for p in u.params:
+                self.param_units[id(p)] = u
+        # units fetched by each module: its registered params' units, then learned externals
+        self.module_units: dict[nn.Module, list[ShardedUnit]] = {}
+        for m in model.modules():
+            own = []
+            for p in m.parameters(recurse=False):
+                u = self.param_units.get(id(p))
+                if u is not None and u not in own:
+                    own.append(u)
+            self.module_units[m] = own
+        self.external: dict[nn.Module, list[ShardedUnit]] = {}
+        self._frames: list[tuple[nn.Module, list[ShardedUnit]]] = []
+        self._mode: _ExternalParamMode | None = None
+        self.in_forward = False
+        self.in_backward = False
+        self.busy = False  # inside a hook: torch calls made here are not parameter uses
+        self._orders: dict[str, list[int]] = {}  # last pass's fetch order, per pass kind
+        self._recording: list[int] = []
+        self._pass = ""
+        self._cursor = 0
+        self._reduce_in_flight: list[tuple[object, Tensor, tuple[Tensor, Tensor] | None]] = []
+        self._handles: list = []
+        self._install()
+
+    # -- installation -----------------------------------------------------------------------
+    def _install(self) -> None:
+        for m in self.model.modules():
+            if m is self.model:
+                continue
+            self._handles.append(m.register_forward_pre_hook(self._pre_forward))
+            self._handles.append(m.register_forward_hook(self._post_forward))
+        for u in self.units:
+            for p in u.params:
+                if p.requires_grad:
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
+        root_forward = self.model.forward
+
+        @functools.wraps(root_forward)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return self._root_forward(root_forward, *args, **kwargs)
+
+        self.model.forward = forward  # instance attribute: nn.Module.__call__ finds it
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.model.__dict__.pop("forward", None)
+
+    def _units_of(self, m: nn.Module) -> list[ShardedUnit]:
+        ext = self.external.get(m)
+        return self.module_units.get(m, []) + ext if ext else self.module_units.get(m, [])
+
+    # -- forward ----------------------------------------------------------------------------
+    def _root_forward(self, forward, *args: Any, **kwargs: Any) -> Any:
+        if self.in_forward:  # re-entered (the root called inside its own forward)
+            return forward(*args, **kwargs)
+        self.in_forward = True
+        self._start_pass("forward" if torch.is_grad_enabled() else "forward_nograd")
+        self._mode = _ExternalParamMode(self)
+        ok = False
+        try:
+            with self._mode:
+                self._pre_forward(self.model, args)
+                out = forward(*args, **kwargs)
+                out = self._post_forward(self.model, args, out)
+            ok = True
+            return out
+        finally:
+            self._mode = None
+            self.in_forward = False
+            if ok:
+                self._end_pass()
+            else:  # leave nothing gathered and no stale frames; pending gathers are dropped
+                self._frames.clear()
+                for u in self.units:
+                    if not u.pinned:
+                        u.users = 0
+                        u.release(force=True)
+                self._recording = []
+                self._pass = ""
+
+    def _pre_forward(self, module: nn.Module, args: Any) -> None:
+        units = self._units_of(module)
+        self.busy = True
+        try:
+            for u in units:
+                self.fetch(u)
+        finally:
+            self.busy = False
+        for u in units:
+            u.users += 1
+        self._frames.append((module, list(units)))
+
+    def _post_forward(self, module: nn.Module, args: Any, output: Any) -> Any:
+        frame_module, units = self._frames.pop() if self._frames else (module, [])
+        self.busy = True
+        try:
+            for u in units:
+                u.users -= 1
+                u.release()
+        finally:
+            self.busy = False
+        if torch.is_grad_enabled() and (units or module is self.model):
+            # the root's hook also opens every backward (and queues its end-of-backward)
+            hook = functools.partial(self._pre_backward, module)
+            for t in tree_flatten(output)[0]:
+                if isinstance(t, Tensor) and t.requires_grad:
+                    t.register_hook(hook)
+        return output
+
+    def fetch_external(self, u: ShardedUnit) -> None:
+        """A released parameter reached a torch function: gather it for the running module
+        and remember that the module needs it."""
+        module = self._frames[-1][0] if self._frames else self.model
+        self.external.setdefault(module, [])
+        if u not in self.external[module] and u not in self.module_units.get(module, []):
+            self.external[module].append(u)
+        self.busy = True
+        try:
+            self.fetch(u)
+        finally:
+            self.busy = False
+        if self._frames:
+            u.users += 1
+            self._frames[-1][1].append(u)
+
+    # -- fetching and prefetching -------------------------------------------------------------
+    def _start_pass(self, kind: str) -> None:
+        self._pass = kind
+        self._recording = []
+        self._cursor = 0
+
+    def _end_pass(self) -> None:
+        if self._pass:
+            self._orders[self._pass] = self._recording
+        self._recording = []
+        self._pass = ""
+
+    def fetch(self, u: ShardedUnit) -> None:
+        """Make `u` gathered now, and start the all-gathers of the units expected next."""
+        if u.persistent:
+            return
+        self._recording.append(u.index_in_engine)
+        order = self._orders.get(self._pass)
+        if order:
+            try:
+                self._cursor = order.index(u.index_in_engine, self._cursor) + 1
+            except ValueError:
+                pass
+            self._prefetch(order)
+        u.wait()
+
+    def _prefetch(self, order: list[int]) -> None:
+        live = sum(x.numel for x in self.units if x.state != RELEASED and not x.persistent)
+        pending = sum(
+            x.numel for x in self.units if x.state != RELEASED and x.users == 0 and not x.pinned
+        )
+        for i in order[self._cursor :]:
+            nxt = self.units[i]
+            if nxt.state != RELEASED or nxt.persistent:
+                continue
+            if pending + nxt.numel > self.prefetch_numel or live + nxt.numel > self.max_live_numel:
+                break
+            nxt.gather()
+            pending += nxt.numel
+            live += nxt.numel
+
+    # -- backward -------------------------------------------------------------------------------
+    def _pre_backward(self, module: nn.Module, grad: Tensor) -> None:
+        if not self.in_backward:
+            self.in_backward = True
+            self._start_pass("backward")
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+        for u in self._units_of(module):
+            if u.persistent:
+                continue
+            self.fetch(u)
+            u.pinned = True
+
+    def _on_grad(self, param: nn.Parameter) -> None:
+        u = self.param_units[id(param)]
+        if u.accumulate(param):
+            self._launch_reduce(u)
+            u.pinned = False
+            u.release()
+
+    def _launch_reduce(self, u: ShardedUnit) -> None:
+        self._reduce_in_flight.extend(u.reduce_grads())
+        while len(self._reduce_in_flight) > MAX_REDUCE_IN_FLIGHT * max(len(u.buckets), 1):
+            self._complete_oldest()
+
+    def _complete_oldest(self) -> None:
+        work, _, temp = self._reduce_in_flight.pop(0)
+        work.wait()
+        if temp is not None:
+            tmp, dst = temp
+            dst.add_(tmp)
+
+    def _end_backward(self) -> None:
+        """Runs once at the end of every backward: reduce leftovers, release everything."""
+        self.finish_reduction()
+        if not self.in_forward:
+            # A recomputation inside backward (non-reentrant checkpoint) may stop early,
+            # skipping its post-forward hooks: nothing outside a forward is in use now.
+            self._frames.clear()
+            for u in self.units:
+                u.users = 0
+        for u in self.units:
+            u.pinned = False
+            if u.users == 0:
+                u.release()
+        self.in_backward = False
+        self._end_pass()
+
+    def finish_reduction(self) -> None:
+        """Reduce every gradient not reduced yet and wait for all reductions."""
+        for u in self.units:
+            if u.grad_full is not None:
+                self._reduce_in_flight.extend(u.reduce_grads())
+        while self._reduce_in_flight:
+            self._complete_oldest()
+
+    # -- what the optimizer reads ------------------------------------------------------------------
+    def zero_grad(self) -> None:
+        for u in self.units:
+            if u.grad_shard is not None:
+                u.grad_shard.zero_()
+            u.wrote_grad = False
+            u.grad_full = None
+            u.fired.clear()
+
+    def held_tensors(self) -> dict[str, list[Tensor]]:
+        params: list[Tensor] = []
+        for u in self.units:
+            params += [t for t in (u.shard, u.full) if t is not None]
+        grads = [u.grad_shard for u in self.units if u.grad_shard is not None]
+        buffers = [u.grad_full for u in self.units if u.grad_full is not None]
+        buffers += [b for _, b, _ in self._reduce_in_flight]
+        return {"params": params, "grads": grads, "comm_buffers": buffers}
+
+    def gathered_units(self) -> list[ShardedUnit]:
+        return [u for u in self.units if u.state != RELEASED and not u.persistent]
+
+
+def index_units(units: Iterable[ShardedUnit]) -> None:
+    for i, u in enumerate(units):
+        u.index_in_engine = i  # type: ignore[attr-defined]

@@ -1,0 +1,284 @@
+"""The stage-3 sharded unit: one module's parameters of one dtype, kept as 1/N between uses.
+
+A unit lays its parameters out like `FlatParams` (one padded flat range, cut into buckets of
+at most `bucket_numel` elements; rank r owns chunk r of every bucket), but it never keeps the
+flat buffer between uses. It holds only this rank's chunks, contiguous in `shard`:
+
+- gathered: `full` (the whole flat buffer) is allocated, every bucket is all-gathered into
+  it, and each parameter's `.data` is a view of it, so the module runs unchanged;
+- released: `full` is dropped and each parameter's `.data` is an empty placeholder, so the
+  only bytes left are the shard (plus the gradient and optimizer shards elsewhere).
+
+Gradients take the same path backwards: each parameter's `.grad` is added into a full-size
+flat gradient buffer (in the reduce dtype), which is reduce-scattered bucket by bucket
+straight into this rank's gradient shard and freed.
+
+A persistent unit (smaller than `stage3_param_persistence_threshold`) keeps `full` for good;
+its shard pieces are views of it, and the optimizer all-gathers it after each update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..collectives import Comm
+from ..flat_buffer import ALIGN, Bucket, _round_up
+
+RELEASED, GATHERING, GATHERED = "released", "gathering", "gathered"
+
+
+@dataclass
+class GatherTracker:
+    """Bytes of gathered full parameters alive right now, and their peak (instrumentation for
+    the memory bound: peak <= largest layer + prefetch bucket)."""
+
+    current: int = 0
+    peak: int = 0
+
+    def add(self, nbytes: int) -> None:
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+
+    def sub(self, nbytes: int) -> None:
+        self.current -= nbytes
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
+
+
+@dataclass(frozen=True)
+class UnitSlot:
+    """Where one parameter lives in its unit's flat range."""
+
+    param: nn.Parameter
+    offset: int
+    numel: int
+    shape: torch.Size
+    bucket: int
+
+
+class ShardedUnit:
+    """Parameters of one module and one dtype, sharded across the ranks of `comm`.
+
+    The parameters must hold their full values when the unit is built (all ranks identical);
+    afterwards each parameter carries `_zs_unit` pointing here.
+    """
+
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        comm: Comm,
+        bucket_numel: int,
+        *,
+        name: str = "",
+        persistent: bool = False,
+        tracker: GatherTracker | None = None,
+    ) -> None:
+        if not params:
+            raise ValueError("a sharded unit needs at least one parameter")
+        dtypes = {p.dtype for p in params}
+        if len(dtypes) != 1 or len({p.device for p in params}) != 1:
+            raise ValueError(f"unit {name!r}: one unit holds one dtype and device, got {dtypes}")
+        self.name = name
+        self.comm = comm
+        self.dtype = params[0].dtype
+        self.device = params[0].device
+        self.persistent = persistent
+        self.tracker = tracker or GatherTracker()
+        self.num_shards, self.rank = comm.world_size, comm.rank
+        self._plan(params, max(int(bucket_numel), 1))
+        self.trainable = any(p.requires_grad for p in params)
+
+        self.state = RELEASED
+        self.full: Tensor | None = None
+        self._works: list = []
+        self.users = 0  # forward calls (and GatheredParameters) using the unit right now
+        self.pinned = False  # gathered for backward, until its gradients are in
+        self.grad_full: Tensor | None = None
+        self.grad_shard: Tensor | None = None
+        self.fired: set[int] = set()
+        self.wrote_grad = False  # grad shard already holds reduced gradient this step
+        self.listeners: list = []  # called with the unit after its shard was overwritten
+        self._build_shard(params)
+        for p in params:
+            p._zs_unit = self  # type: ignore[attr-defined]
+
+    # -- layout ---------------------------------------------------------------------------
+    def _plan(self, params: list[nn.Parameter], bucket_numel: int) -> None:
+        unit = self.num_shards * ALIGN
+        slots: list[UnitSlot] = []
+        buckets: list[Bucket] = []
+        start = shard_offset = 0
+        members: list[int] = []
+        filled = 0
+
+        def close() -> None:
+            nonlocal start, shard_offset, members, filled
+            numel = max(_round_up(filled, unit), unit)
+            chunk = numel // self.num_shards
+            buckets.append(Bucket(len(buckets), start, numel, chunk, shard_offset, tuple(members)))
+            start += numel
+            shard_offset += chunk
+            members, filled = [], 0
+
+        for i, p in enumerate(params):
+            if members and filled + p.numel() > bucket_numel:
+                close()
+            slots.append(UnitSlot(p, start + filled, p.numel(), p.shape, len(buckets)))
+            members.append(i)
+            filled += p.numel()
+        close()
+        self.slots = slots
+        self.buckets = buckets
+        self.numel = start
+        self.shard_numel = shard_offset
+        self.param_numel = sum(s.numel for s in slots)
+        self.index = {id(s.param): i for i, s in enumerate(slots)}
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [s.param for s in self.slots]
+
+    @property
+    def full_bytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+    def chunk_overlaps(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
+        """(bucket, begin, end) in chunk coordinates of this rank's chunks inside flat [lo, hi)."""
+        out = []
+        for b in self.buckets:
+            c0, c1 = b.chunk_range(self.rank)
+            a, z = max(lo, c0), min(hi, c1)
+            if a < z:
+                out.append((b.index, a - c0, z - c0))
+        return out
+
+    @torch.no_grad()
+    def _build_shard(self, params: list[nn.Parameter]) -> None:
+        if self.persistent:
+            self.full = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+            for s in self.slots:
+                self.full[s.offset : s.offset + s.numel].copy_(s.param.detach().reshape(-1))
+            self.shard = None
+            self.shard_pieces = [self.full[slice(*b.chunk_range(self.rank))] for b in self.buckets]
+            self._point_params()
+            self.state = GATHERED
+            return
+        # Copy only this rank's ranges out of each parameter: no full flat buffer is built.
+        self.shard = torch.zeros(self.shard_numel, dtype=self.dtype, device=self.device)
+        self.shard_pieces = [
+            self.shard[b.shard_offset : b.shard_offset + b.chunk] for b in self.buckets
+        ]
+        for s in self.slots:
+            src = s.param.detach().reshape(-1)
+            for bi, a, z in self.chunk_overlaps(s.offset, s.offset + s.numel):
+                c0 = self.buckets[bi].chunk_range(self.rank)[0]
+                self.shard_pieces[bi][a:z].copy_(src[c0 + a - s.offset : c0 + z - s.offset])
+        self._placeholders()
+
+    def _placeholders(self) -> None:
+        for s in self.slots:
+            s.param.data = torch.empty(0, dtype=self.dtype, device=self.device)
+
+    def _point_params(self) -> None:
+        for s in self.slots:
+            s.param.data = self.full[s.offset : s.offset + s.numel].view(s.shape)
+
+    # -- gather / release -------------------------------------------------------------------
+    def gather(self) -> None:
+        """Start all-gathering the full parameters (one collective per bucket, async)."""
+        if self.state != RELEASED:
+            return
+        self.full = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+        self._works = [
+            self.comm.all_gather(self.full[b.start : b.start + b.numel], piece, async_op=True)
+            for b, piece in zip(self.buckets, self.shard_pieces)
+        ]
+        self.tracker.add(self.full_bytes)
+        self.state = GATHERING
+
+    def wait(self) -> None:
+        """Finish the gather and point the parameters at the full buffer."""
+        if self.state == RELEASED:
+            self.gather()
+        if self.state == GATHERING:
+            for w in self._works:
+                w.wait()
+            self._works = []
+            self._point_params()
+            self.state = GATHERED
+
+    def release(self, force: bool = False) -> None:
+        """Drop the full parameters (unless in use, pinned for backward or persistent)."""
+        if self.persistent or self.state == RELEASED:
+            return
+        if not force and (self.users > 0 or self.pinned):
+            return
+        if self.state == GATHERING and not force:
+            self.wait()
+        self._works = []
+        self._placeholders()
+        self.full = None
+        self.tracker.sub(self.full_bytes)
+        self.state = RELEASED
+        self.pinned = False
+        self.users = 0 if force else self.users
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        """Copy this rank's chunks of the (modified) full parameters into the shard."""
+        if self.persistent or self.full is None:
+            return
+        for s in self.slots:  # the params may have been given new tensors by user code
+            view = self.full[s.offset : s.offset + s.numel]
+            if s.param.data.data_ptr() != view.data_ptr() and s.param.numel() == s.numel:
+                view.copy_(s.param.data.reshape(-1))
+        for b, piece in zip(self.buckets, self.shard_pieces):
+            piece.copy_(self.full[slice(*b.chunk_range(self.rank))])
+        self._point_params()
+
+    # -- gradients --------------------------------------------------------------------------
+    def ensure_grad_shard(self, dtype: torch.dtype) -> None:
+        if self.trainable and self.grad_shard is None:
+            self.grad_shard = torch.zeros(self.shard_numel, dtype=dtype, device=self.device)
+
+    def grad_shard_pieces(self) -> list[Tensor]:
+        assert self.grad_shard is not None
+        return [self.grad_shard[b.shard_offset : b.shard_offset + b.chunk] for b in self.buckets]
+
+    @torch.no_grad()
+    def accumulate(self, param: nn.Parameter) -> bool:
+        """Move `param.grad` into the flat gradient buffer; True once every trainable
+        parameter of the unit has reported in this backward."""
+        i = self.index[id(param)]
+        s = self.slots[i]
+        if param.grad is None:
+            return False
+        if self.grad_full is None:
+            assert self.grad_shard is not None
+            dtype = self.grad_shard.dtype
+            self.grad_full = torch.zeros(self.numel, dtype=dtype, device=self.device)
+        self.grad_full[s.offset : s.offset + s.numel].add_(param.grad.reshape(-1))
+        param.grad = None
+        self.fired.add(i)
+        return len(self.fired) == sum(1 for s in self.slots if s.param.requires_grad)
+
+    def reduce_grads(self) -> list[tuple[object, Tensor, Tensor | None]]:
+        """Reduce-scatter the flat gradient buffer into the gradient shard (async); returns
+        (work, buffer kept alive, temporary to add into the shard after the wait)."""
+        if self.grad_full is None:
+            return []
+        assert self.grad_shard is not None
+        out = []
+        for b, piece in zip(self.buckets, self.grad_shard_pieces()):
+            full = self.grad_full[b.start : b.start + b.numel]
+            dst = torch.empty_like(piece) if self.wrote_grad else piece
+            work = self.comm.reduce_scatter(dst, full, op="avg", async_op=True)
+            out.append((work, full, None if dst is piece else (dst, piece)))
+        self.wrote_grad = True
+        self.grad_full = None
+        self.fired.clear()
+        return out
