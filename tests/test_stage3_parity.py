@@ -134,41 +134,42 @@ def test_stage3_parity_fp32(dist_run, world):
     assert moved.abs().max() > 1e-3
 
 
-def train_reference_bf16(steps: int = STEPS) -> dict:
-    """Mixed precision done by hand, single process: a bf16 model for forward/backward, an
-    fp32 master updated by torch.optim.AdamW and copied back rounded to bf16."""
+def train_stage2_bf16(steps: int = STEPS) -> dict:
+    """The same bf16 run through ZeroOptimizer stage 2 (fp32 master, fp32 reduction)."""
+    import zeroshard
+
     model = build("core").to(torch.bfloat16)
-    master = build("core")
-    _, cls, kwargs = OPT["adamw"]
-    opt = cls(param_groups(master, weight_decay=WD["adamw"]), **kwargs)
-    pairs = list(zip(model.parameters(), master.parameters()))
+    _, _, kwargs = OPT["adamw"]
+    opt = zeroshard.ZeroOptimizer(
+        param_groups(model, weight_decay=WD["adamw"]), "adamw", stage=2, **kwargs
+    )
     for step in range(steps):
-        x, y = batch(step, GLOBAL_BATCH)
-        loss_fn(model, x, y).backward()
-        for p, m in pairs:
-            if p.requires_grad:
-                m.grad = p.grad.float()
-                p.grad = None
+        x, y = local_batch(step)
+        opt.backward(loss_fn(model, x, y))
         opt.step()
         opt.zero_grad()
-        with torch.no_grad():
-            for p, m in pairs:
-                p.copy_(m)
-    return {k: v.detach().float().clone() for k, v in model.state_dict().items()
-            if k in dict(model.named_parameters())}  # fmt: skip
+    return {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+
+def bf16_job() -> tuple[dict, dict]:
+    return train_stage3("core", "adamw", "bf16"), train_stage2_bf16()
 
 
 def test_stage3_parity_bf16(dist_run):
-    """bf16 parameters, fp32 master, fp32 reduction. Stated tolerance: within 1e-2 absolute
-    of the hand-made bf16/fp32-master reference (the per-rank bf16 gradients round
-    differently from the single-process ones; 1e-2 is a few bf16 ulps at these weights)."""
-    results = dist_run(2, many, [("core", "adamw", "bf16", {})])
-    want = train_reference_bf16()
-    worst = 0.0
-    for rank_results in results:
-        got = rank_results[0]["params"]
-        assert rank_results[0]["leaked_bytes"] == 0
-        for name in want:
-            torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-2, msg=name)
-            worst = max(worst, (got[name] - want[name]).abs().max().item())
-    print(f"bf16 world 2: max abs error vs bf16 reference {worst:.2e}")
+    """bf16 parameters, fp32 master, fp32 reduction. Stated tolerances: vs stage 2 at the same
+    world size (the same per-rank gradients, reduction and update) at most 1 bf16 ulp; vs
+    single-process fp32 torch.optim within 3e-2 absolute (bf16 forward/backward)."""
+    results = dist_run(2, bf16_job)
+    fp32 = reference("core", "adamw")
+    worst = worst32 = 0.0
+    for stage3, stage2 in results:
+        assert stage3["leaked_bytes"] == 0
+        for name, want in stage2.items():
+            got = stage3["params"][name]
+            ulp = torch.exp2(torch.floor(torch.log2(want.abs().clamp_min(1e-30))) - 7)
+            ratio = ((got - want).abs() / ulp).max().item()
+            assert ratio <= 1.0, f"{name}: {ratio:.2f} bf16 ulps from stage 2"
+            worst = max(worst, ratio)
+            torch.testing.assert_close(got, fp32[name], rtol=0, atol=3e-2, msg=name)
+            worst32 = max(worst32, (got - fp32[name]).abs().max().item())
+    print(f"bf16 world 2: {worst:.2f} ulp from stage 2, {worst32:.2e} abs from fp32 torch")

@@ -10,9 +10,12 @@ from .config import ConfigError, load_config
 from .initialize import initialize
 from .optimizer import ZeroOptimizer
 from .precision import LossScaler
+from .stage3 import GatheredParameters, Init
 
 __all__ = [
     "ConfigError",
+    "GatheredParameters",
+    "Init",
     "LossScaler",
     "ZeroOptimizer",
     "initialize",
