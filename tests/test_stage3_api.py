@@ -1,0 +1,239 @@
+"""Stage 3 user-facing behaviour on 2 gloo ranks: eval/no-grad and generate-style loops leak
+no gathered parameters; GatheredParameters writes changes back (fp32 shard and bf16 master);
+`model.state_dict()` gives full tensors (rank 0 only as an option) and loads back;
+`zeroshard.initialize` with configs/zero3*.json; bad input names the problem and the rank;
+an exception inside forward on one rank ends every rank with an error, no hang."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.models import SEQ, loss_fn, make_model, param_groups
+from tests.test_stage3_parity import local_batch, stage3_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _setup(precision: str = "fp32"):
+    from zeroshard.stage3 import initialize_stage3
+
+    model = make_model()
+    return initialize_stage3(model, stage3_config("adamw", precision), param_groups(model))
+
+
+def loops_job() -> dict:
+    """Train a step, then eval + no_grad forwards and a greedy generate loop."""
+    model, opt = _setup()
+    engine = opt.engine
+    x, y = local_batch(0)
+    opt.backward(loss_fn(model, x, y))
+    opt.step()
+    opt.zero_grad()
+    full = {k: v.clone() for k, v in model.state_dict().items()}
+    reference = make_model()
+    reference.load_state_dict(full)
+    model.eval()
+    reference.eval()
+    out: dict = {}
+    with torch.no_grad():
+        logits = model(x)
+        out["eval_error"] = (logits - reference(x)).abs().max().item()
+        tokens = x[:, :2]
+        ref_tokens = tokens.clone()
+        while tokens.shape[1] < SEQ:  # generate-style: grow the sequence one token a time
+            nxt = model(tokens)[:, -1].argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, nxt], dim=1)
+            ref_nxt = reference(ref_tokens)[:, -1].argmax(-1, keepdim=True)
+            ref_tokens = torch.cat([ref_tokens, ref_nxt], dim=1)
+        out["generated_same"] = torch.equal(tokens, ref_tokens)
+    out["gathered_after_loops"] = engine.tracker.current
+    out["gathered_units"] = len(engine.gathered_units())
+    out["placeholder_numel"] = sum(p.numel() for p in model.blocks[0].parameters())
+    model.train()
+    opt.backward(loss_fn(model, x, y))  # and training still works afterwards
+    opt.step()
+    out["gathered_after_train"] = engine.tracker.current
+    return out
+
+
+def test_eval_and_generate_loops_do_not_leak(dist_run):
+    for r in dist_run(2, loops_job):
+        assert r["eval_error"] < 1e-5
+        assert r["generated_same"]
+        assert r["gathered_after_loops"] == 0 and r["gathered_units"] == 0
+        assert r["placeholder_numel"] == 0  # released parameters hold no data
+        assert r["gathered_after_train"] == 0
+
+
+def gathered_job(precision: str) -> dict:
+    import zeroshard
+
+    model, opt = _setup(precision)
+    rank = torch.distributed.get_rank()
+    w = model.blocks[0].mlp[0].weight
+    with zeroshard.GatheredParameters(w, modifier_rank=0):
+        full_shape = tuple(w.shape)
+        with torch.no_grad():
+            w.fill_(0.5 if rank == 0 else -7.0)  # rank 0's change wins
+    with zeroshard.GatheredParameters([w]):  # read-only: changes are discarded
+        with torch.no_grad():
+            w.fill_(3.0)
+    after = model.state_dict()["blocks.0.mlp.0.weight"].float()
+    # a step with lr 0 writes the master back into the parameters: it must hold 0.5 too
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    x, y = local_batch(0)
+    opt.backward(loss_fn(model, x, y))
+    opt.step()
+    stepped = model.state_dict()["blocks.0.mlp.0.weight"].float()
+    return {
+        "shape": full_shape, "after": after, "stepped": stepped,
+        "leaked": opt.engine.tracker.current, "numel_outside": w.numel(),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_gathered_parameters_write_back(dist_run, precision):
+    for r in dist_run(2, gathered_job, precision):
+        assert r["shape"] == (73, 24)
+        assert torch.all(r["after"] == 0.5)
+        assert torch.all(r["stepped"] == 0.5)
+        assert r["leaked"] == 0 and r["numel_outside"] == 0
+
+
+def state_dict_job() -> dict:
+    from zeroshard.stage3 import full_state_dict
+
+    model, opt = _setup()
+    rank = torch.distributed.get_rank()
+    full = model.state_dict()
+    rank0 = full_state_dict(model, rank0_only=True)
+    other = make_model(seed=5).state_dict()
+    model.load_state_dict(other)
+    reloaded = model.state_dict()
+    x, y = local_batch(0)
+    model2 = make_model(seed=5)
+    return {
+        "rank": rank,
+        "matches_init": all(torch.equal(full[k], v) for k, v in make_model().state_dict().items()),
+        "rank0_keys": len(rank0),
+        "reloaded": all(torch.equal(reloaded[k], v) for k, v in other.items()),
+        "forward_after_load": (model(x) - model2(x)).abs().max().item(),
+        "leaked": opt.engine.tracker.current,
+    }
+
+
+def test_state_dict_full_tensors(dist_run):
+    n_keys = len(make_model().state_dict())
+    for r in dist_run(2, state_dict_job):
+        assert r["matches_init"] and r["reloaded"]
+        assert r["rank0_keys"] == (n_keys if r["rank"] == 0 else 0)
+        assert r["forward_after_load"] < 1e-6
+        assert r["leaked"] == 0
+
+
+def initialize_job(config_name: str) -> dict:
+    import zeroshard
+
+    model = make_model()
+    model, opt = zeroshard.initialize(model, str(ROOT / "configs" / config_name))
+    losses = []
+    for step in range(3):
+        x, y = local_batch(step)
+        loss = loss_fn(model, x, y)
+        opt.backward(loss)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return {
+        "losses": losses, "lr": opt.param_groups[0]["lr"], "memory": opt.memory_report(),
+        "dtype": str(next(iter(model.state_dict().values())).dtype),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("config_name", ["zero3.json", "zero3_bf16.json"])
+def test_initialize_with_shipped_configs(dist_run, config_name):
+    for r in dist_run(2, initialize_job, config_name):
+        assert all(torch.isfinite(torch.tensor(r["losses"])))
+        assert r["lr"] > 0  # the WarmupLR scheduler stepped
+        assert r["memory"]["comm_buffers"] == 0
+
+
+def test_bad_input_names_problem_and_rank():
+    from zeroshard.stage3 import initialize_stage3
+
+    model = make_model()
+    stranger = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"rank 0: param group 0 has a parameter of shape"):
+        initialize_stage3(model, stage3_config(), [stranger])
+    with pytest.raises(ValueError, match="stage 3"):
+        initialize_stage3(make_model(), {"zero_optimization": {"stage": 2}})
+
+
+# -- an exception inside forward on one rank --------------------------------------------------
+
+TIMEOUT_S = 3
+
+
+class _Boom(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.distributed.get_rank() == 1:
+            raise RuntimeError("boom on rank 1")
+        return x
+
+
+def _failing_rank(rank: int, port: int, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", rank=rank, world_size=2, timeout=timedelta(seconds=TIMEOUT_S)
+    )
+    from zeroshard.stage3 import initialize_stage3
+
+    model = make_model()
+    model.blocks[0].mlp.insert(1, _Boom())  # rank 1 raises in the middle of the forward
+    model, opt = initialize_stage3(model, stage3_config())
+    start = time.monotonic()
+    try:
+        x, y = local_batch(0)
+        opt.backward(loss_fn(model, x, y))
+        opt.step()
+        results.put((rank, "finished", time.monotonic() - start))
+    except Exception as e:  # the point: every rank gets here
+        results.put((rank, f"{type(e).__name__}: {e}", time.monotonic() - start))
+    os._exit(0)  # skip destroy_process_group: the peer may be gone
+
+
+def test_exception_on_one_rank_ends_every_rank():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_failing_rank, args=(r, port, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        got = dict((r, (msg, t)) for r, msg, t in (results.get(timeout=60) for _ in range(2)))
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    assert "boom on rank 1" in got[1][0]
+    assert got[0][0] != "finished", "rank 0 went on as if nothing happened"
+    assert got[0][1] < TIMEOUT_S + 10, f"rank 0 took {got[0][1]:.1f} s to fail"
+    print(f"rank 0 ended with {got[0][0][:120]!r} after {got[0][1]:.1f} s")
