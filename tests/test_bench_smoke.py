@@ -1,0 +1,34 @@
+"""Smoke test of bench/bench_train.py: one command spawns its ranks, trains DDP and zeroshard
+stage 2 the same way and writes the JSON users read. No timing is asserted (shared CPUs)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_train_quick(tmp_path: Path) -> None:
+    # a tiny shape keeps this a few seconds; DeepSpeed is not needed for these two systems
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_train.py"), "--quick",
+           "--systems", "ddp,zs-2", "--out", str(tmp_path), "--vocab", "256", "--dim", "64",
+           "--seq", "32", "--timeout", "60"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "loss agreement" in proc.stdout
+    data = json.loads((tmp_path / "bench_train.json").read_text())
+    assert {"meta", "rows", "fp32_loss_agreement"} <= set(data)
+    for name in ("ddp", "zs-2"):
+        row = data["rows"][name]
+        for key in ("ms_per_step", "p10_ms", "p90_ms", "vs_ddp", "bytes", "final_loss"):
+            assert key in row, (name, key)
+        assert set(row["bytes"]) >= {"params", "grads", "optimizer_states", "master", "total"}
+    # stage 2 holds half the gradients and half the optimizer state of DDP (2 ranks)
+    ddp, zs2 = data["rows"]["ddp"]["bytes"], data["rows"]["zs-2"]["bytes"]
+    assert zs2["optimizer_states"] < 0.6 * ddp["optimizer_states"]
+    assert zs2["grads"] < 0.6 * ddp["grads"]
+    assert data["fp32_loss_agreement"]["ok"], data["fp32_loss_agreement"]
+    assert (tmp_path / "bench_train.png").stat().st_size > 0
