@@ -210,6 +210,10 @@ def _failing_rank(rank: int, port: int, results) -> None:
         results.put((rank, "finished", time.monotonic() - start))
     except Exception as e:  # the point: every rank gets here
         results.put((rank, f"{type(e).__name__}: {e}", time.monotonic() - start))
+        if rank == 1:  # stay alive (a process that caught the error): rank 0 must time out
+            time.sleep(TIMEOUT_S + 4)
+    results.close()
+    results.join_thread()  # flush the report before the hard exit below
     os._exit(0)  # skip destroy_process_group: the peer may be gone
 
 

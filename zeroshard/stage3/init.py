@@ -9,7 +9,10 @@ inside it too). When the outermost `__init__` of a module returns (so its
 this rank's chunk is kept. Children finish before their parent, so at any moment a rank
 holds the shards built so far plus one module's full parameters: peak about model/N plus
 the largest layer. Every rank must build the same model with the same random seed (the
-values are the same as without Init). `initialize_stage3` later adopts these units.
+values are the same as without Init). Code in a parent's `__init__` that touches children's
+parameters already partitioned (`self.apply(init_fn)`, `nn.init.*_(p)`) is caught by a
+TorchFunctionMode and runs on gathered full tensors, written back after each call.
+`initialize_stage3` later adopts these units.
 """
 
 from __future__ import annotations
@@ -21,10 +24,56 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..collectives import Comm
 from ..config import ZeroConfig, load_config
-from .unit import GatherTracker, ShardedUnit
+from .unit import RELEASED, GatherTracker, ShardedUnit
+
+# Metadata reads that need no parameter values.
+_METADATA = frozenset(
+    getattr(torch.Tensor, name).__get__
+    for name in ("dtype", "device", "requires_grad", "is_cuda", "is_leaf", "grad_fn", "layout")
+)
+
+
+class _PartitionedUseMode(TorchFunctionMode):
+    """Inside Init, code may still touch parameters already partitioned: a parent's
+    `self.apply(self._init_weights)` or `nn.init.normal_(p)` over `named_parameters()`. Such a
+    call gathers the units involved, runs on the full tensors, and writes every rank's chunk
+    back (all ranks run the same code with the same RNG, so the full values agree)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.busy = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.busy or func in _METADATA:
+            return func(*args, **kwargs)
+        units: list[ShardedUnit] = []
+        for a in (*args, *kwargs.values()):
+            for x in a if isinstance(a, (list, tuple)) else (a,):
+                u = getattr(x, "_zs_unit", None) if isinstance(x, torch.Tensor) else None
+                if u is not None and u.state == RELEASED and u not in units:
+                    units.append(u)
+        if not units:
+            return func(*args, **kwargs)
+        self.busy = True
+        try:
+            for u in units:
+                u.wait()
+        finally:
+            self.busy = False
+        out = func(*args, **kwargs)
+        self.busy = True
+        try:
+            for u in units:
+                u.write_back()
+                u.release()
+        finally:
+            self.busy = False
+        return out
 
 
 def _subclasses(cls: type) -> list[type]:
@@ -82,6 +131,8 @@ class Init:
             ctx._wrap(cls)
 
         nn.Module.__init_subclass__ = classmethod(init_subclass)  # type: ignore[assignment]
+        self._mode = _PartitionedUseMode()
+        self._mode.__enter__()
         return self
 
     def __exit__(
@@ -92,6 +143,7 @@ class Init:
     ) -> None:
         if not self.enabled:
             return
+        self._mode.__exit__(exc_type, exc, tb)
         for cls, orig in self._saved.items():
             cls.__init__ = orig  # type: ignore[misc]
         self._saved.clear()
@@ -123,6 +175,13 @@ class Init:
 
     # -- partitioning ---------------------------------------------------------------------
     def _partition(self, module: nn.Module) -> None:
+        self._mode.busy = True
+        try:
+            self._partition_params(module)
+        finally:
+            self._mode.busy = False
+
+    def _partition_params(self, module: nn.Module) -> None:
         fresh: dict[torch.dtype, list[nn.Parameter]] = {}
         for p in module.parameters(recurse=False):
             if getattr(p, "_zs_unit", None) is not None:

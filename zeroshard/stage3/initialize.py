@@ -128,7 +128,8 @@ def initialize_stage3(
     engine = Stage3Engine(
         model, units, comm, cfg.reduce_dtype,
         prefetch_numel=int(zo.stage3_prefetch_bucket_size),
-        max_live_numel=int(zo.stage3_max_live_parameters), tracker=tracker,
+        max_live_numel=int(zo.stage3_max_live_parameters),
+        max_reuse_numel=int(zo.stage3_max_reuse_distance), tracker=tracker,
     )  # fmt: skip
     rule, hp = cfg.optimizer_spec()
     params = model_parameters

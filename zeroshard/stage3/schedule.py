@@ -81,6 +81,7 @@ class Stage3Engine:
         *,
         prefetch_numel: int,
         max_live_numel: int,
+        max_reuse_numel: int = 0,
         tracker: GatherTracker,
     ) -> None:
         self.model = model
@@ -89,6 +90,7 @@ class Stage3Engine:
         self.reduce_dtype = reduce_dtype
         self.prefetch_numel = int(prefetch_numel)
         self.max_live_numel = int(max_live_numel)
+        self.max_reuse_numel = int(max_reuse_numel)
         self.tracker = tracker
         index_units(units)
         self.param_units: dict[int, ShardedUnit] = {}
@@ -167,6 +169,7 @@ class Stage3Engine:
             self._mode = None
             self.in_forward = False
             if ok:
+                self._finish_forward()
                 self._end_pass()
             else:  # leave nothing gathered and no stale frames; pending gathers are dropped
                 self._frames.clear()
@@ -195,7 +198,7 @@ class Stage3Engine:
         try:
             for u in units:
                 u.users -= 1
-                u.release()
+                self._release_or_retain(u)
         finally:
             self.busy = False
         if torch.is_grad_enabled() and (units or module is self.model):
@@ -222,6 +225,63 @@ class Stage3Engine:
             u.users += 1
             self._frames[-1][1].append(u)
 
+    def _release_or_retain(self, u: ShardedUnit) -> None:
+        """After a forward use: keep `u` if the recorded order uses it again within
+        `max_reuse_numel` elements of other gathers (a tied embedding, a reused block), or if
+        this was its last forward use and backward starts with it (the last layers)."""
+        if u.users > 0 or u.pinned or u.persistent or u.state == RELEASED:
+            return
+        order = self._orders.get(self._pass)
+        if order:
+            between: set[int] = set()
+            numel = 0
+            for i in order[self._cursor :]:
+                if i == u.index_in_engine:
+                    if numel <= self.max_reuse_numel:
+                        u.retained = True
+                        return
+                    break
+                if i not in between:
+                    between.add(i)
+                    numel += self.units[i].numel
+            else:  # no later use in this forward
+                if u.index_in_engine in self._backward_head():
+                    u.retained = True
+                    return
+        u.release()
+
+    def _backward_head(self) -> set[int]:
+        """Units the recorded backward fetches first: the first one, then more up to one
+        prefetch bucket (only after a forward that will be differentiated)."""
+        order = self._orders.get("backward") if self._pass == "forward" else None
+        keep: set[int] = set()
+        budget = 0
+        for i in order or ():
+            u = self.units[i]
+            if i in keep or u.persistent:
+                continue
+            if keep and budget + u.numel > self.prefetch_numel:
+                break  # the first one is kept whatever its size: it was just in use
+            keep.add(i)
+            budget += u.numel
+        return keep
+
+    def _finish_forward(self) -> None:
+        """End of the root forward: release what is left (prefetched for a module that was
+        skipped, retained for a reuse that did not come), except the units backward starts
+        with, whose missing gathers are started now to overlap the loss computation."""
+        keep = self._backward_head()
+        self.busy = True
+        try:
+            for u in self.units:
+                if u.index_in_engine in keep:
+                    u.retained = False  # now an ordinary prefetch for backward
+                    u.gather()
+                elif u.users == 0 and not u.pinned:
+                    u.release()
+        finally:
+            self.busy = False
+
     # -- fetching and prefetching -------------------------------------------------------------
     def _start_pass(self, kind: str) -> None:
         self._pass = kind
@@ -238,6 +298,7 @@ class Stage3Engine:
         """Make `u` gathered now, and start the all-gathers of the units expected next."""
         if u.persistent:
             return
+        u.retained = False
         self._recording.append(u.index_in_engine)
         order = self._orders.get(self._pass)
         if order:
@@ -251,7 +312,9 @@ class Stage3Engine:
     def _prefetch(self, order: list[int]) -> None:
         live = sum(x.numel for x in self.units if x.state != RELEASED and not x.persistent)
         pending = sum(
-            x.numel for x in self.units if x.state != RELEASED and x.users == 0 and not x.pinned
+            x.numel
+            for x in self.units
+            if x.state != RELEASED and x.users == 0 and not x.pinned and not x.retained
         )
         for i in order[self._cursor :]:
             nxt = self.units[i]

@@ -97,6 +97,7 @@ class ShardedUnit:
         self._works: list = []
         self.users = 0  # forward calls (and GatheredParameters) using the unit right now
         self.pinned = False  # gathered for backward, until its gradients are in
+        self.retained = False  # kept gathered after use: needed again soon (reuse distance)
         self.grad_full: Tensor | None = None
         self.grad_shard: Tensor | None = None
         self.fired: set[int] = set()
@@ -225,6 +226,7 @@ class ShardedUnit:
         self.tracker.sub(self.full_bytes)
         self.state = RELEASED
         self.pinned = False
+        self.retained = False
         self.users = 0 if force else self.users
 
     @torch.no_grad()
