@@ -176,6 +176,34 @@ def test_bad_input_names_problem_and_rank():
         initialize_stage3(make_model(), {"zero_optimization": {"stage": 2}})
 
 
+def checkpoint_job() -> dict:
+    """4 steps straight vs 2 steps, save (optimizer shards + full model), rebuild, load, 2."""
+
+    def run(model, opt, steps) -> None:
+        for step in steps:
+            x, y = local_batch(step)
+            opt.backward(loss_fn(model, x, y))
+            opt.step()
+            opt.zero_grad()
+
+    model, opt = _setup("bf16")
+    run(model, opt, range(4))
+    straight = model.state_dict()
+    model, opt = _setup("bf16")
+    run(model, opt, range(2))
+    saved_model, saved_opt = model.state_dict(), opt.state_dict()
+    model, opt = _setup("bf16")
+    model.load_state_dict(saved_model)
+    opt.load_state_dict(saved_opt)
+    run(model, opt, range(2, 4))
+    resumed = model.state_dict()
+    return {"same": all(torch.equal(straight[k], resumed[k]) for k in straight)}
+
+
+def test_checkpoint_round_trip_same_world(dist_run):
+    assert all(r["same"] for r in dist_run(2, checkpoint_job))
+
+
 # -- an exception inside forward on one rank --------------------------------------------------
 
 TIMEOUT_S = 3
