@@ -7,8 +7,10 @@ worth of extra memory at a time). Every rank must call it (it is collective). Wi
 `rank0_only=True` ranks other than 0 get an empty dict (FSDP's FULL_STATE_DICT convention);
 `full_state_dict(model, rank0_only=...)` is the explicit consolidation call.
 
-Loading gathers each module's units before torch copies the full tensors in, then writes the
-new values back into this rank's shards.
+Loading gathers each module's units before torch copies the full tensors in; once the whole
+dict is in, every rank writes its chunks back into its shards (and the fp32 master of a
+bf16/fp16 run follows) and the full tensors are freed. Loading therefore holds the full model
+for a moment; saving holds one module's parameters at a time.
 """
 
 from __future__ import annotations
