@@ -204,6 +204,44 @@ def test_checkpoint_round_trip_same_world(dist_run):
     assert all(r["same"] for r in dist_run(2, checkpoint_job))
 
 
+def fp16_job() -> dict:
+    """fp16 with loss scaling; rank 1's loss is inf at step 2: every rank skips that step."""
+    from zeroshard.stage3 import initialize_stage3
+
+    cfg = stage3_config()
+    cfg["fp16"] = {"enabled": True, "initial_scale_power": 8, "hysteresis": 1}
+    model = make_model()
+    model, opt = initialize_stage3(model, cfg, param_groups(model))
+    rank = torch.distributed.get_rank()
+    scales, before, after = [], None, None
+    for step in range(4):
+        x, y = local_batch(step)
+        loss = loss_fn(model, x, y)
+        if step == 2:
+            before = model.state_dict()
+            if rank == 1:
+                loss = loss * float("inf")
+        opt.backward(loss)
+        opt.step()
+        opt.zero_grad()
+        if step == 2:
+            after = model.state_dict()
+        scales.append(opt.loss_scale)
+    return {
+        "scales": scales, "skipped": opt.skipped_steps,
+        "unchanged": all(torch.equal(before[k], after[k]) for k in before),
+        "dtype": str(before["embed.weight"].dtype), "leaked": opt.engine.tracker.current,
+    }  # fmt: skip
+
+
+def test_fp16_overflow_skips_on_every_rank(dist_run):
+    for r in dist_run(2, fp16_job):
+        assert r["dtype"] == "torch.float16"
+        assert r["skipped"] == 1 and r["unchanged"]
+        assert r["scales"] == [256.0, 256.0, 128.0, 128.0]
+        assert r["leaked"] == 0
+
+
 # -- an exception inside forward on one rank --------------------------------------------------
 
 TIMEOUT_S = 3
