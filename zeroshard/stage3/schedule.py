@@ -11,6 +11,10 @@
 - Prefetch: every pass records the order units were fetched in; the next pass of the same
   kind (forward, no-grad forward, backward) issues the all-gathers of the units after the
   current one, up to `prefetch_numel` elements not yet in use, so they overlap compute.
+- Reuse: after a forward use a unit stays gathered if the recorded order needs it again
+  within `stage3_max_reuse_distance` elements of other gathers (a tied embedding, a block
+  reused in a loop), or if backward starts with it (the last layers: gathered at the end of
+  forward, needed first by backward). 0 releases every unit right after each use.
 - A parameter used outside its owner's forward (`F.linear(x, self.embed.weight)`, or an
   `out_proj` that `nn.MultiheadAttention` never calls) is caught by a TorchFunctionMode
   during forward: its unit is gathered on the spot and the running module learns it as a
@@ -154,6 +158,10 @@ class Stage3Engine:
     def _root_forward(self, forward, *args: Any, **kwargs: Any) -> Any:
         if self.in_forward:  # re-entered (the root called inside its own forward)
             return forward(*args, **kwargs)
+        if self.in_backward:  # the last backward raised before its end-of-backward callback
+            self.in_backward = False
+            for u in self.units:
+                u.pinned = False
         self.in_forward = True
         self._start_pass("forward" if torch.is_grad_enabled() else "forward_nograd")
         self._mode = _ExternalParamMode(self)
