@@ -78,14 +78,16 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     gpt = GPTConfig(n_layer=args.layers, n_embd=args.dim, block_size=args.seq)
     model = TinyGPT(gpt).to(device)
+    # counted before initialize: at stage 3 the parameters are placeholders afterwards
     numel = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model, opt = zeroshard.initialize(model, config)
     cfg = opt.config
     lang = BigramLanguage(gpt.vocab_size, seed=args.seed)
     elem = torch.empty((), dtype=cfg.compute_dtype).element_size()
     rule = cfg.optimizer_spec()[0]
     formula = zero_formula(
-        sum(p.numel() for p in model.parameters() if p.requires_grad),
+        trainable,
         cfg.zero_optimization.stage, world, param_bytes=elem,
         grad_bytes=torch.empty((), dtype=cfg.reduce_dtype).element_size(),
         state_tensors={"adamw": 2, "adam": 2, "lion": 1, "sgd": 1}[rule],
