@@ -5,6 +5,11 @@ estimated from the model size. The counts are those of the ring algorithms NCCL 
 for large messages: for a tensor of S bytes on N ranks, all-reduce sends 2·S·(N-1)/N,
 reduce-scatter S·(N-1)/N (S = input size) and all-gather S·(N-1)/N (S = output size).
 With one rank (or no process group) nothing is sent and the calls are local no-ops.
+
+On gloo the tensor forms of reduce-scatter and all-gather are slow (torch 2.13, 2 CPU ranks,
+4M fp32 elements: `reduce_scatter_tensor` 26 ms against 20 ms for the list form over views
+of the same buffer; 1M: 9.5 against 5.8 ms), so gloo gets the list forms: same bytes, no
+copies (the list entries are views). NCCL keeps the tensor forms, which are its fast ones.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ class Comm:
         self.rank = dist.get_rank(group) if self.initialized else 0
         self.world_size = dist.get_world_size(group) if self.initialized else 1
         self.counter = CommCounter()
+        self.list_forms = self.active and dist.get_backend(group) == "gloo"
 
     @property
     def active(self) -> bool:
@@ -90,6 +96,11 @@ class Comm:
                 output.copy_(input)
             return DONE if async_op else None
         self.counter.add("reduce_scatter", _nbytes(input) * self._ring_fraction())
+        if self.list_forms:
+            chunks = list(input.chunk(self.world_size))
+            return dist.reduce_scatter(
+                output, chunks, op=_reduce_op(op), group=self.group, async_op=async_op
+            )
         return _reduce_scatter_single(
             output, input, op=_reduce_op(op), group=self.group, async_op=async_op
         )
@@ -102,6 +113,9 @@ class Comm:
                 output.copy_(input)
             return DONE if async_op else None
         self.counter.add("all_gather", _nbytes(output) * self._ring_fraction())
+        if self.list_forms:
+            chunks = list(output.chunk(self.world_size))
+            return dist.all_gather(chunks, input, group=self.group, async_op=async_op)
         return _all_gather_single(output, input, group=self.group, async_op=async_op)
 
     def broadcast(self, tensor: Tensor, src: int = 0) -> None:

@@ -6,11 +6,12 @@ buffer and frees it, so autograd never holds more than one parameter's full grad
 - stage 0 and 1: a full-size flat gradient buffer per FlatParams (the ZeRO formula's 2Ψ/4Ψ of
   gradients). Stage 0 all-reduces it in buckets; stage 1 reduce-scatters each bucket in place,
   so this rank's chunk of the buffer holds the averaged gradient of the params it updates
-  (the other chunks are scratch afterwards: on gloo the reduction runs as one `reduce` per
-  chunk, which may overwrite them).
+  (only that chunk is read afterwards).
 - stage 2: the gradient lives only as this rank's shard. Each bucket's gradients collect in a
-  short-lived bucket buffer; once every parameter in it has reported, the bucket is
-  reduce-scattered straight into the shard, overlapped with the rest of backward, and freed.
+  bucket buffer; once every parameter in it has reported, the bucket is reduce-scattered
+  straight into the shard, overlapped with the rest of backward, and the buffer goes back to a
+  small pool (at most MAX_IN_FLIGHT + 1 buffers, reported as `comm_buffers`): reusing them
+  saves a fresh allocation, and its page faults, per bucket per step.
 
 Collectives must be issued in the same order on every rank. Buckets are launched in a fixed
 order: on the first step nothing is launched during backward; `finish()` records the order
@@ -23,7 +24,6 @@ optimizer calls before it reads gradients, so an unused parameter never hangs a 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from .collectives import Comm
@@ -32,22 +32,6 @@ from .flat_buffer import Bucket, FlatParams, Slot
 # Stage 2 keeps at most this many buckets in flight before waiting on the oldest
 # (double buffering, as DeepSpeed does with overlap_comm).
 MAX_IN_FLIGHT = 2
-
-
-class _ReduceToOwners:
-    """Stands in for the `dist.Work` of a reduce-scatter issued as one `reduce` per chunk."""
-
-    __slots__ = ("works", "result", "out")
-
-    def __init__(self, works: list, result: Tensor, out: Tensor) -> None:
-        self.works, self.result, self.out = works, result, out
-
-    def wait(self) -> bool:
-        for w in self.works:
-            w.wait()
-        if self.out.data_ptr() != self.result.data_ptr():
-            self.out.copy_(self.result)
-        return True
 
 
 class _BucketState:
@@ -93,13 +77,10 @@ class GradReducer:
         self._order: list[int] | None = None  # launch order, as indices into _states
         self._next = 0  # position in _order of the next bucket to launch during backward
         self._completed: list[int] = []  # readiness order seen on the first step
-        self._in_flight: list[tuple[object, _BucketState, Tensor | None]] = []
+        # (work, bucket, temporary output to add into the shard, bucket buffer to recycle)
+        self._in_flight: list[tuple[object, _BucketState, Tensor | None, Tensor | None]] = []
+        self._pool: list[Tensor] = []  # stage 2: idle bucket buffers
         self._hooks: list = []
-        # On gloo, reduce_scatter_tensor is slower than one async `reduce` per chunk to its
-        # owner (2 CPU ranks, torch 2.13: 8.4 vs 3.1 ms for a 1M-element fp32 bucket, 16.9 vs
-        # 5.9 ms at 2M; even slower than an all_reduce of the whole bucket), so on gloo buckets
-        # are reduced that way. Same bytes on the wire; the counter books them as reduce_scatter.
-        self._reduce_to_owners = comm.active and dist.get_backend(comm.group) == "gloo"
 
     # -- setup ----------------------------------------------------------------------------
     def add(self, flat: FlatParams) -> None:
@@ -140,8 +121,7 @@ class GradReducer:
         with torch.no_grad():
             if self.stage == 2:
                 if state.buffer is None:
-                    dtype = self.grad_shard[fi].dtype
-                    state.buffer = torch.zeros(state.bucket.numel, dtype=dtype, device=flat.device)
+                    state.buffer = self._bucket_buffer(fi, state.bucket)
                 lo = slot.offset - state.bucket.start
                 state.buffer[lo : lo + slot.numel].add_(grad.reshape(-1))
             else:
@@ -181,16 +161,15 @@ class GradReducer:
         state.launched = True
         if self.stage == 2:
             if state.buffer is None:  # no gradient here on this rank: contribute zeros
-                dtype = self.grad_shard[fi].dtype
-                state.buffer = torch.zeros(b.numel, dtype=dtype, device=flat.device)
+                state.buffer = self._bucket_buffer(fi, b)
             piece = self.grad_shard[fi][b.shard_offset : b.shard_offset + b.chunk]
             # The first reduction of a step writes the shard directly; later ones (gradient
             # accumulation) land in a temporary and are added.
             out = torch.empty_like(piece) if state.wrote_shard else piece
-            work = self._reduce_scatter(out, state.buffer)
-            self._in_flight.append((work, state, None if out is piece else out))
+            work = self.comm.reduce_scatter(out, state.buffer, async_op=True)
+            self._in_flight.append((work, state, None if out is piece else out, state.buffer))
             state.wrote_shard = True
-            state.buffer = None  # the in-flight entry keeps it alive until the wait
+            state.buffer = None  # the in-flight entry holds it until the wait
             # without overlap_comm each bucket is finished before backward goes on
             limit = MAX_IN_FLIGHT if self.overlap_comm else 0
             while len(self._in_flight) > limit:
@@ -201,39 +180,30 @@ class GradReducer:
                 work = self.comm.all_reduce(full, async_op=True)
             else:
                 lo, hi = b.chunk_range(flat.shard)
-                work = self._reduce_scatter(self.grad_flat[fi][lo:hi], full)
-            self._in_flight.append((work, state, None))
+                own = self.grad_flat[fi][lo:hi]
+                work = self.comm.reduce_scatter(own, full, async_op=True)
+            self._in_flight.append((work, state, None, None))
 
-    def _reduce_scatter(self, out: Tensor, bucket: Tensor):
-        """Average `bucket` (N equal chunks) across ranks into `out` (this rank's chunk, may be
-        that chunk of `bucket`). May overwrite the other chunks of `bucket`. Returns a Work."""
-        if not self._reduce_to_owners:
-            return self.comm.reduce_scatter(out, bucket, async_op=True)
-        comm = self.comm
-        comm.counter.add(
-            "reduce_scatter",
-            bucket.numel() * bucket.element_size() * (comm.world_size - 1) / comm.world_size,
-        )
-        chunk = bucket.numel() // comm.world_size
-        works = []
-        for r in range(comm.world_size):
-            dst = dist.get_global_rank(comm.group, r) if comm.group is not None else r
-            piece = bucket[r * chunk : (r + 1) * chunk]
-            works.append(
-                dist.reduce(piece, dst, op=dist.ReduceOp.AVG, group=comm.group, async_op=True)
-            )
-        own = bucket[comm.rank * chunk : (comm.rank + 1) * chunk]
-        return _ReduceToOwners(works, own, out)
+    def _bucket_buffer(self, fi: int, bucket: Bucket) -> Tensor:
+        """A zeroed full-size gradient buffer for `bucket`, recycled from the pool if one fits."""
+        dtype = self.grad_shard[fi].dtype
+        for i, buf in enumerate(self._pool):
+            if buf.dtype == dtype and buf.numel() >= bucket.numel:
+                self._pool.pop(i)
+                return buf[: bucket.numel].zero_()
+        return torch.zeros(bucket.numel, dtype=dtype, device=self.flats[fi].device)
 
     def _complete_oldest(self) -> None:
-        work, state, temp = self._in_flight.pop(0)
+        work, state, temp, buffer = self._in_flight.pop(0)
         work.wait()
+        if buffer is not None and len(self._pool) <= MAX_IN_FLIGHT:
+            self._pool.append(buffer)
         if temp is not None:
             b = state.bucket
             self.grad_shard[state.flat][b.shard_offset : b.shard_offset + b.chunk].add_(temp)
 
     def _wait_for(self, state: _BucketState) -> None:
-        while any(s is state for _, s, _ in self._in_flight):
+        while any(entry[1] is state for entry in self._in_flight):
             self._complete_oldest()
 
     # -- step -----------------------------------------------------------------------------
@@ -287,5 +257,6 @@ class GradReducer:
         """Tensors this reducer holds, for the memory report."""
         grads = [t for t in self.grad_flat + self.grad_shard if t is not None]
         buffers = [s.buffer for s in self._states if s.buffer is not None]
-        buffers += [t for _, _, t in self._in_flight if t is not None]
+        buffers += [t for entry in self._in_flight for t in entry[2:] if t is not None]
+        buffers += self._pool
         return {"grads": grads, "comm_buffers": buffers}

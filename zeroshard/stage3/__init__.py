@@ -2,7 +2,6 @@
 
 - unit.py: `ShardedUnit`, one module's parameters kept as this rank's chunk between uses;
 - schedule.py: `Stage3Engine`, the hooks that gather/release/reduce units and prefetch;
-- comm.py: `Stage3Comm`, the counted collectives (gloo's faster list forms where they apply);
 - optimizer.py: `Stage3Optimizer`, ZeroOptimizer's step on the units' shards;
 - initialize.py: `initialize_stage3(model, cfg)`, building all of the above;
 - init.py: `Init`, partitioning parameters while the model is built;

@@ -18,7 +18,6 @@ from torch import nn
 from ..collectives import Comm
 from ..config import ZeroConfig, load_config
 from ..precision import LossScaler
-from .comm import Stage3Comm
 from .optimizer import Stage3Optimizer
 from .schedule import Stage3Engine
 from .state_dict import install_state_dict_hooks
@@ -114,7 +113,7 @@ def initialize_stage3(
         raise ValueError(f"initialize_stage3 needs zero_optimization.stage 3, got {zo.stage}")
     if getattr(model, "_zs_engine", None) is not None:
         raise ValueError("this model is already a stage-3 model (initialize it once)")
-    comm = Stage3Comm(process_group)
+    comm = Comm(process_group)
     tracker = GatherTracker()
     dtype = cfg.compute_dtype
     with torch.no_grad():
