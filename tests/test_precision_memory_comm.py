@@ -8,7 +8,6 @@ import torch
 from tests.models import make_model
 from tests.test_parity import train_zero
 from zeroshard.accounting import zero_formula
-from zeroshard.grad_reducer import MAX_IN_FLIGHT
 
 STAGES = [0, 1, 2]
 
@@ -67,12 +66,7 @@ def test_memory_matches_zero_formula(dist_run, world, stage, dtype):
             got = mem[key]
             allowed = slack * (2 if key == "optimizer_states" else 1)
             assert want[key] <= got <= want[key] + allowed, (rank, key, got, want[key])
-        if stage == 2:  # the pool of recycled bucket buffers, at most MAX_IN_FLIGHT + 1
-            largest = max(700, max(p.numel() for p in make_model().parameters()))
-            bucket_bytes = -(-largest // (world * 16)) * world * 16 * 4
-            assert 0 < mem["comm_buffers"] <= (MAX_IN_FLIGHT + 1) * bucket_bytes
-        else:
-            assert mem["comm_buffers"] == 0
+        assert mem["comm_buffers"] == 0  # between steps no bucket buffer is held
         if dtype == "fp32":
             assert mem["master"] == 0  # the fp32 master is a view of the parameters
 

@@ -9,9 +9,9 @@ buffer and frees it, so autograd never holds more than one parameter's full grad
   (only that chunk is read afterwards).
 - stage 2: the gradient lives only as this rank's shard. Each bucket's gradients collect in a
   bucket buffer; once every parameter in it has reported, the bucket is reduce-scattered
-  straight into the shard, overlapped with the rest of backward, and the buffer goes back to a
-  small pool (at most MAX_IN_FLIGHT + 1 buffers, reported as `comm_buffers`): reusing them
-  saves a fresh allocation, and its page faults, per bucket per step.
+  straight into the shard, overlapped with the rest of backward, and the buffer is recycled
+  for a later bucket of the same backward (saving an allocation and its page faults per
+  bucket); idle buffers are freed when the step ends, so between steps none are held.
 
 Collectives must be issued in the same order on every rank. Buckets are launched in a fixed
 order: on the first step nothing is launched during backward; `finish()` records the order
@@ -233,6 +233,7 @@ class GradReducer:
         """After the optimizer consumed the gradients: the next backward starts a new step."""
         for s in self._states:
             s.launched = False
+        self._pool.clear()
 
     def zero_grad(self) -> None:
         for t in self.grad_flat + self.grad_shard:

@@ -295,9 +295,18 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.comm.counter.snapshot()
 
     # -- accounting -----------------------------------------------------------------------
+    def _held_tensors(self) -> dict[str, list[Tensor]]:
+        """The parameter, gradient and communication tensors this rank holds."""
+        held = self._reducer.held_tensors() if self._reducer else {}
+        return {
+            "params": [e.flat.flat for e in self._entries],
+            "grads": held.get("grads", []),
+            "comm_buffers": held.get("comm_buffers", []),
+        }
+
     def memory_report(self) -> dict[str, int]:
         """Bytes held on this rank: params, grads, master, optimizer_states, comm_buffers."""
-        held = self._reducer.held_tensors() if self._reducer else {}
+        held = self._held_tensors()
         states: list[Tensor] = []
         for e in self._entries:
             if e.generic is not None:
@@ -307,11 +316,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 states += list(ts)
         return memory_report(
             {
-                "params": [e.flat.flat for e in self._entries],
-                "grads": held.get("grads", []),
+                **held,
                 "master": [m for e in self._entries for m in e.master],
                 "optimizer_states": states,
-                "comm_buffers": held.get("comm_buffers", []),
             }
         )
 

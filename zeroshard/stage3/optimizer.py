@@ -23,7 +23,6 @@ import torch
 from torch import Tensor
 
 from .. import update
-from ..accounting import memory_report
 from ..optimizer import ZeroOptimizer, _Entry
 from ..precision import LossScaler
 from .schedule import Stage3Engine
@@ -161,27 +160,11 @@ class Stage3Optimizer(ZeroOptimizer):
         for w in works:
             w.wait()
 
-    def memory_report(self) -> dict[str, int]:
-        """Bytes held on this rank: parameter shards (plus persistent and currently gathered
-        full parameters), gradient shards, fp32 master (0 in fp32: views of the shards),
-        optimizer states, and in-flight gradient buffers."""
+    def _held_tensors(self) -> dict[str, list[Tensor]]:
+        """Parameter shards (plus persistent and currently gathered full parameters), gradient
+        shards and in-flight gradient buffers, from the engine that holds them."""
         held = self._engine.held_tensors()
-        states: list[Tensor] = []
-        for e in self._entries:
-            if e.generic is not None:
-                for st in e.generic.state.values():
-                    states += [v for v in st.values() if torch.is_tensor(v)]
-            for ts in e.state.values():
-                states += list(ts)
-        return memory_report(
-            {
-                "params": held["params"],
-                "grads": held["grads"],
-                "master": [m for e in self._entries for m in e.master],
-                "optimizer_states": states,
-                "comm_buffers": held["comm_buffers"],
-            }
-        )
+        return {k: held[k] for k in ("params", "grads", "comm_buffers")}
 
     @property
     def engine(self) -> Stage3Engine:
