@@ -274,3 +274,35 @@ def test_bad_arguments_name_the_problem():
         zeroshard.ZeroOptimizer(make_model().parameters(), "adamw", momentum=0.9)
     with pytest.raises(ValueError, match="optimizer must be one of"):
         zeroshard.ZeroOptimizer(make_model().parameters(), "adafactor")
+
+
+def job_undeclared_accumulation(stage: int) -> dict:
+    """The plain-PyTorch accumulation loop: `loss.backward()` on 3 micro-batches, then one
+    `step()`, without telling the optimizer about accumulation; must equal one big batch."""
+    rank, world = _rank_world()
+    model = make_model()
+    ref = copy.deepcopy(model)
+    opt = zeroshard.ZeroOptimizer(param_groups(model), "adamw", stage=stage, lr=3e-3)
+    ropt = torch.optim.AdamW(param_groups(ref), lr=3e-3)
+    n = 12
+    for step in range(4):
+        x, y = _local(step, n=n)
+        for k in range(3):
+            sl = slice(k * len(x) // 3, (k + 1) * len(x) // 3)
+            (loss_fn(model, x[sl], y[sl]) / 3).backward()
+        opt.step()
+        opt.zero_grad()
+        gx, gy = batch(step, n)
+        loss_fn(ref, gx, gy).backward()
+        ropt.step()
+        ropt.zero_grad()
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "ref": {n: p.detach().clone() for n, p in ref.named_parameters()},
+    }
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_accumulation_without_telling_the_optimizer(dist_run, stage):
+    for r in dist_run(2, job_undeclared_accumulation, stage):
+        assert_params_close(r["params"], r["ref"])
