@@ -4,9 +4,12 @@ A post-accumulate-grad hook on every trainable parameter moves its fresh `.grad`
 buffer and frees it, so autograd never holds more than one parameter's full gradient:
 
 - stage 0 and 1: a full-size flat gradient buffer per FlatParams (the ZeRO formula's 2Ψ/4Ψ of
-  gradients). Stage 0 all-reduces it in buckets; stage 1 reduce-scatters each bucket in place,
-  so this rank's chunk of the buffer holds the averaged gradient of the params it updates
-  (only that chunk is read afterwards).
+  gradients). Stage 0 all-reduces it in buckets; stage 1 reduce-scatters each bucket, so this
+  rank's chunk of the buffer ends up holding the averaged gradient of the params it updates
+  (only that chunk is read afterwards). When every backward ends a step
+  (gradient_accumulation_steps 1, overlap_comm) both reduce during backward; stage 1 then
+  reduces into a temporary chunk copied in by `finish()`, so the raw local sums stay intact and
+  a second backward before the step (accumulation nobody declared) still comes out exact.
 - stage 2: the gradient lives only as this rank's shard. Each bucket's gradients collect in a
   bucket buffer; once every parameter in it has reported, the bucket is reduce-scattered
   straight into the shard, overlapped with the rest of backward, and the buffer is recycled
@@ -35,7 +38,9 @@ MAX_IN_FLIGHT = 2
 
 
 class _BucketState:
-    __slots__ = ("index", "flat", "bucket", "fired", "dirty", "launched", "buffer", "wrote_shard")
+    __slots__ = (
+        "index", "flat", "bucket", "fired", "dirty", "launched", "buffer", "wrote_shard", "reduced"
+    )
 
     def __init__(self, index: int, flat: int, bucket: Bucket) -> None:
         self.index = index  # position among all buckets of the reducer
@@ -46,6 +51,7 @@ class _BucketState:
         self.launched = False  # reduced at least once since the last step
         self.buffer: Tensor | None = None  # stage 2: the bucket's full-size gradients
         self.wrote_shard = False  # stage 2: shard already holds reduced gradient this step
+        self.reduced: Tensor | None = None  # stage 1: averaged chunk waiting for finish()
 
     @property
     def ready(self) -> bool:
@@ -141,9 +147,10 @@ class GradReducer:
     def _launches_in_backward(self) -> bool:
         if self.stage == 2:
             return True
-        # Stage 0 all-reduces in place, which stays exact if backward runs again before the
-        # step; it is only worth overlapping when every backward ends an accumulation cycle.
-        return self.stage == 0 and self.overlap_comm and self.accumulation_steps == 1
+        # Stages 0-1 stay exact if backward runs again before the step (stage 0 all-reduces in
+        # place, which is linear; stage 1 reduces out of place), but reducing during backward
+        # only pays when every backward ends an accumulation cycle.
+        return self.overlap_comm and self.accumulation_steps == 1
 
     def _launch_ready(self) -> None:
         order = self._order
@@ -153,7 +160,7 @@ class GradReducer:
         if self._next == len(order):
             self._next = 0
 
-    def _launch(self, state: _BucketState) -> None:
+    def _launch(self, state: _BucketState, in_backward: bool = True) -> None:
         fi, b = state.flat, state.bucket
         flat = self.flats[fi]
         state.fired.clear()
@@ -178,11 +185,16 @@ class GradReducer:
             full = flat.bucket_view(self.grad_flat[fi], b)
             if self.stage == 0:
                 work = self.comm.all_reduce(full, async_op=True)
+                self._in_flight.append((work, state, None, None))
             else:
                 lo, hi = b.chunk_range(flat.shard)
                 own = self.grad_flat[fi][lo:hi]
-                work = self.comm.reduce_scatter(own, full, async_op=True)
-            self._in_flight.append((work, state, None, None))
+                # during backward: out of place (see the module docstring); at finish: in place
+                temp = torch.empty_like(own) if in_backward else None
+                self._wait_for(state)  # an older result must not land after this one
+                state.reduced = None
+                work = self.comm.reduce_scatter(own if temp is None else temp, full, async_op=True)
+                self._in_flight.append((work, state, temp, None))
 
     def _bucket_buffer(self, fi: int, bucket: Bucket) -> Tensor:
         """A zeroed full-size gradient buffer for `bucket`, recycled from the pool if one fits."""
@@ -198,9 +210,11 @@ class GradReducer:
         work.wait()
         if buffer is not None and len(self._pool) <= MAX_IN_FLIGHT:
             self._pool.append(buffer)
-        if temp is not None:
+        if temp is not None and self.stage == 2:
             b = state.bucket
             self.grad_shard[state.flat][b.shard_offset : b.shard_offset + b.chunk].add_(temp)
+        elif temp is not None:  # stage 1: the averaged chunk waits for finish()
+            state.reduced = temp
 
     def _wait_for(self, state: _BucketState) -> None:
         while any(entry[1] is state for entry in self._in_flight):
@@ -215,9 +229,15 @@ class GradReducer:
         for i in self._order:
             state = self._states[i]
             if state.dirty or not state.launched:
-                self._launch(state)
+                self._launch(state, in_backward=False)
         while self._in_flight:
             self._complete_oldest()
+        for state in self._states:
+            if state.reduced is not None:
+                flat = self.flats[state.flat]
+                lo, hi = state.bucket.chunk_range(flat.shard)
+                self.grad_flat[state.flat][lo:hi].copy_(state.reduced)
+                state.reduced = None
         self._next = 0
 
     def _agree_order(self) -> None:
@@ -244,6 +264,7 @@ class GradReducer:
             s.dirty = False
             s.fired.clear()
             s.buffer = None
+            s.reduced = None
 
     # -- what the optimizer reads -----------------------------------------------------------
     def grad_pieces(self, fi: int) -> list[Tensor]:
@@ -257,7 +278,7 @@ class GradReducer:
     def held_tensors(self) -> dict[str, list[Tensor]]:
         """Tensors this reducer holds, for the memory report."""
         grads = [t for t in self.grad_flat + self.grad_shard if t is not None]
-        buffers = [s.buffer for s in self._states if s.buffer is not None]
+        buffers = [t for s in self._states for t in (s.buffer, s.reduced) if t is not None]
         buffers += [t for entry in self._in_flight for t in entry[2:] if t is not None]
         buffers += self._pool
         return {"grads": grads, "comm_buffers": buffers}
