@@ -609,8 +609,9 @@ def chart(summary: dict, path: Path, title: str) -> None:
         ax2.bar(names, vals, bottom=bottom, label=cat)
         bottom = [a + b for a, b in zip(bottom, vals)]
     ax2.set_ylabel("MiB held on rank 0")
-    ax2.set_title("model-state bytes held (rank 0)")
-    ax2.legend()
+    ax2.set_title("model-state bytes held (rank 0, after the last backward)")
+    ax2.set_ylim(0, max(bottom, default=1.0) * 1.3)  # headroom: the legend sits above the bars
+    ax2.legend(ncol=3, loc="upper center")
     for ax in (ax1, ax2):
         ax.tick_params(axis="x", rotation=60)
     fig.suptitle(title)
