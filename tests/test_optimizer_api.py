@@ -306,3 +306,18 @@ def job_undeclared_accumulation(stage: int) -> dict:
 def test_accumulation_without_telling_the_optimizer(dist_run, stage):
     for r in dist_run(2, job_undeclared_accumulation, stage):
         assert_params_close(r["params"], r["ref"])
+
+
+def test_each_dtype_reduces_in_its_own_default():
+    """fp16 weights next to fp32 norms (a common mixed-precision layout): the fp16 gradients
+    are held (and reduced) in fp16, the fp32 ones in fp32 — whichever dtype comes first."""
+    half = nn.Linear(8, 8).half()
+    norm = nn.LayerNorm(8)
+    n16 = sum(p.numel() for p in half.parameters())
+    n32 = sum(p.numel() for p in norm.parameters())
+    opt = zeroshard.ZeroOptimizer(
+        [*half.parameters(), *norm.parameters()], "adamw", stage=0, reduce_bucket_size=10**6
+    )
+    grads = opt.memory_report()["grads"]
+    # stage 0, one process: each flat buffer pads to a multiple of 16 elements
+    assert grads == -(-n16 // 16) * 16 * 2 + -(-n32 // 16) * 16 * 4

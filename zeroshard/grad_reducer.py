@@ -31,6 +31,7 @@ from torch import Tensor
 
 from .collectives import Comm
 from .flat_buffer import Bucket, FlatParams, Slot
+from .precision import default_reduce_dtype
 
 # Stage 2 keeps at most this many buckets in flight before waiting on the oldest
 # (double buffering, as DeepSpeed does with overlap_comm).
@@ -93,7 +94,8 @@ class GradReducer:
         """Start managing the gradients of one FlatParams."""
         fi = len(self.flats)
         self.flats.append(flat)
-        dtype = self.reduce_dtype or flat.dtype
+        # each dtype's own default unless one was asked for
+        dtype = self.reduce_dtype or default_reduce_dtype(flat.dtype)
         if self.stage == 2:
             self.grad_flat.append(None)
             self.grad_shard.append(torch.zeros(flat.shard_numel, dtype=dtype, device=flat.device))

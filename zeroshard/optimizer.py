@@ -24,7 +24,7 @@ from .accounting import memory_report
 from .collectives import Comm, wait_all
 from .flat_buffer import FlatParams
 from .grad_reducer import GradReducer
-from .precision import LossScaler, default_reduce_dtype
+from .precision import LossScaler
 from .rules import RULE_DEFAULTS, resolve_rule
 
 log = logging.getLogger("zeroshard")
@@ -128,9 +128,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if dtype == torch.float16 and self.loss_scaler is None:
             self.loss_scaler = LossScaler()
         if self._reducer is None:
-            reduce_dtype = self._explicit_reduce_dtype or default_reduce_dtype(dtype)
             self._reducer = GradReducer(
-                self.comm, self.stage, reduce_dtype, self._overlap,
+                self.comm, self.stage, self._explicit_reduce_dtype, self._overlap,
                 self.gradient_accumulation_steps,
             )  # fmt: skip
         # stage 0 replicates: one shard, and every rank owns all of it
