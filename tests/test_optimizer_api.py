@@ -321,3 +321,41 @@ def test_each_dtype_reduces_in_its_own_default():
     grads = opt.memory_report()["grads"]
     # stage 0, one process: each flat buffer pads to a multiple of 16 elements
     assert grads == -(-n16 // 16) * 16 * 2 + -(-n32 // 16) * 16 * 4
+
+
+def job_add_param_group(stage: int) -> dict:
+    """A group added after construction (progressive unfreezing) trains like torch's."""
+    rank, world = _rank_world()
+    torch.manual_seed(0)
+    body, head = nn.Linear(6, 6), nn.Linear(6, 2)
+    rbody, rhead = copy.deepcopy(body), copy.deepcopy(head)
+    opt = zeroshard.ZeroOptimizer(body.parameters(), "adamw", stage=stage, lr=1e-2)
+    ropt = torch.optim.AdamW(rbody.parameters(), lr=1e-2)
+    for step in range(4):
+        if step == 2:
+            opt.add_param_group({"params": list(head.parameters()), "lr": 3e-2})
+            ropt.add_param_group({"params": list(rhead.parameters()), "lr": 3e-2})
+        x = torch.randn(8, 6, generator=torch.Generator().manual_seed(step))
+        k = 8 // world
+        head(torch.tanh(body(x[rank * k : (rank + 1) * k]))).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        if step < 2:
+            head.zero_grad()  # not yet optimized: its plain .grad must not pile up
+        rhead(torch.tanh(rbody(x))).pow(2).mean().backward()
+        if step < 2:
+            rhead.zero_grad()  # not yet in the reference optimizer: drop its grads too
+        ropt.step()
+        ropt.zero_grad()
+    got = {**{f"b{n}": p for n, p in body.named_parameters()},
+           **{f"h{n}": p for n, p in head.named_parameters()}}  # fmt: skip
+    want = {**{f"b{n}": p for n, p in rbody.named_parameters()},
+            **{f"h{n}": p for n, p in rhead.named_parameters()}}  # fmt: skip
+    return {"params": {n: t.detach().clone() for n, t in got.items()},
+            "ref": {n: t.detach().clone() for n, t in want.items()}}  # fmt: skip
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_add_param_group_after_construction(dist_run, stage):
+    for r in dist_run(2, job_add_param_group, stage):
+        assert_params_close(r["params"], r["ref"])
