@@ -37,7 +37,10 @@ def _all_ok(ok: bool) -> bool:
     """True on every rank only if `ok` is true on every rank."""
     if not (dist.is_available() and dist.is_initialized()):
         return ok
-    flag = torch.tensor([0.0 if ok else 1.0])
+    # NCCL only reduces CUDA tensors; gloo takes CPU ones
+    nccl = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    flag = torch.tensor([0.0 if ok else 1.0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag.item() == 0.0
 
