@@ -133,7 +133,7 @@ class GradReducer:
                 lo = slot.offset - state.bucket.start
                 state.buffer[lo : lo + slot.numel].add_(grad.reshape(-1))
             else:
-                self._wait_for(state)  # stage 0 may still be all-reducing this bucket
+                self._wait_for(state)  # its last reduction may still be reading this bucket
                 flat.param_view(self.grad_flat[fi], slot).add_(grad.reshape(-1))
         param.grad = None
         state.dirty = True
