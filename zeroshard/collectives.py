@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -144,6 +143,3 @@ def wait_all(works: list) -> None:
             w.wait()
     works.clear()
 
-
-def device_of(tensors: list[Tensor]) -> torch.device:
-    return tensors[0].device if tensors else torch.device("cpu")

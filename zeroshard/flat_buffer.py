@@ -143,11 +143,3 @@ class FlatParams:
         """Split a contiguous per-rank shard tensor into its per-bucket pieces."""
         return [shard[b.shard_offset : b.shard_offset + b.chunk] for b in self.buckets]
 
-    def repoint(self) -> None:
-        """Point each parameter back at the flat buffer (after `load_state_dict` replaced
-        `.data`, for instance)."""
-        for s in self.slots:
-            if s.param.data.data_ptr() != self.flat[s.offset :].data_ptr():
-                with torch.no_grad():
-                    self.flat[s.offset : s.offset + s.numel].copy_(s.param.data.reshape(-1))
-                s.param.data = self.flat[s.offset : s.offset + s.numel].view_as(s.param)

@@ -87,7 +87,6 @@ class GradReducer:
         # (work, bucket, temporary output to add into the shard, bucket buffer to recycle)
         self._in_flight: list[tuple[object, _BucketState, Tensor | None, Tensor | None]] = []
         self._pool: list[Tensor] = []  # stage 2: idle bucket buffers
-        self._hooks: list = []
 
     # -- setup ----------------------------------------------------------------------------
     def add(self, flat: FlatParams) -> None:
@@ -107,18 +106,11 @@ class GradReducer:
             self._states.append(_BucketState(len(self._states), fi, b))
         for slot in flat.slots:
             state = self._states[first_state + slot.bucket]
-            self._hooks.append(
-                slot.param.register_post_accumulate_grad_hook(
-                    lambda p, _fi=fi, _slot=slot, _st=state: self._on_grad(p, _fi, _slot, _st)
-                )
+            slot.param.register_post_accumulate_grad_hook(
+                lambda p, _fi=fi, _slot=slot, _st=state: self._on_grad(p, _fi, _slot, _st)
             )
         self._order = None  # a new set of buckets: record the launch order again
         self._completed.clear()
-
-    def remove_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
 
     # -- backward -------------------------------------------------------------------------
     def _on_grad(self, param: Tensor, fi: int, slot: Slot, state: _BucketState) -> None:

@@ -224,8 +224,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             coef = min(1.0, self.gradient_clipping / (self.last_grad_norm + 1e-6))
         grad_scale = inv_scale * (coef if coef is not None else 1.0)
 
-        for entry in self._entries:
-            self._update_entry(entry, grad_scale)
+        for i, entry in enumerate(self._entries):
+            self._update_entry(entry, self._reducer.grad_pieces(i), grad_scale)
         self._gather_params()
         if self.loss_scaler is not None:
             self.loss_scaler.update(False)
@@ -234,9 +234,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self.lr_scheduler.step()
         return loss
 
-    def _update_entry(self, entry: _Entry, grad_scale: float) -> None:
+    def _update_entry(self, entry: _Entry, grads: list[Tensor], grad_scale: float) -> None:
         group = self.param_groups[entry.group]
-        grads = self._reducer.grad_pieces(self._entries.index(entry))
         entry.step += 1
         if entry.generic is not None:
             inner = entry.generic.param_groups[0]

@@ -16,16 +16,6 @@ import torch
 
 log = logging.getLogger("zeroshard")
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def precision_of(dtype: torch.dtype) -> str:
-    for name, d in PRECISIONS.items():
-        if d == dtype:
-            return name
-    raise ValueError(f"zeroshard trains fp32, bf16 or fp16 parameters, got {dtype}")
-
-
 def default_reduce_dtype(param_dtype: torch.dtype) -> torch.dtype:
     """bf16 gradients are reduced in fp32 (bf16's 8-bit mantissa loses too much when summed
     across ranks); fp16 ones in fp16 (they are loss-scaled; overflow is detected and skipped);
