@@ -197,13 +197,22 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self._pending_stats = stats
         return self._pending_stats
 
+    def _global_norm(self) -> tuple[float, bool]:
+        """(true, loss-scale-free global gradient norm; whether every gradient is finite)."""
+        sumsq, nonfinite = self._grad_stats().tolist()
+        return math.sqrt(max(sumsq, 0.0)) / self.loss_scale, nonfinite == 0
+
+    @staticmethod
+    def _clip_coef(max_norm: float, norm: float) -> float:
+        """torch.nn.utils.clip_grad_norm_'s coefficient, clamped to 1."""
+        return min(1.0, max_norm / (norm + 1e-6)) if math.isfinite(norm) else 1.0
+
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
         """Clip by the global norm over every rank's shard; returns that (unscaled) norm."""
-        stats = self._grad_stats()
-        norm = math.sqrt(max(stats[0].item(), 0.0)) / self.loss_scale
-        if stats[1].item() > 0:
+        norm, finite = self._global_norm()
+        if not finite:
             norm = float("inf")
-        self._pending_clip = min(1.0, max_norm / (norm + 1e-6)) if math.isfinite(norm) else 1.0
+        self._pending_clip = self._clip_coef(max_norm, norm)
         return torch.tensor(norm)
 
     @torch.no_grad()
@@ -212,17 +221,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        stats = self._grad_stats()
-        sumsq, nonfinite = stats.tolist()
-        if nonfinite > 0:
+        norm, finite = self._global_norm()
+        if not finite:
             self._skip_step()
             return loss
-        inv_scale = 1.0 / self.loss_scale
-        self.last_grad_norm = math.sqrt(max(sumsq, 0.0)) * inv_scale
+        self.last_grad_norm = norm
         coef = self._pending_clip
         if coef is None and self.gradient_clipping > 0:
-            coef = min(1.0, self.gradient_clipping / (self.last_grad_norm + 1e-6))
-        grad_scale = inv_scale * (coef if coef is not None else 1.0)
+            coef = self._clip_coef(self.gradient_clipping, norm)
+        grad_scale = (coef if coef is not None else 1.0) / self.loss_scale
 
         for i, entry in enumerate(self._entries):
             self._update_entry(entry, self._reducer.grad_pieces(i), grad_scale)
