@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import guards
 from .collectives import Comm
 from .flat_buffer import Bucket, FlatParams, Slot
 from .precision import default_reduce_dtype
@@ -106,9 +107,10 @@ class GradReducer:
             self._states.append(_BucketState(len(self._states), fi, b))
         for slot in flat.slots:
             state = self._states[first_state + slot.bucket]
-            slot.param.register_post_accumulate_grad_hook(
+            handle = slot.param.register_post_accumulate_grad_hook(
                 lambda p, _fi=fi, _slot=slot, _st=state: self._on_grad(p, _fi, _slot, _st)
             )
+            guards.track_hook(slot.param, handle)  # issue 8: removed if the optimizer dies
         self._order = None  # a new set of buckets: record the launch order again
         self._completed.clear()
 

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import guards, timing
+from .collectives import Comm
 from .config import ConfigError, ZeroConfig, load_config
 from .optimizer import ZeroOptimizer
 from .precision import LossScaler
@@ -58,6 +60,7 @@ def initialize(
     the config's optimizer params are the group defaults. The model is cast to bf16/fp16 when
     the config enables it (the optimizer keeps fp32 master weights).
     """
+    guards.check_not_ddp(model)  # issue 8: zeroshard replaces DDP
     if not isinstance(config, ZeroConfig):
         world = dist.get_world_size(process_group) if dist.is_initialized() else 1
         config = load_config(config, world_size=world)
@@ -71,6 +74,7 @@ def initialize(
 
         model, optimizer = initialize_stage3(model, cfg, model_parameters)
     else:
+        guards.broadcast_module_state(Comm(process_group), model)  # issue 8: rank 0's weights
         rule, hp = cfg.optimizer_spec()
         zo = cfg.zero_optimization
         optimizer = ZeroOptimizer(
@@ -90,4 +94,6 @@ def initialize(
         )
     optimizer.lr_scheduler = build_scheduler(cfg.scheduler, optimizer)
     optimizer.config = cfg
+    model.register_forward_pre_hook(guards.check_ddp_forward)  # issue 8: no DDP around it
+    timing.install(model, optimizer, cfg)  # issue 8: wall_clock_breakdown
     return model, optimizer

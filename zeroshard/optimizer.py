@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import update
+from . import guards, torch_clip, update
 from .accounting import memory_report
 from .collectives import Comm, wait_all
 from .flat_buffer import FlatParams
@@ -110,12 +110,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.last_grad_norm: float | None = None
         self._overlap = overlap_comm
         super().__init__(params, defaults)
+        guards.check_trainable(self)  # issue 8: all-frozen params are an error, not a crash
+        torch_clip.install()  # issue 8: torch's clip_grad_norm_ clips by the global norm
 
     # -- building -------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group_index = len(self.param_groups) - 1
         trainable = [p for p in self.param_groups[-1]["params"] if p.requires_grad]
+        guards.on_param_group(self, self.param_groups[-1]["params"])  # issue 8: checks
         by_dtype: dict[torch.dtype, list[Tensor]] = {}
         for p in trainable:
             by_dtype.setdefault(p.dtype, []).append(p)
@@ -135,6 +138,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         # stage 0 replicates: one shard, and every rank owns all of it
         num_shards, shard = (1, 0) if self.stage == 0 else (self.comm.world_size, self.comm.rank)
         flat = FlatParams(params, num_shards, shard, self._bucket_numel)
+        guards.broadcast_from_rank0(self.comm, [flat.flat])  # issue 8: rank 0's initial weights
         chunks = flat.own_chunks(flat.flat)
         if dtype == torch.float32:
             master, master_shard, copies = chunks, None, None  # the params are the master
@@ -221,6 +225,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        guards.before_step(self)  # issue 8: late process group, moved params, DDP wrapper
         norm, finite = self._global_norm()
         if not finite:
             self._skip_step()
@@ -295,6 +300,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def _end_step(self) -> None:
         self._reducer.end_step()
+        self._reducer.zero_grad()  # issue 8: step() consumes the gradients (as DeepSpeed)
         self._pending_stats = None
         self._pending_clip = None
         self.comm.counter.snapshot()

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import update
+from .. import guards, update
 from ..optimizer import ZeroOptimizer, _Entry
 from ..precision import LossScaler
 from .schedule import Stage3Engine
@@ -90,6 +90,7 @@ class Stage3Optimizer(ZeroOptimizer):
         if self._reducer is None:
             self._reducer = _Stage3Grads(engine)
         members = {id(p) for p in self.param_groups[-1]["params"] if p.requires_grad}
+        guards.claim(self, [p for p in self.param_groups[-1]["params"] if p.requires_grad])  # #8
         for p in self.param_groups[-1]["params"]:
             if p.requires_grad and id(p) not in engine.param_units:
                 raise ValueError(

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from .. import guards
 from ..collectives import Comm
 from .unit import GATHERED, RELEASED, GatherTracker, ShardedUnit
 
@@ -158,6 +159,7 @@ class Stage3Engine:
     def _root_forward(self, forward, *args: Any, **kwargs: Any) -> Any:
         if self.in_forward:  # re-entered (the root called inside its own forward)
             return forward(*args, **kwargs)
+        guards.check_ddp_forward()  # issue 8: DDP around a stage-3 model is an error
         if self.in_backward:  # the last backward raised before its end-of-backward callback
             self.in_backward = False
             for u in self.units:
