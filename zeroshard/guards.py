@@ -24,11 +24,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
-# parameter -> weak reference to the optimizer managing it
-_OWNERS: weakref.WeakKeyDictionary[Tensor, weakref.ref] = weakref.WeakKeyDictionary()
+# parameter -> weak reference to the optimizer managing it (keys by identity: tensors' `==`
+# is elementwise, so a plain WeakKeyDictionary cannot hold them)
+_OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 # parameter -> handles of the gradient hooks its owner installed (removed with a dead owner)
-_HOOKS: weakref.WeakKeyDictionary[Tensor, list] = weakref.WeakKeyDictionary()
+_HOOKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _rank() -> int:
