@@ -30,13 +30,13 @@ def drop_no_offload(data: Any) -> Any:
     data = dict(data)
     for key in _OFFLOAD_KEYS:
         value = data.get(key)
-        if isinstance(value, Mapping) and value.get("device", "none") in ("none", None):
+        if isinstance(value, Mapping) and value.get("device") == "none":
             del data[key]
         elif isinstance(value, Mapping):
             raise ValueError(
-                f"`zero_optimization.{key}` = {json.dumps(dict(value))}: offloading to "
-                f"{json.dumps(value.get('device'))} is not supported by zeroshard (only "
-                '{"device": "none"}, no offload); remove the key'
+                f"`zero_optimization.{key}` is a DeepSpeed option not supported by zeroshard "
+                f"yet (device {json.dumps(value.get('device'))}; only "
+                '{"device": "none"}, no offload, is accepted); remove the key'
             )
     return data
 

@@ -26,6 +26,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from . import shutdown
+
 # parameter -> weak reference to the optimizer managing it (keys by identity: tensors' `==`
 # is elementwise, so a plain WeakKeyDictionary cannot hold them)
 _OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -75,6 +77,7 @@ def claim(optimizer: Any, params: Iterable[Tensor]) -> None:
     parameters would take their gradients from the first (or the first from it) and train
     nothing, so it is an error. The hooks of an optimizer nobody references are removed."""
     params = list(params)
+    shutdown.register()  # a clean exit without destroy_process_group()
     for attempt in range(2):
         for p in params:
             ref = _OWNERS.get(p)
