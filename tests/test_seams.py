@@ -226,8 +226,7 @@ def test_9_offload_device_none_is_no_offload():
     assert cfg.zero_optimization.stage == 3
     assert _config_error({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}) == (
         "invalid zeroshard config: `zero_optimization.offload_optimizer` is a DeepSpeed option "
-        'not supported by zeroshard yet (device "cpu"; only {"device": "none"}, no offload, is '
-        "accepted); remove the key"
+        "not supported by zeroshard yet"
     )
 
 

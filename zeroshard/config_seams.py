@@ -24,21 +24,9 @@ _ALWAYS = (
 
 
 def drop_no_offload(data: Any) -> Any:
-    """`offload_*: {"device": "none"}` means no offload: drop it; any device is an error."""
+    """`offload_*: {"device": "none"}` means no offload (DeepSpeed, HF templates): drop it."""
     if not isinstance(data, Mapping):
         return data
-    data = dict(data)
-    for key in _OFFLOAD_KEYS:
-        value = data.get(key)
-        if isinstance(value, Mapping) and value.get("device") == "none":
-            del data[key]
-        elif isinstance(value, Mapping):
-            raise ValueError(
-                f"`zero_optimization.{key}` is a DeepSpeed option not supported by zeroshard "
-                f"yet (device {json.dumps(value.get('device'))}; only "
-                '{"device": "none"}, no offload, is accepted); remove the key'
-            )
-    return data
 
 
 def check_honoured(zo: Any) -> Any:
