@@ -27,6 +27,12 @@ def drop_no_offload(data: Any) -> Any:
     """`offload_*: {"device": "none"}` means no offload (DeepSpeed, HF templates): drop it."""
     if not isinstance(data, Mapping):
         return data
+    data = dict(data)
+    for key in _OFFLOAD_KEYS:
+        value = data.get(key)
+        if isinstance(value, Mapping) and value.get("device") == "none":
+            del data[key]  # any other value is rejected by name as an unsupported option
+    return data
 
 
 def check_honoured(zo: Any) -> Any:
