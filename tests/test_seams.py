@@ -231,7 +231,7 @@ def test_9_offload_device_none_is_no_offload():
 
 
 # 10 ------------------------------------------------------------------------------------------
-EXIT_RUNS = 6
+EXIT_RUNS = 4
 
 
 def _free_port() -> int:
@@ -259,10 +259,15 @@ def test_10_runs_without_destroy_process_group_exit_cleanly():
     (the issue measured about 1 abort in 10 before; 200 runs were measured for the fix)."""
     failures = []
     for i in range(0, EXIT_RUNS, 2):
-        batch_ = [_start_run(stage) for stage in ((i // 2) % 4, (i // 2 + 2) % 4)]
+        batch_ = [_start_run(stage) for stage in (i // 2, i // 2 + 2)]  # every stage once
         for procs in batch_:
             for p in procs:
-                out, _ = p.communicate(timeout=120)
+                try:
+                    out, _ = p.communicate(timeout=120)
+                except subprocess.TimeoutExpired:  # a hang at exit is a failure too
+                    p.kill()
+                    out, _ = p.communicate()
+                    out = "timed out after 120 s\n" + out
                 if p.returncode != 0:
                     failures.append((p.returncode, out[-2000:]))
     assert not failures, failures

@@ -131,6 +131,7 @@ def broadcast_from_rank0(comm: Any, tensors: Iterable[Tensor]) -> None:
 
 def broadcast_module_state(comm: Any, model: nn.Module) -> None:
     """Rank 0's parameters (not yet partitioned) and floating buffers, to every rank."""
+    check_params(model.parameters())
     tensors = [p for p in model.parameters() if getattr(p, "_zs_unit", None) is None]
     broadcast_from_rank0(comm, list(dict.fromkeys(tensors)) + list(model.buffers()))
 
