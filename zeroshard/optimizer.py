@@ -24,6 +24,7 @@ from .accounting import memory_report
 from .collectives import Comm, wait_all
 from .flat_buffer import FlatParams
 from .grad_reducer import GradReducer
+from .layout import ParamLayout, ShardGroupLayout, ShardLayout, ShardState
 from .precision import LossScaler
 from .rules import RULE_DEFAULTS, resolve_rule
 
@@ -35,10 +36,11 @@ class _Entry:
     """One (param group, dtype) unit: its flat params, fp32 master chunks and update state."""
 
     group: int
-    flat: FlatParams
-    master: list[Tensor]  # fp32 pieces this rank updates (views of `flat` when fp32)
+    dtype: torch.dtype  # the parameters' dtype
+    master: list[Tensor]  # fp32 pieces this rank updates (views of the params when fp32)
     master_shard: Tensor | None  # the contiguous fp32 copy when params are bf16/fp16
     model_copies: list[Tensor] | None  # low-precision chunks the update writes, else None
+    flat: FlatParams | None = None  # stages 0-2: the packed parameters (stage 3: in units)
     state: dict[str, list[Tensor]] = field(default_factory=dict)
     step: int = 0
     generic: torch.optim.Optimizer | None = None  # a torch optimizer run on the pieces
@@ -144,7 +146,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             for m, c in zip(master, chunks):
                 m.copy_(c)
             copies = chunks
-        entry = _Entry(group_index, flat, master, master_shard, copies)
+        entry = _Entry(group_index, dtype, master, master_shard, copies, flat=flat)
         hp = self._hyperparams(self.param_groups[group_index])
         if self._generic_cls is None:
             entry.state = update.init_state(self.rule, hp, master)
@@ -298,6 +300,87 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._pending_stats = None
         self._pending_clip = None
         self.comm.counter.snapshot()
+
+    # -- the public shard layout (layout.py) ---------------------------------------------------
+    @property
+    def process_group(self) -> dist.ProcessGroup | None:
+        """The ranks this optimizer shards over (None: the whole world)."""
+        return self.comm.group
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.comm.world_size
+
+    def _param_index(self) -> dict[int, tuple[int, int]]:
+        """id(param) -> (position in the trainable-parameter order, param group)."""
+        out: dict[int, tuple[int, int]] = {}
+        for gi, g in enumerate(self.param_groups):
+            for p in g["params"]:
+                if p.requires_grad and id(p) not in out:
+                    out[id(p)] = (len(out), gi)
+        return out
+
+    def _shard_group_numel(self, i: int) -> tuple[int, int]:
+        """(shard numel, number of shards) of shard group i."""
+        flat = self._entries[i].flat
+        return flat.shard_numel, flat.num_shards
+
+    def _param_layouts(self, names: dict[int, str]) -> list[ParamLayout]:
+        index = self._param_index()
+        out = []
+        for si, e in enumerate(self._entries):
+            plan = e.flat.plan
+            for slot, sp in zip(e.flat.slots, plan.slots):
+                pos, gi = index[id(slot.param)]
+                out.append(ParamLayout(
+                    pos, names.get(id(slot.param)), tuple(slot.param.shape), slot.param.dtype,
+                    gi, si, slot.offset, tuple(plan.pieces(sp)),
+                ))  # fmt: skip
+        return out
+
+    def _model_names(self, model: torch.nn.Module | None) -> dict[int, str]:
+        if model is None:
+            return {}
+        return {id(p): n for n, p in model.named_parameters()}
+
+    def layout(self, model: torch.nn.Module | None = None) -> ShardLayout:
+        """Which slice of which parameter each rank holds (names from `model` when given)."""
+        groups = []
+        for i, e in enumerate(self._entries):
+            numel, shards = self._shard_group_numel(i)
+            groups.append(ShardGroupLayout(i, e.group, e.dtype, numel, shards))
+        params = sorted(self._param_layouts(self._model_names(model)), key=lambda p: p.index)
+        return ShardLayout(self.stage, self.comm.world_size, self.comm.rank, tuple(groups),
+                           tuple(params))  # fmt: skip
+
+    def shard_state(self, i: int) -> ShardState:
+        """Live tensors of shard group i on this rank (write into them to load)."""
+        e = self._entries[i]
+        state = dict(e.state)
+        if e.generic is not None:
+            per = [e.generic.state.get(m, {}) for m in e.master]
+            for name in per[0] if per else ():
+                if all(torch.is_tensor(s.get(name)) for s in per):
+                    state[name] = [s[name] for s in per]
+        return ShardState(list(e.master), state, e.step, e.generic)
+
+    def set_step(self, i: int, step: int) -> None:
+        """Restore the update count of shard group i (a checkpoint load)."""
+        self._entries[i].step = int(step)
+
+    @torch.no_grad()
+    def sync_params_from_master(self) -> None:
+        """After master pieces were written in place: the bf16/fp16 model copies follow, and
+        every rank's full parameters are all-gathered (stage 3: persistent units only)."""
+        for e in self._entries:
+            if e.model_copies is not None:
+                for c, m in zip(e.model_copies, e.master):
+                    c.copy_(m)
+        self._gather_params()
 
     # -- accounting -----------------------------------------------------------------------
     def _held_tensors(self) -> dict[str, list[Tensor]]:

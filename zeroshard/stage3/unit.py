@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..collectives import Comm
-from ..flat_buffer import ALIGN, Bucket, _round_up
+from ..layout import BucketPlan, plan_buckets
 
 RELEASED, GATHERING, GATHERED = "released", "gathering", "gathered"
 
@@ -109,35 +109,15 @@ class ShardedUnit:
 
     # -- layout ---------------------------------------------------------------------------
     def _plan(self, params: list[nn.Parameter], bucket_numel: int) -> None:
-        unit = self.num_shards * ALIGN
-        slots: list[UnitSlot] = []
-        buckets: list[Bucket] = []
-        start = shard_offset = 0
-        members: list[int] = []
-        filled = 0
-
-        def close() -> None:
-            nonlocal start, shard_offset, members, filled
-            numel = max(_round_up(filled, unit), unit)
-            chunk = numel // self.num_shards
-            buckets.append(Bucket(len(buckets), start, numel, chunk, shard_offset, tuple(members)))
-            start += numel
-            shard_offset += chunk
-            members, filled = [], 0
-
-        for i, p in enumerate(params):
-            if members and filled + p.numel() > bucket_numel:
-                close()
-            slots.append(UnitSlot(p, start + filled, p.numel(), p.shape, len(buckets)))
-            members.append(i)
-            filled += p.numel()
-        close()
-        self.slots = slots
-        self.buckets = buckets
-        self.numel = start
-        self.shard_numel = shard_offset
-        self.param_numel = sum(s.numel for s in slots)
-        self.index = {id(s.param): i for i, s in enumerate(slots)}
+        self.plan: BucketPlan = plan_buckets([p.numel() for p in params], self.num_shards,
+                                             bucket_numel)  # fmt: skip
+        self.slots = [UnitSlot(params[s.index], s.offset, s.numel, params[s.index].shape,
+                               s.bucket) for s in self.plan.slots]  # fmt: skip
+        self.buckets = list(self.plan.buckets)
+        self.numel = self.plan.numel
+        self.shard_numel = self.plan.shard_numel
+        self.param_numel = self.plan.param_numel
+        self.index = {id(s.param): i for i, s in enumerate(self.slots)}
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -149,13 +129,7 @@ class ShardedUnit:
 
     def chunk_overlaps(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
         """(bucket, begin, end) in chunk coordinates of this rank's chunks inside flat [lo, hi)."""
-        out = []
-        for b in self.buckets:
-            c0, c1 = b.chunk_range(self.rank)
-            a, z = max(lo, c0), min(hi, c1)
-            if a < z:
-                out.append((b.index, a - c0, z - c0))
-        return out
+        return self.plan.overlaps(lo, hi, self.rank)
 
     @torch.no_grad()
     def _build_shard(self, params: list[nn.Parameter]) -> None:
