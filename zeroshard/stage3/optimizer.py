@@ -25,7 +25,7 @@ from .. import update
 from ..layout import ParamLayout, Piece
 from ..optimizer import ZeroOptimizer, _Entry
 from ..precision import LossScaler
-from .schedule import Stage3Engine
+from .engine import Stage3Engine
 from .unit import ShardedUnit
 
 
@@ -66,7 +66,7 @@ class Stage3Optimizer(ZeroOptimizer):
         super().__init__(params, optimizer, stage=3, **kwargs)
         self.comm = engine.comm  # one counter for the engine's and the optimizer's collectives
         for u in engine.units:
-            u.listeners.append(self._refresh_master)
+            u.add_listener(self._refresh_master)
 
     # -- building -------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ its shard pieces are views of it, and the optimizer all-gathers it after each up
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 
 from ..collectives import Comm
 from ..layout import BucketPlan, plan_buckets
+from . import registry
 
 RELEASED, GATHERING, GATHERED = "released", "gathering", "gathered"
 
@@ -51,20 +53,25 @@ class GatherTracker:
 
 @dataclass(frozen=True)
 class UnitSlot:
-    """Where one parameter lives in its unit's flat range."""
+    """Where one parameter lives in its unit's flat range. The parameter is held weakly: the
+    registry maps it to the unit, and a strong reference back would keep both alive forever."""
 
-    param: nn.Parameter
+    ref: weakref.ref
     offset: int
     numel: int
     shape: torch.Size
     bucket: int
+
+    @property
+    def param(self) -> nn.Parameter:
+        return self.ref()
 
 
 class ShardedUnit:
     """Parameters of one module and one dtype, sharded across the ranks of `comm`.
 
     The parameters must hold their full values when the unit is built (all ranks identical);
-    afterwards each parameter carries `_zs_unit` pointing here.
+    afterwards `registry.unit_of(param)` finds this unit.
     """
 
     def __init__(
@@ -102,22 +109,35 @@ class ShardedUnit:
         self.grad_shard: Tensor | None = None
         self.fired: set[int] = set()
         self.wrote_grad = False  # grad shard already holds reduced gradient this step
-        self.listeners: list = []  # called with the unit after its shard was overwritten
+        self._listeners: list[weakref.WeakMethod] = []  # told when user code rewrote the shard
         self._build_shard(params)
         for p in params:
-            p._zs_unit = self  # type: ignore[attr-defined]
+            registry.set_unit(p, self)
 
     # -- layout ---------------------------------------------------------------------------
     def _plan(self, params: list[nn.Parameter], bucket_numel: int) -> None:
         self.plan: BucketPlan = plan_buckets([p.numel() for p in params], self.num_shards,
                                              bucket_numel)  # fmt: skip
-        self.slots = [UnitSlot(params[s.index], s.offset, s.numel, params[s.index].shape,
-                               s.bucket) for s in self.plan.slots]  # fmt: skip
+        self.slots = [
+            UnitSlot(weakref.ref(params[s.index]), s.offset, s.numel, params[s.index].shape,
+                     s.bucket)
+            for s in self.plan.slots
+        ]  # fmt: skip
         self.buckets = list(self.plan.buckets)
         self.numel = self.plan.numel
         self.shard_numel = self.plan.shard_numel
         self.param_numel = self.plan.param_numel
         self.index = {id(s.param): i for i, s in enumerate(self.slots)}
+
+    def add_listener(self, method) -> None:
+        """`method(unit)` (a bound method, held weakly) runs after user code rewrote the shard."""
+        self._listeners.append(weakref.WeakMethod(method))
+
+    def notify_rewritten(self) -> None:
+        for ref in self._listeners:
+            method = ref()
+            if method is not None:
+                method(self)
 
     @property
     def params(self) -> list[nn.Parameter]:

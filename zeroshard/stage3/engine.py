@@ -27,7 +27,6 @@ control flow (as FSDP and DeepSpeed assume).
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -96,7 +95,8 @@ class Stage3Engine:
         self.max_live_numel = int(max_live_numel)
         self.max_reuse_numel = int(max_reuse_numel)
         self.tracker = tracker
-        index_units(units)
+        self._index = {id(u): i for i, u in enumerate(units)}  # unit -> position
+        self.state_dict_rank0_only = False  # state_dict.py: full tensors on rank 0 only
         self.param_units: dict[int, ShardedUnit] = {}
         for u in units:
             u.ensure_grad_shard(reduce_dtype)
@@ -150,7 +150,7 @@ class Stage3Engine:
         self._handles.clear()
         self.model.__dict__.pop("forward", None)
 
-    def _units_of(self, m: nn.Module) -> list[ShardedUnit]:
+    def units_of(self, m: nn.Module) -> list[ShardedUnit]:
         ext = self.external.get(m)
         return self.module_units.get(m, []) + ext if ext else self.module_units.get(m, [])
 
@@ -189,7 +189,7 @@ class Stage3Engine:
                 self._pass = ""
 
     def _pre_forward(self, module: nn.Module, args: Any) -> None:
-        units = self._units_of(module)
+        units = self.units_of(module)
         self.busy = True
         try:
             for u in units:
@@ -244,7 +244,7 @@ class Stage3Engine:
             between: set[int] = set()
             numel = 0
             for i in order[self._cursor :]:
-                if i == u.index_in_engine:
+                if i == self._index[id(u)]:
                     if numel <= self.max_reuse_numel:
                         u.retained = True
                         return
@@ -253,7 +253,7 @@ class Stage3Engine:
                     between.add(i)
                     numel += self.units[i].numel
             else:  # no later use in this forward
-                if u.index_in_engine in self._backward_head():
+                if self._index[id(u)] in self._backward_head():
                     u.retained = True
                     return
         u.release()
@@ -282,7 +282,7 @@ class Stage3Engine:
         self.busy = True
         try:
             for u in self.units:
-                if u.index_in_engine in keep:
+                if self._index[id(u)] in keep:
                     u.retained = False  # now an ordinary prefetch for backward
                     u.gather()
                 elif u.users == 0 and not u.pinned:
@@ -307,11 +307,11 @@ class Stage3Engine:
         if u.persistent:
             return
         u.retained = False
-        self._recording.append(u.index_in_engine)
+        self._recording.append(self._index[id(u)])
         order = self._orders.get(self._pass)
         if order:
             try:
-                self._cursor = order.index(u.index_in_engine, self._cursor) + 1
+                self._cursor = order.index(self._index[id(u)], self._cursor) + 1
             except ValueError:
                 pass
             self._prefetch(order)
@@ -340,7 +340,7 @@ class Stage3Engine:
             self.in_backward = True
             self._start_pass("backward")
             torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
-        for u in self._units_of(module):
+        for u in self.units_of(module):
             if u.persistent:
                 continue
             self.fetch(u)
@@ -410,7 +410,3 @@ class Stage3Engine:
     def gathered_units(self) -> list[ShardedUnit]:
         return [u for u in self.units if u.state != RELEASED and not u.persistent]
 
-
-def index_units(units: Iterable[ShardedUnit]) -> None:
-    for i, u in enumerate(units):
-        u.index_in_engine = i  # type: ignore[attr-defined]
