@@ -23,7 +23,7 @@ from . import update
 from .accounting import memory_report
 from .collectives import Comm, wait_all
 from .flat_buffer import FlatParams
-from .grad_reducer import GradReducer
+from .grad_reducer import GradPath, GradReducer
 from .layout import ParamLayout, ShardGroupLayout, ShardLayout, ShardState
 from .precision import LossScaler
 from .rules import RULE_DEFAULTS, resolve_rule
@@ -105,7 +105,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.loss_scaler = loss_scaler
         self.lr_scheduler = None  # set by zeroshard.initialize from the config
         self._entries: list[_Entry] = []
-        self._reducer: GradReducer | None = None
+        self._reducer: GradPath | None = None  # the stage's gradient path
         self._pending_stats: Tensor | None = None
         self._pending_clip: float | None = None
         self.skipped_steps = 0
@@ -135,7 +135,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 self.gradient_accumulation_steps,
             )  # fmt: skip
         # stage 0 replicates: one shard, and every rank owns all of it
-        num_shards, shard = (1, 0) if self.stage == 0 else (self.comm.world_size, self.comm.rank)
+        sharded = self._reducer.sharded
+        num_shards, shard = (self.comm.world_size, self.comm.rank) if sharded else (1, 0)
         flat = FlatParams(params, num_shards, shard, self._bucket_numel)
         chunks = flat.own_chunks(flat.flat)
         if dtype == torch.float32:
@@ -194,7 +195,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self._reducer.finish()
             pieces = [g for i in range(len(self._entries)) for g in self._reducer.grad_pieces(i)]
             stats = update.grad_stats(pieces, backend=self.kernel).to(torch.float64)
-            if self.stage > 0:  # shards are disjoint: sum them; stage 0 grads are replicated
+            if self._reducer.sharded:  # shards are disjoint: sum them; stage 0's are replicas
                 self.comm.all_reduce(stats, op="sum")
             self._pending_stats = stats
         return self._pending_stats
@@ -269,7 +270,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def _gather_params(self) -> None:
         """Every rank updated its chunks; all-gather them back into the full parameters."""
-        if self.stage == 0:
+        if not self._reducer.sharded:  # stage 0: every rank updated everything
             return
         works: list = []
         in_flight = 0

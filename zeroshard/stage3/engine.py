@@ -35,6 +35,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ..collectives import Comm
+from ..inflight import MAX_IN_FLIGHT, InFlight
 from .unit import GATHERED, RELEASED, GatherTracker, ShardedUnit
 
 # Metadata reads that need no parameter values: a released placeholder answers them right.
@@ -42,9 +43,6 @@ _METADATA = frozenset(
     getattr(Tensor, name).__get__
     for name in ("dtype", "device", "requires_grad", "is_cuda", "is_leaf", "grad_fn", "layout")
 )
-
-# Reduce-scatters kept in flight before waiting on the oldest (double buffering).
-MAX_REDUCE_IN_FLIGHT = 2
 
 
 class _ExternalParamMode(TorchFunctionMode):
@@ -121,7 +119,7 @@ class Stage3Engine:
         self._recording: list[int] = []
         self._pass = ""
         self._cursor = 0
-        self._reduce_in_flight: list[tuple[object, Tensor, tuple[Tensor, Tensor] | None]] = []
+        self.queue = InFlight()  # reduce-scatters in flight (shared with stages 0-2)
         self._handles: list = []
         self._install()
 
@@ -354,16 +352,13 @@ class Stage3Engine:
             u.release()
 
     def _launch_reduce(self, u: ShardedUnit) -> None:
-        self._reduce_in_flight.extend(u.reduce_grads())
-        while len(self._reduce_in_flight) > MAX_REDUCE_IN_FLIGHT * max(len(u.buckets), 1):
-            self._complete_oldest()
+        self._queue_reduce(u)
+        self.queue.wait_below(MAX_IN_FLIGHT * max(len(u.buckets), 1))
 
-    def _complete_oldest(self) -> None:
-        work, _, temp = self._reduce_in_flight.pop(0)
-        work.wait()
-        if temp is not None:
-            tmp, dst = temp
-            dst.add_(tmp)
+    def _queue_reduce(self, u: ShardedUnit) -> None:
+        for work, full, temp in u.reduce_grads():
+            done = None if temp is None else functools.partial(temp[1].add_, temp[0])
+            self.queue.add(work, held=(full,), on_done=done)
 
     def _end_backward(self) -> None:
         """Runs once at the end of every backward: reduce leftovers, release everything."""
@@ -385,9 +380,8 @@ class Stage3Engine:
         """Reduce every gradient not reduced yet and wait for all reductions."""
         for u in self.units:
             if u.grad_full is not None:
-                self._reduce_in_flight.extend(u.reduce_grads())
-        while self._reduce_in_flight:
-            self._complete_oldest()
+                self._queue_reduce(u)
+        self.queue.drain()
 
     # -- what the optimizer reads ------------------------------------------------------------------
     def zero_grad(self) -> None:
@@ -404,7 +398,7 @@ class Stage3Engine:
             params += [t for t in (u.shard, u.full) if t is not None]
         grads = [u.grad_shard for u in self.units if u.grad_shard is not None]
         buffers = [u.grad_full for u in self.units if u.grad_full is not None]
-        buffers += [b for _, b, _ in self._reduce_in_flight]
+        buffers += self.queue.held_tensors()
         return {"params": params, "grads": grads, "comm_buffers": buffers}
 
     def gathered_units(self) -> list[ShardedUnit]:

@@ -30,7 +30,10 @@ from .unit import ShardedUnit
 
 
 class _Stage3Grads:
-    """The reducer interface `ZeroOptimizer.step` talks to, over the engine's grad shards."""
+    """Stage 3's `GradPath` (sharded parameters): the engine reduces each unit's gradients
+    into its gradient shard; `ZeroOptimizer.step` reads the group's pieces of them."""
+
+    sharded = True
 
     def __init__(self, engine: Stage3Engine) -> None:
         self.engine = engine
