@@ -60,7 +60,7 @@ def build_units(
             if unit is not None:
                 if unit not in units:
                     units.append(unit)
-                    unit.comm, unit.tracker = comm, tracker
+                    unit.adopt(comm, tracker)
                     if unit.num_shards != comm.world_size or unit.rank != comm.rank:
                         raise ValueError(
                             f"rank {comm.rank}: parameter {name!r} was partitioned by "

@@ -54,7 +54,7 @@ class GatheredParameters:
             u.gather()
         for u in self.units:
             u.wait()
-            u.users += 1
+            u.acquire()
         return self
 
     def __exit__(
@@ -72,7 +72,7 @@ class GatheredParameters:
                         self._publish(u)
         finally:
             for u in self.units:
-                u.users -= 1
+                u.drop_use()
                 u.release()
 
     def _publish(self, u: ShardedUnit) -> None:

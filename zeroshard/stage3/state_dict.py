@@ -67,7 +67,7 @@ def _make_load_pre_hook(engine: Stage3Engine, module: nn.Module):
     def hook(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         for u in engine.module_units[module]:
             u.wait()
-            u.users += 1
+            u.acquire()
 
     return hook
 
@@ -77,7 +77,7 @@ def _make_load_post_hook(engine: Stage3Engine, module: nn.Module):
         for u in engine.module_units[module]:
             u.write_back()
             u.notify_rewritten()
-            u.users -= 1
+            u.drop_use()
             u.release()
 
     return hook

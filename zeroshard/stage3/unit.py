@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +30,16 @@ from ..collectives import Comm
 from ..layout import BucketPlan, plan_buckets
 from . import registry
 
-RELEASED, GATHERING, GATHERED = "released", "gathering", "gathered"
+
+class UnitState(Enum):
+    """A unit's full parameters: absent, being all-gathered, or in place."""
+
+    RELEASED = "released"
+    GATHERING = "gathering"
+    GATHERED = "gathered"
+
+
+RELEASED, GATHERING, GATHERED = UnitState.RELEASED, UnitState.GATHERING, UnitState.GATHERED
 
 
 @dataclass
@@ -102,9 +112,10 @@ class ShardedUnit:
         self.state = RELEASED
         self.full: Tensor | None = None
         self._works: list = []
-        self.users = 0  # forward calls (and GatheredParameters) using the unit right now
-        self.pinned = False  # gathered for backward, until its gradients are in
-        self.retained = False  # kept gathered after use: needed again soon (reuse distance)
+        # Only this class changes these three (through the methods below).
+        self._users = 0  # forward calls (and GatheredParameters) using the unit right now
+        self._pinned = False  # gathered for backward, until its gradients are in
+        self._retained = False  # kept gathered after use: needed again soon (reuse distance)
         self.grad_full: Tensor | None = None
         self.grad_shard: Tensor | None = None
         self.fired: set[int] = set()
@@ -128,6 +139,54 @@ class ShardedUnit:
         self.shard_numel = self.plan.shard_numel
         self.param_numel = self.plan.param_numel
         self.index = {id(s.param): i for i, s in enumerate(self.slots)}
+
+    # -- life cycle: who uses the full parameters ------------------------------------------------
+    @property
+    def users(self) -> int:
+        return self._users
+
+    @property
+    def pinned(self) -> bool:
+        return self._pinned
+
+    @property
+    def retained(self) -> bool:
+        return self._retained
+
+    @property
+    def idle(self) -> bool:
+        """Gathered (or gathering) for nobody yet: a prefetch."""
+        return self._users == 0 and not self._pinned and not self._retained
+
+    def acquire(self) -> None:
+        """One more user of the full parameters (the caller gathered them)."""
+        self._users += 1
+
+    def drop_use(self) -> None:
+        """One user fewer; the caller decides whether to release."""
+        self._users -= 1
+
+    def reset_uses(self) -> None:
+        """Nobody uses the unit any more (a forward that raised, a recomputation cut short)."""
+        self._users = 0
+
+    def pin(self) -> None:
+        """Keep gathered for backward until the gradients are in."""
+        self._pinned = True
+
+    def unpin(self) -> None:
+        self._pinned = False
+
+    def retain(self) -> None:
+        """Keep gathered after use: needed again soon."""
+        self._retained = True
+
+    def unretain(self) -> None:
+        self._retained = False
+
+    def adopt(self, comm: Comm, tracker: GatherTracker) -> None:
+        """A unit built under `zeroshard.Init` joins a model's engine."""
+        self.comm, self.tracker = comm, tracker
 
     def add_listener(self, method) -> None:
         """`method(unit)` (a bound method, held weakly) runs after user code rewrote the shard."""
@@ -210,7 +269,7 @@ class ShardedUnit:
         """Drop the full parameters (unless in use, pinned for backward or persistent)."""
         if self.persistent or self.state == RELEASED:
             return
-        if not force and (self.users > 0 or self.pinned):
+        if not force and (self._users > 0 or self._pinned):
             return
         if self.state == GATHERING and not force:
             self.wait()
@@ -219,9 +278,9 @@ class ShardedUnit:
         self.full = None
         self.tracker.sub(self.full_bytes)
         self.state = RELEASED
-        self.pinned = False
-        self.retained = False
-        self.users = 0 if force else self.users
+        self._pinned = False
+        self._retained = False
+        self._users = 0 if force else self._users
 
     @torch.no_grad()
     def write_back(self) -> None:
