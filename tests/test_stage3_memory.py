@@ -133,7 +133,7 @@ def init_job() -> dict:
     sd = model.state_dict()
     same = all(torch.equal(sd[k], v) for k, v in reference.state_dict().items())
     # a parent whose __init__ re-initialises its children's (already partitioned) parameters
-    from zeroshard.tiny_gpt import GPTConfig, TinyGPT
+    from zeroshard.demo.tiny_gpt import GPTConfig, TinyGPT
 
     torch.manual_seed(0)
     with zeroshard.Init(cfg):

@@ -31,6 +31,11 @@ from .rules import RULE_DEFAULTS, resolve_rule
 log = logging.getLogger("zeroshard")
 
 
+def check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"zeroshard trains fp32, bf16 or fp16 parameters, not {dtype}")
+
+
 @dataclass
 class _Entry:
     """One (param group, dtype) unit: its flat params, fp32 master chunks and update state."""
@@ -125,28 +130,34 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self._add_entry(group_index, dtype, params)
 
     def _add_entry(self, group_index: int, dtype: torch.dtype, params: list[Tensor]) -> None:
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"zeroshard trains fp32, bf16 or fp16 parameters, not {dtype}")
-        if dtype == torch.float16 and self.loss_scaler is None:
-            self.loss_scaler = LossScaler()
         if self._reducer is None:
             self._reducer = GradReducer(
                 self.comm, self.stage, self._explicit_reduce_dtype, self._overlap,
                 self.gradient_accumulation_steps,
             )  # fmt: skip
+        check_dtype(dtype)
         # stage 0 replicates: one shard, and every rank owns all of it
         sharded = self._reducer.sharded
         num_shards, shard = (self.comm.world_size, self.comm.rank) if sharded else (1, 0)
         flat = FlatParams(params, num_shards, shard, self._bucket_numel)
-        chunks = flat.own_chunks(flat.flat)
+        self._append_entry(group_index, dtype, flat.own_chunks(flat.flat), flat)
+        self._reducer.add(flat)
+
+    def _append_entry(self, group_index: int, dtype: torch.dtype, shard: list[Tensor],
+                      flat: FlatParams | None = None) -> _Entry:  # fmt: skip
+        """An update unit over `shard`, this rank's pieces of the parameters (every stage):
+        fp32 pieces are the master themselves; bf16/fp16 ones get a contiguous fp32 copy."""
+        if dtype == torch.float16 and self.loss_scaler is None:
+            self.loss_scaler = LossScaler()
         if dtype == torch.float32:
-            master, master_shard, copies = chunks, None, None  # the params are the master
+            master, master_shard, copies = list(shard), None, None  # the params are the master
         else:
-            master_shard = torch.empty(flat.shard_numel, dtype=torch.float32, device=flat.device)
-            master = flat.split_shard(master_shard)
-            for m, c in zip(master, chunks):
+            numel = sum(t.numel() for t in shard)
+            master_shard = torch.empty(numel, dtype=torch.float32, device=shard[0].device)
+            master = list(master_shard.split([t.numel() for t in shard]))
+            for m, c in zip(master, shard):
                 m.copy_(c)
-            copies = chunks
+            copies = list(shard)
         entry = _Entry(group_index, dtype, master, master_shard, copies, flat=flat)
         hp = self._hyperparams(self.param_groups[group_index])
         if self._generic_cls is None:
@@ -154,7 +165,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         else:
             entry.generic = self._make_generic(entry)
         self._entries.append(entry)
-        self._reducer.add(flat)
+        return entry
 
     def _make_generic(self, entry: _Entry) -> torch.optim.Optimizer:
         group = {k: v for k, v in self.param_groups[entry.group].items() if k != "params"}

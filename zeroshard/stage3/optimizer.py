@@ -21,10 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import update
 from ..layout import ParamLayout, Piece
-from ..optimizer import ZeroOptimizer, _Entry
-from ..precision import LossScaler
+from ..optimizer import ZeroOptimizer, check_dtype
 from .engine import Stage3Engine
 from .unit import ShardedUnit
 
@@ -100,30 +98,10 @@ class Stage3Optimizer(ZeroOptimizer):
         pieces = [(u, bi, a, z) for u, lo, hi in spans for bi, a, z in u.chunk_overlaps(lo, hi)]
         if not pieces:  # this rank holds nothing of the group (tiny params, many ranks)
             return
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"zeroshard trains fp32, bf16 or fp16 parameters, not {dtype}")
-        if dtype == torch.float16 and self.loss_scaler is None:
-            self.loss_scaler = LossScaler()
+        check_dtype(dtype)
         shards = [u.shard_pieces[bi][a:z] for u, bi, a, z in pieces]
         grads = [u.grad_shard_pieces()[bi][a:z] for u, bi, a, z in pieces]
-        numel = sum(t.numel() for t in shards)
-        if dtype == torch.float32:
-            master, master_shard, copies = shards, None, None
-        else:
-            master_shard = torch.empty(numel, dtype=torch.float32, device=shards[0].device)
-            master, off = [], 0
-            for s in shards:
-                master.append(master_shard[off : off + s.numel()])
-                master[-1].copy_(s)
-                off += s.numel()
-            copies = shards
-        entry = _Entry(gi, dtype, master, master_shard, copies)
-        hp = self._hyperparams(self.param_groups[gi])
-        if self._generic_cls is None:
-            entry.state = update.init_state(self.rule, hp, master)
-        else:
-            entry.generic = self._make_generic(entry)
-        self._entries.append(entry)
+        self._append_entry(gi, dtype, shards)
         self._reducer.pieces.append(grads)
         self._piece_units.append([u for u, _, _, _ in pieces])
         self._spans.append(spans)
