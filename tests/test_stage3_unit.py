@@ -14,18 +14,18 @@ from zeroshard.stage3.registry import unit_of
 from zeroshard.stage3.unit import GatherTracker, ShardedUnit, UnitState
 
 
-def _unit(persistent: bool = False) -> tuple[ShardedUnit, list[torch.Tensor]]:
+def _unit(persistent: bool = False) -> tuple[ShardedUnit, list[nn.Parameter], list[torch.Tensor]]:
+    """A unit, its parameters (the caller must hold them: the unit holds them weakly) and
+    their initial values."""
     torch.manual_seed(0)
     params = [nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(7))]
     values = [p.detach().clone() for p in params]
     unit = ShardedUnit(params, Comm(), 10, tracker=GatherTracker(), persistent=persistent)
-    unit.keep_alive = params  # the test holds the parameters (the unit holds them weakly)
-    return unit, values
+    return unit, params, values
 
 
 def test_unit_states_and_counters_follow_its_own_methods():
-    u, values = _unit()
-    params = u.keep_alive
+    u, params, values = _unit()
     assert unit_of(params[0]) is u and unit_of(torch.zeros(1)) is None
     assert u.state is UnitState.RELEASED and params[0].numel() == 0  # a placeholder
     assert u.tracker.current == 0
@@ -55,21 +55,21 @@ def test_unit_states_and_counters_follow_its_own_methods():
 
 
 def test_persistent_unit_is_never_released():
-    u, values = _unit(persistent=True)
+    u, params, values = _unit(persistent=True)
     u.release(force=True)
-    assert all(torch.equal(p, v) for p, v in zip(u.keep_alive, values))
+    assert all(torch.equal(p, v) for p, v in zip(params, values))
 
 
 def test_unit_shard_round_trips_through_write_back():
-    u, values = _unit()
+    u, params, values = _unit()
     u.wait()
     with torch.no_grad():
-        u.keep_alive[1].add_(1.0)
+        params[1].add_(1.0)
     u.write_back()
     u.release()
     u.wait()
-    assert torch.equal(u.keep_alive[1], values[1] + 1.0)
-    assert torch.equal(u.keep_alive[0], values[0])
+    assert torch.equal(params[1], values[1] + 1.0)
+    assert torch.equal(params[0], values[0])
 
 
 def _fake(numel: int, state=UnitState.RELEASED, persistent=False, idle=True):
