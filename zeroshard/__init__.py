@@ -8,6 +8,7 @@ Two ways in:
 from .checkpoint_io import load_checkpoint, save_checkpoint
 from .config import ConfigError, load_config
 from .initialize import initialize
+from .layout import ShardLayout, ShardState
 from .optimizer import ZeroOptimizer
 from .precision import LossScaler
 from .stage3 import GatheredParameters, Init
@@ -17,6 +18,8 @@ __all__ = [
     "GatheredParameters",
     "Init",
     "LossScaler",
+    "ShardLayout",
+    "ShardState",
     "ZeroOptimizer",
     "initialize",
     "load_checkpoint",

@@ -71,7 +71,8 @@ def save_checkpoint(
     rank, world = _rank_world()
     root = Path(save_dir)
     if tag is None:
-        steps = [e.step for e in getattr(optimizer, "_entries", [])]
+        groups = optimizer.layout().groups if hasattr(optimizer, "layout") else ()
+        steps = [optimizer.shard_state(g.index).step for g in groups]
         tag = f"step{max(steps, default=0)}"
     final = root / tag
     tmp = root / f".{tag}.tmp"
