@@ -191,25 +191,32 @@ def _replay(model: nn.Module, units: list[Any], cfg: ZeroConfig) -> tuple[int, i
     prefetch = int(zo.stage3_prefetch_bucket_size)
     limits = (prefetch, int(zo.stage3_max_live_parameters))
     owner = {id(p): u for u in units for p in u.params}
-    events: list[tuple[bool, list[Any]]] = []  # (enter?, the module's non-persistent units)
+    # (enter?, the module's non-persistent units, its persistent ones)
+    events: list[tuple[bool, list[Any], list[Any]]] = []
 
     def walk(m: nn.Module) -> None:
+        # A module with parameters of its own fetches its children's with them: such a parent
+        # computes with them itself (nn.MultiheadAttention never calls its out_proj), and the
+        # engine learns them as its external units, gathered in one loop.
+        folded = any(True for _ in m.parameters(recurse=False)) and m is not model
         own: list[Any] = []
-        for p in m.parameters(recurse=False):
+        for p in m.parameters(recurse=folded):
             u = owner.get(id(p))
-            if u is not None and not u.persistent and u not in own:
+            if u is not None and u not in own:
                 own.append(u)
-        events.append((True, own))
-        for child in m.children():
+        sharded = [u for u in own if not u.persistent]
+        whole = [u for u in own if u.persistent]
+        events.append((True, sharded, whole))
+        for child in () if folded else m.children():
             walk(child)
-        events.append((False, own))
+        events.append((False, sharded, whole))
 
     walk(model)
-    back = [(not enter, own) for enter, own in reversed(events)]
-    back_seq = [u for enter, own in back if enter for u in own]
+    back = [(not enter, own, whole) for enter, own, whole in reversed(events)]
+    back_seq = [u for enter, own, _ in back if enter for u in own]
     head = _head(back_seq, prefetch)
     peak_f, gathers_f = _pass(events, limits, int(zo.stage3_max_reuse_distance), set(), head)
-    peak_b, gathers_b = _pass(back, limits, 0, {id(u) for u in head}, [])
+    peak_b, gathers_b = _pass(back, limits, 0, {id(u) for u in head}, [], pin=True)
     return max(peak_f, peak_b), gathers_f + gathers_b
 
 
@@ -229,13 +236,19 @@ def _head(seq: list[Any], prefetch: int) -> list[Any]:
 
 
 def _pass(
-    events: list[tuple[bool, list[Any]]], limits: tuple[int, int], reuse: int,
-    start: set[int], head: list[Any],
+    events: list[tuple[bool, list[Any], list[Any]]], limits: tuple[int, int], reuse: int,
+    start: set[int], head: list[Any], pin: bool = False,
 ) -> tuple[int, int]:
-    """One pass of module enter/exit events: (peak elements gathered, elements gathered)."""
+    """One pass of module enter/exit events: (peak elements gathered, elements gathered).
+    `pin` (backward): a unit stays gathered until its last use of the pass, when all of its
+    gradients are in (a tied embedding: from the head's backward to the embedding's).
+
+    As in the engine, persistent units not in use count against the prefetch budget."""
     prefetch, max_live = limits
-    seq = [u for enter, own in events if enter for u in own]
+    seq = [u for enter, own, _ in events if enter for u in own]
     size = {id(u): u.numel for u in seq}
+    whole = {id(u): u.numel for _, _, w in events for u in w}
+    whole_users: dict[int, int] = {}
     gathered: set[int] = set(start)
     users: dict[int, int] = {}
     retained: set[int] = set()
@@ -247,13 +260,17 @@ def _pass(
             gathered.add(i)
             gathers += size[i]
 
-    for enter, own in events:
+    for enter, own, persistent in events:
+        if not pin:  # forward: a running module's persistent units are in use
+            for u in persistent:
+                whole_users[id(u)] = whole_users.get(id(u), 0) + (1 if enter else -1)
         if enter:
             for u in own:
                 pos += 1
                 retained.discard(id(u))
                 pending = sum(size[i] for i in gathered
-                              if not users.get(i) and i not in retained and i != id(u))
+                              if not users.get(i) and i not in retained)
+                pending += sum(n for i, n in whole.items() if not whole_users.get(i))
                 live = sum(size[i] for i in gathered)
                 for nxt in seq[pos:]:
                     i = id(nxt)
@@ -273,7 +290,9 @@ def _pass(
                 users[id(u)] -= 1
                 if users[id(u)] == 0:
                     rest = seq[pos:]
-                    if _reused_within(u, rest, reuse) or (u not in rest and u in head):
+                    if (pin and u in rest) or _reused_within(u, rest, reuse) or (
+                        u not in rest and u in head
+                    ):
                         retained.add(id(u))
                     else:
                         gathered.discard(id(u))
