@@ -1,7 +1,7 @@
 """`zeroshard.estimate` against what the optimizer really holds and sends.
 
 For the test models at stages 0-3 on 1, 2 and 4 gloo ranks, fp32 and bf16: the estimate of every
-memory category equals `memory_report()` after two steps within 2% (in practice exactly), the
+memory category equals `memory_report()` after two steps exactly (the issue asks for 2%), the
 stage-3 gathered-parameter peak is within 10% of the engine's tracker, and bytes sent per step
 are within 10% of `comm_report()`. One pool job per world size trains every (model, precision,
 stage) combination, so the whole file costs three jobs.
@@ -96,13 +96,16 @@ def test_estimate_equals_memory_report(measured, world, name):
                 for cat in CATEGORIES:
                     g, e = got["memory"][cat], want[cat]
                     worst[cat] = max(worst.get(cat, 0.0), abs(e - g) / g if g else float(e != 0))
-                    assert _close(e, g, 0.02), (precision, stage, rank, cat, e, g)
+                    # the issue allows 2%; the planner makes it exact
+                    assert e == g, (precision, stage, rank, cat, e, g)
                 if name not in SCHEDULE_MODELS:
                     continue
                 c = got["comm"]["total"]
+                worst["comm"] = max(worst.get("comm", 0.0), abs(est.comm_bytes - c) / max(c, 1))
                 assert _close(est.comm_bytes, c, 0.10), (precision, stage, rank, est.comm_bytes, c)
                 if stage == 3:
                     p = got["peak"]
+                    worst["peak"] = max(worst.get("peak", 0.0), abs(est.gathered_peak - p) / p)
                     assert _close(est.gathered_peak, p, 0.10), (precision, rank, est, p)
     print(f"{name} on {world} rank(s): largest deviation per category {worst}")
 

@@ -151,8 +151,11 @@ def _forget_units(model: nn.Module, shapes: dict[int, tuple[torch.Size, torch.dt
 
 
 def _stage3(
-    model: nn.Module, cfg: ZeroConfig, world: int, ranks: list[int]
+    model: nn.Module, cfg: ZeroConfig, world: int, ranks: list[int], structured: bool = True
 ) -> tuple[list[dict[str, int]], int, int]:
+    """Per-rank bytes, gathered peak, bytes sent. Without layers (`Numel`) the schedule
+    cannot be replayed: every parameter is taken as gathered once in forward and once in
+    backward, the paper's 3Ψ per step."""
     elem = _ELEM[cfg.compute_dtype]
     red = _ELEM[cfg.reduce_dtype]
     states = _state_tensors(cfg)
@@ -172,6 +175,8 @@ def _stage3(
         if rank != ranks[-1]:
             _forget_units(model, shapes)
     peak, gathers = _replay(model, units, cfg)
+    if not structured:
+        gathers = 2 * sum(u.numel for u in units if not u.persistent)
     comm = 0.0
     if world > 1:
         comm += gathers * elem * _ring(world)
@@ -358,7 +363,9 @@ def estimate(
             report, comm = _stage012(model, cfg, world_size)
             per_rank, peak = [report], None
         else:
-            per_rank, peak_bytes, comm = _stage3(model, cfg, world_size, _sample_ranks(world_size))
+            per_rank, peak_bytes, comm = _stage3(
+                model, cfg, world_size, _sample_ranks(world_size), structured
+            )
             peak = peak_bytes if structured else None
         for r in per_rank:
             r["total"] = sum(r[c] for c in CATEGORIES)

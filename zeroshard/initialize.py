@@ -47,7 +47,7 @@ def _check_supported(cfg: ZeroConfig) -> None:
 
 def initialize(
     model: nn.Module,
-    config: str | os.PathLike | Mapping[str, Any] | ZeroConfig,
+    config: str | os.PathLike | Mapping[str, Any] | ZeroConfig | None = None,
     *,
     model_parameters: Iterable[torch.Tensor] | Iterable[dict[str, Any]] | None = None,
     process_group: dist.ProcessGroup | None = None,
@@ -56,8 +56,16 @@ def initialize(
 
     `model_parameters` (params or param-group dicts) defaults to all of `model.parameters()`;
     the config's optimizer params are the group defaults. The model is cast to bf16/fp16 when
-    the config enables it (the optimizer keeps fp32 master weights).
+    the config enables it (the optimizer keeps fp32 master weights). `config` defaults to the
+    path in $ZEROSHARD_CONFIG, which `zeroshard run --config CFG` sets.
     """
+    if config is None:
+        config = os.environ.get("ZEROSHARD_CONFIG")
+        if not config:
+            raise ConfigError(
+                "no config: pass one (zeroshard.initialize(model, 'ds_config.json')) or launch "
+                "with `zeroshard run --config CFG script.py` (which sets ZEROSHARD_CONFIG)"
+            )
     if not isinstance(config, ZeroConfig):
         world = dist.get_world_size(process_group) if dist.is_initialized() else 1
         config = load_config(config, world_size=world)
