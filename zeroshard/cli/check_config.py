@@ -79,7 +79,8 @@ def classify(raw: dict, problems: list[str], cfg: Any, hidden: int | None) -> li
         elif key in NO_EFFECT:
             rows.append(("no effect", key, shown, NO_EFFECT[key]))
         elif cfg is not None and _unused_at_stage(key, cfg.zero_optimization.stage):
-            rows.append(("no effect", key, shown, _unused_at_stage(key, cfg.zero_optimization.stage)))
+            why = _unused_at_stage(key, cfg.zero_optimization.stage)
+            rows.append(("no effect", key, shown, why))
         elif value == "auto":
             rows.append(("resolved", key, shown, _auto(key, cfg, hidden)))
         else:
