@@ -59,7 +59,7 @@ def _leaves(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def _key_of(problem: str) -> str | None:
-    m = re.search(r"`([A-Za-z0-9_.\[\]]+)`", problem)
+    m = re.search(r"`([A-Za-z0-9_.\[\]]+)`", problem) or re.match(r"([A-Za-z0-9_.]+):", problem)
     return m.group(1) if m else None
 
 
@@ -116,20 +116,29 @@ def _auto(key: str, cfg: Any, hidden: int | None) -> str:
 
 
 def handle(args: argparse.Namespace) -> int:
+    import os
+
     from zeroshard.config import ConfigError, load_config
     from zeroshard.initialize import _check_supported
 
     problems: list[str] = []
     cfg = None
+    # a regular file is read by load_config itself (duplicate keys, its error texts); a pipe
+    # can be read once only
+    stream = os.path.exists(args.config) and not os.path.isfile(args.config)
+    source: Any = _read_once(args.config) if stream else args.config
     try:
-        cfg = load_config(args.config, world_size=args.world_size)
+        cfg = load_config(source, world_size=args.world_size)
         _check_supported(cfg)
     except ConfigError as e:
-        if e.source is None and len(e.problems) == 1 and not _readable_json(args.config):
+        if not _readable_json(args.config) if isinstance(source, str) else False:
             raise CliError(str(e)) from None  # missing file / malformed JSON: nothing to list
         problems = e.problems
-    with open(args.config, encoding="utf-8") as f:
-        raw = json.load(f)
+    if isinstance(source, str):
+        with open(args.config, encoding="utf-8") as f:
+            raw = json.load(f)
+    else:
+        raw = source
     rows = classify(raw, problems, cfg, args.hidden_size)
     width = max(len(r[1]) for r in rows) if rows else 0
     for verdict, key, value, why in rows:
@@ -148,3 +157,13 @@ def _readable_json(path: str) -> bool:
         return True
     except (OSError, ValueError):
         return False
+
+
+def _read_once(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        raise CliError(f"invalid zeroshard config: cannot read {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise CliError(f"invalid zeroshard config: malformed JSON in {path}: {e}") from None
