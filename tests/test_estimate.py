@@ -3,7 +3,8 @@
 For the test models at stages 0-3 on 1, 2 and 4 gloo ranks, fp32 and bf16: the estimate of every
 memory category equals `memory_report()` after two steps exactly (the issue asks for 2%), the
 stage-3 gathered-parameter peak is within 10% of the engine's tracker, and bytes sent per step
-are within 10% of `comm_report()`. One pool job per world size trains every (model, precision,
+are within 10% of `comm_report()` (both exact today, for the model whose modules run in
+registration order). One pool job per world size trains every (model, precision,
 stage) combination, so the whole file costs three jobs.
 
 And the ZeRO paper's figures: 7e9 parameters, mixed-precision Adam, 8 ranks.
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 import zeroshard
-from tests.models import batch, loss_fn, make_model
+from tests.models import batch, loss_fn, make_model, param_groups
 from tests.models_stage3 import ReusedBlock, TiedFLinear
 from zeroshard.accounting import zero_formula
 from zeroshard.estimate import CATEGORIES, Numel, estimate
@@ -26,6 +27,12 @@ PRECISIONS = ("fp32", "bf16")
 MODELS = {"tiny": make_model, "tied_f_linear": TiedFLinear, "reused_block": ReusedBlock}
 # the schedule replay assumes modules run in registration order: true for "tiny" only
 SCHEDULE_MODELS = ("tiny",)
+# "tiny" trains two param groups (decay / no decay): one flat buffer per group
+GROUPED = ("tiny",)
+
+
+def groups_of(name: str, model: torch.nn.Module) -> list[dict] | None:
+    return param_groups(model) if name in GROUPED else None
 
 
 def config(precision: str, stage: int) -> dict:
@@ -44,16 +51,23 @@ def build(name: str) -> torch.nn.Module:
     return MODELS[name]()
 
 
+def models_on(world: int) -> list[str]:
+    """4 ranks on 2 CPU cores are slow to drive: the corner-case models run on 1 and 2."""
+    return ["tiny"] if world == 4 else list(MODELS)
+
+
 def measure_job() -> dict:
     """Every (model, precision, stage) on this rank: memory after 2 steps, bytes sent in the
     second step, stage 3's gathered peak over the second step (forward and backward)."""
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     out: dict = {}
-    for name in MODELS:
+    for name in models_on(world):
         for precision in PRECISIONS:
             for stage in range(4):
-                model, opt = zeroshard.initialize(build(name), config(precision, stage))
+                model = build(name)
+                model, opt = zeroshard.initialize(model, config(precision, stage),
+                                                  model_parameters=groups_of(name, model))
                 peak = None
                 for step in range(2):
                     x, y = batch(step, GLOBAL_BATCH)
@@ -84,11 +98,14 @@ def _close(est: float, got: float, tol: float) -> bool:
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("name", list(MODELS))
 def test_estimate_equals_memory_report(measured, world, name):
+    if name not in models_on(world):
+        pytest.skip(f"{name} runs on 1 and 2 ranks only (test time)")
     worst: dict[str, float] = {}
     for precision in PRECISIONS:
         with torch.device("meta"):
             model = build(name)
-        ests = estimate(model, world_size=world, config=config(precision, 0))
+        ests = estimate(model, world_size=world, config=config(precision, 0),
+                        model_parameters=groups_of(name, model))
         for stage, est in enumerate(ests):
             for rank, ranks in enumerate(measured[world]):
                 got = ranks[name, precision, stage]

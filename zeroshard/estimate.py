@@ -83,8 +83,38 @@ def zero_config(
     return load_config(raw, world_size=world_size)
 
 
-def _trainable(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]  # tied: listed once
+def _groups(model: nn.Module, model_parameters: Any) -> list[list[nn.Parameter]]:
+    """Parameters per param group, as `initialize(model, cfg, model_parameters=...)` takes
+    them (default: one group of every parameter; a tied parameter is listed once)."""
+    if model_parameters is None:
+        return [list(model.parameters())]
+    items = list(model_parameters)
+    if items and isinstance(items[0], Mapping):
+        return [list(g["params"]) for g in items]
+    return [items]
+
+
+def _group_of(model: nn.Module, model_parameters: Any) -> dict[int, int]:
+    """id(param) -> its group, first group wins (stage 3 orders a unit's params by group)."""
+    out: dict[int, int] = {}
+    if model_parameters is not None:
+        for gi, params in enumerate(_groups(model, model_parameters)):
+            for p in params:
+                out.setdefault(id(p), gi)
+    return out
+
+
+def _entries(groups: list[list[nn.Parameter]]) -> list[list[nn.Parameter]]:
+    """Trainable parameters per (param group, dtype): one flat buffer each, as the optimizer
+    builds them."""
+    out = []
+    for params in groups:
+        by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
+        for p in params:
+            if p.requires_grad:
+                by_dtype.setdefault(p.dtype, []).append(p)
+        out += list(by_dtype.values())
+    return out
 
 
 def _state_tensors(cfg: ZeroConfig) -> int:
@@ -97,7 +127,9 @@ def _ring(world: int) -> float:
     return (world - 1) / world
 
 
-def _stage012(model: nn.Module, cfg: ZeroConfig, world: int) -> tuple[dict[str, int], int]:
+def _stage012(
+    groups: list[list[nn.Parameter]], cfg: ZeroConfig, world: int
+) -> tuple[dict[str, int], int]:
     zo = cfg.zero_optimization
     stage = zo.stage
     elem = _ELEM[cfg.compute_dtype]
@@ -106,18 +138,19 @@ def _stage012(model: nn.Module, cfg: ZeroConfig, world: int) -> tuple[dict[str, 
     states = _state_tensors(cfg)
     out = dict.fromkeys(CATEGORIES, 0)
     comm = 0.0
-    params = _trainable(model)
-    if params:
+    for params in _entries(groups):
         flat = FlatParams(params, shards, 0, int(zo.reduce_bucket_size))
-        out["params"] = flat.numel * elem
-        out["grads"] = (flat.shard_numel if stage == 2 else flat.numel) * red
-        out["master"] = 0 if elem == 4 else flat.shard_numel * 4
-        out["optimizer_states"] = states * flat.shard_numel * 4
+        out["params"] += flat.numel * elem
+        out["grads"] += (flat.shard_numel if stage == 2 else flat.numel) * red
+        out["master"] += 0 if elem == 4 else flat.shard_numel * 4
+        out["optimizer_states"] += states * flat.shard_numel * 4
         if world > 1:
             if stage == 0:
-                comm = 2 * flat.numel * red * _ring(world)
+                comm += 2 * flat.numel * red * _ring(world)
             else:  # reduce-scatter of the gradients, all-gather of the updated parameters
-                comm = flat.numel * (red + elem) * _ring(world) + 2 * 16 * _ring(world)
+                comm += flat.numel * (red + elem) * _ring(world)
+    if world > 1 and stage > 0:
+        comm += 2 * 16 * _ring(world)  # the global grad-norm / inf check all-reduce
     return out, int(round(comm))
 
 
@@ -131,13 +164,15 @@ def _unit_pieces(u: Any) -> int:
     return total
 
 
-def _stage3_units(model: nn.Module, cfg: ZeroConfig, world: int, rank: int) -> list[Any]:
+def _stage3_units(
+    model: nn.Module, cfg: ZeroConfig, world: int, rank: int, group_of: dict[int, int]
+) -> list[Any]:
     zo = cfg.zero_optimization
     return build_units(
         model, SimpleNamespace(world_size=world, rank=rank), dtype=cfg.compute_dtype,  # type: ignore[arg-type]
         bucket_numel=int(zo.allgather_bucket_size),
         persistence_threshold=int(zo.stage3_param_persistence_threshold),
-        tracker=GatherTracker(),
+        tracker=GatherTracker(), group_of=group_of,
     )  # fmt: skip
 
 
@@ -151,7 +186,8 @@ def _forget_units(model: nn.Module, shapes: dict[int, tuple[torch.Size, torch.dt
 
 
 def _stage3(
-    model: nn.Module, cfg: ZeroConfig, world: int, ranks: list[int], structured: bool = True
+    model: nn.Module, cfg: ZeroConfig, world: int, ranks: list[int], structured: bool = True,
+    group_of: dict[int, int] | None = None,
 ) -> tuple[list[dict[str, int]], int, int]:
     """Per-rank bytes, gathered peak, bytes sent. Without layers (`Numel`) the schedule
     cannot be replayed: every parameter is taken as gathered once in forward and once in
@@ -163,7 +199,7 @@ def _stage3(
     per_rank = []
     units: list[Any] = []
     for rank in ranks:
-        units = _stage3_units(model, cfg, world, rank)
+        units = _stage3_units(model, cfg, world, rank, group_of)
         pieces = sum(_unit_pieces(u) for u in units if u.trainable)
         per_rank.append({
             "params": sum(u.full_bytes if u.persistent else u.shard_numel * elem for u in units),
@@ -342,6 +378,7 @@ def estimate(
     optimizer: str | None = None,
     stages: tuple[int, ...] = (0, 1, 2, 3),
     device_memory: int | None = None,
+    model_parameters: Any = None,
 ) -> list[StageEstimate]:
     """Per stage: bytes per rank by category, stage-3 gathered peak, bytes sent per step.
 
@@ -349,6 +386,7 @@ def estimate(
     parameters are re-pointed by the planner; build one just for this). `precision` and
     `optimizer` override the config's; the config's bucket, prefetch and persistence sizes
     are used ("auto" sizes resolve from the model's hidden size, as in initialize).
+    `model_parameters`: params or param-group dicts, as `initialize` takes them.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -360,11 +398,12 @@ def estimate(
         cfg = cfg.resolve_auto(hidden_size_of(model))
         model.to(cfg.compute_dtype)
         if stage < 3:
-            report, comm = _stage012(model, cfg, world_size)
+            report, comm = _stage012(_groups(model, model_parameters), cfg, world_size)
             per_rank, peak = [report], None
         else:
             per_rank, peak_bytes, comm = _stage3(
-                model, cfg, world_size, _sample_ranks(world_size), structured
+                model, cfg, world_size, _sample_ranks(world_size), structured,
+                _group_of(model, model_parameters),
             )
             peak = peak_bytes if structured else None
         for r in per_rank:
