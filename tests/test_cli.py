@@ -38,11 +38,11 @@ def cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 # -- run ----------------------------------------------------------------------------------------
-def test_run_trains_a_plain_script_with_the_config():
+def test_run_trains_a_plain_script_with_the_config(tmp_path):
     p = zs("run", "--standalone", "--nproc", "2", "--config", "configs/zero2.json", str(SCRIPT),
-           "--steps", "6")  # fmt: skip
+           "--steps", "6", "--out", str(tmp_path))  # fmt: skip
     assert p.returncode == 0, p.stderr[-3000:]
-    lines = [json.loads(ln[3:]) for ln in p.stdout.splitlines() if ln.startswith("ZS ")]
+    lines = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("rank*.json"))]
     assert sorted(r["rank"] for r in lines) == [0, 1]
     for r in lines:
         assert r["world"] == 2 and r["stage"] == 2
@@ -56,7 +56,7 @@ def test_run_missing_config_is_one_line_and_launches_nothing(tmp_path):
     assert p.returncode != 0
     assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
     assert f"config file not found: {tmp_path / 'nope.json'}" in p.stderr
-    assert "ZS " not in p.stdout
+    assert "final loss" not in p.stdout
 
 
 def test_run_bad_key_is_one_line(tmp_path):
@@ -69,6 +69,16 @@ def test_run_bad_key_is_one_line(tmp_path):
     assert p.returncode != 0
     assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
     assert "`zero_optimization.reduce_bucket_sise`" in p.stderr and "`fp16.enabld`" in p.stderr
+
+
+def test_run_failing_script_exits_1_with_a_summary(tmp_path):
+    script = tmp_path / "fails.py"
+    script.write_text("raise SystemExit(3)\n")
+    p = zs("run", "--standalone", "--nproc", "1", "--config", "configs/zero2.json", str(script))
+    assert p.returncode == 1
+    assert p.stderr.splitlines()[-1] == (
+        "zeroshard run: error: training failed: rank 0 exited with code 3 (its output is above)"
+    )
 
 
 def test_run_splits_our_torchrun_and_script_options():

@@ -1,7 +1,8 @@
 """A plain training script for `zeroshard run`: no config argument anywhere in it.
 
 `zeroshard.initialize(model)` finds the config through ZEROSHARD_CONFIG, set by the launcher.
-Prints one JSON line per rank for tests/test_cli.py.
+Writes one JSON file per rank (`--out DIR`) for tests/test_cli.py: ranks share stdout, where
+their lines can interleave.
 """
 
 import json
@@ -33,10 +34,13 @@ def main() -> None:
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    print("ZS " + json.dumps({
-        "rank": rank, "world": world, "stage": opt.config.zero_optimization.stage,
-        "config": os.environ["ZEROSHARD_CONFIG"], "losses": losses,
-    }), flush=True)  # fmt: skip
+    out = sys.argv[sys.argv.index("--out") + 1]
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({
+            "rank": rank, "world": world, "stage": opt.config.zero_optimization.stage,
+            "config": os.environ["ZEROSHARD_CONFIG"], "losses": losses,
+        }, f)  # fmt: skip
+    print(f"rank {rank}: final loss {losses[-1]:.4f}", flush=True)
     dist.destroy_process_group()
 
 

@@ -139,6 +139,9 @@ def main(parser: argparse.ArgumentParser, argv: list[str]) -> int:
 
     try:
         torchrun_main(torchrun_argv + rest)
-    except ChildFailedError as e:  # torchrun has printed the failing ranks' errors already
-        return fail("run", f"training failed: {e.get_first_failure()[1].message}"[:500])
+    except ChildFailedError as e:  # torchrun has printed the failing ranks' output already
+        rank, failure = e.get_first_failure()
+        fail("run", f"training failed: rank {rank} exited with code {failure.exitcode} "
+                    "(its output is above)")  # fmt: skip
+        return 1
     return 0
