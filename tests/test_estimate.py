@@ -12,6 +12,8 @@ And the ZeRO paper's figures: 7e9 parameters, mixed-precision Adam, 8 ranks.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -135,3 +137,21 @@ def test_zero_paper_7b_on_8_ranks():
         f = zero_formula(psi, e.stage, n, param_bytes=2, grad_bytes=2)
         for cat in ("params", "grads", "master", "optimizer_states"):
             assert e.bytes[cat] == pytest.approx(f[cat], rel=1e-6), (e.stage, cat)
+
+
+def test_config_file_written_for_another_world_size(tmp_path):
+    """Batch sizes fixed for 8 ranks do not stop an estimate for 2 (they size activations,
+    which are not estimated); bucket sizes from the file are used."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({
+        "train_batch_size": 32, "train_micro_batch_size_per_gpu": 4,
+        "zero_optimization": {"reduce_bucket_size": 700},
+    }))  # fmt: skip
+    with torch.device("meta"):
+        model = make_model()
+    numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    (s1,) = estimate(model, world_size=2, config=str(path), stages=(1,))
+    buckets = -(-numel // 700) + 1  # bucket boundaries never cut a parameter: a few more
+    assert 4 * numel <= s1.bytes["params"] <= 4 * (numel + buckets * 2 * 16)
+    (big,) = estimate(model, world_size=2, stages=(1,))  # one 5e8-element bucket
+    assert big.bytes["params"] == 4 * (-(-numel // 32) * 32) < s1.bytes["params"]

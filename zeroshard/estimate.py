@@ -18,6 +18,8 @@ Model states are exact. Two numbers are models of the runtime schedule, not of t
 from __future__ import annotations
 
 import copy
+import json
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
@@ -27,7 +29,7 @@ import torch
 from torch import nn
 
 from . import update
-from .config import ZeroConfig, load_config
+from .config import ConfigError, ZeroConfig, load_config
 from .flat_buffer import FlatParams
 from .initialize import hidden_size_of
 from .stage3 import GatherTracker, build_units
@@ -65,22 +67,35 @@ def zero_config(
     optimizer: str | None = None,
 ) -> ZeroConfig:
     """The config as `zeroshard.initialize` would see it, with stage (and optionally
-    precision and optimizer) overridden."""
+    precision and optimizer) overridden. Batch sizes are dropped: they size activations,
+    which this does not estimate, and a config written for another world size may fix them."""
+    source = None
     if isinstance(config, (str, bytes)) or hasattr(config, "__fspath__"):
-        raw = load_config(config, world_size=world_size).model_dump(
-            mode="json", exclude_unset=True, by_alias=True
-        )
+        source = os.fspath(config)  # type: ignore[arg-type]
+        try:
+            with open(source, encoding="utf-8") as f:
+                raw = json.load(f)
+        except (OSError, ValueError):
+            load_config(source)  # raises its own error text (missing file, bad JSON, ...)
+            raise
     else:
         raw = copy.deepcopy(dict(config or {}))
-    raw.setdefault("zero_optimization", {})
-    raw["zero_optimization"] = {**raw["zero_optimization"], "stage": stage}
+    if not isinstance(raw, dict):
+        raise ConfigError("the top level must be a JSON object", source=source)
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                "gradient_accumulation_steps"):  # fmt: skip
+        raw.pop(key, None)
+    raw["zero_optimization"] = {**raw.get("zero_optimization", {}), "stage": stage}
     if precision is not None:
         raw.pop("bfloat16", None)
         for name in ("bf16", "fp16"):
             raw[name] = {**raw.get(name, {}), "enabled": precision == name}
     if optimizer is not None:
         raw["optimizer"] = copy.deepcopy(_OPTIMIZER_SECTIONS[optimizer])
-    return load_config(raw, world_size=world_size)
+    try:
+        return load_config(raw, world_size=world_size)
+    except ConfigError as e:
+        raise ConfigError(e.problems, source=source) from None
 
 
 def _groups(model: nn.Module, model_parameters: Any) -> list[list[nn.Parameter]]:
