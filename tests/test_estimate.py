@@ -114,14 +114,15 @@ def test_estimate_equals_memory_report(measured, world, name):
                     worst[cat] = max(worst.get(cat, 0.0), abs(e - g) / g if g else float(e != 0))
                     # the issue allows 2%; the planner makes it exact
                     assert e == g, (precision, stage, rank, cat, e, g)
-                if name not in SCHEDULE_MODELS:
-                    continue
                 c = got["comm"]["total"]
                 worst["comm"] = max(worst.get("comm", 0.0), abs(est.comm_bytes - c) / max(c, 1))
-                assert _close(est.comm_bytes, c, 0.10), (precision, stage, rank, est.comm_bytes, c)
                 if stage == 3:
                     p = got["peak"]
                     worst["peak"] = max(worst.get("peak", 0.0), abs(est.gathered_peak - p) / p)
+                if name not in SCHEDULE_MODELS:
+                    continue  # printed below, not asserted: the replay's order assumption fails
+                assert _close(est.comm_bytes, c, 0.10), (precision, stage, rank, est.comm_bytes, c)
+                if stage == 3:
                     assert _close(est.gathered_peak, p, 0.10), (precision, rank, est, p)
     print(f"{name} on {world} rank(s): largest deviation per category {worst}")
 

@@ -10,9 +10,13 @@ are exactly what the optimizer will hold. `tests/test_estimate.py` compares them
 Model states are exact. Two numbers are models of the runtime schedule, not of the layout:
 - `gathered_peak` (stage 3): the largest set of full parameters alive at once, replaying the
   engine's rules on the module order (units in use by a module and its ancestors, prefetch up
-  to `stage3_prefetch_bucket_size` elements, reuse retention); it assumes modules run in
-  registration order, as transformer stacks do;
-- `comm_bytes`: ring-algorithm bytes a rank sends in one step after the first.
+  to `stage3_prefetch_bucket_size` elements, reuse retention, tied units pinned through
+  backward); it assumes each module runs once per forward, in registration order, using its
+  own parameters, as transformer stacks do. Where that fails it runs LOW: a block applied 3
+  times per forward (tests/models_stage3.py ReusedBlock) peaks 1.9x the estimate, an
+  embedding reused by the root through `F.linear` (TiedFLinear) 1.34x;
+- `comm_bytes`: ring-algorithm bytes a rank sends in one step after the first (stage 3:
+  from the same replay, so a module reused within a forward sends more than estimated).
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ EPILOG = """examples:
 
 Bytes are decimal (1 GB = 1e9 B). "model states" are what the optimizer holds between steps
 (params, grads, fp32 master, optimizer states; communication buffers are 0 between steps);
-stage 3 adds the full parameters gathered at the peak of forward/backward."""
+stage 3 adds the full parameters gathered at the peak of forward/backward, replayed on the
+module order (a module reused within one forward peaks higher than estimated)."""
 
 CATS = ("params", "grads", "master", "optimizer_states", "comm_buffers")
 
