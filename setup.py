@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.9",
     # `kernels/` installs as `zeroshard_kernels`: a bare top-level `kernels` would clash with
     # other distributions that ship one.
-    packages=["zeroshard", "zeroshard.stage3", "zeroshard_kernels"],
+    packages=["zeroshard", "zeroshard.stage3", "zeroshard.cli", "zeroshard_kernels"],
     package_dir={"zeroshard": "zeroshard", "zeroshard_kernels": "kernels"},
     package_data={"zeroshard": ["py.typed"]},
     install_requires=["torch>=2.4", "pydantic>=2.5", "tqdm>=4.60", "safetensors>=0.4"],
@@ -20,5 +20,10 @@ setup(
         "bench": ["matplotlib>=3.5"],
         "test": ["pytest>=7", "ruff>=0.4", "numpy", "matplotlib>=3.5"],
     },
-    entry_points={"console_scripts": ["zeroshard-train=zeroshard.train:main"]},
+    entry_points={
+        "console_scripts": [
+            "zeroshard-train=zeroshard.train:main",
+            "zeroshard=zeroshard.cli.main:main",
+        ]
+    },
 )

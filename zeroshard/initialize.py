@@ -25,7 +25,7 @@ from .stage3.build import build_stage3
 
 def initialize(
     model: nn.Module,
-    config: str | os.PathLike | Mapping[str, Any] | ZeroConfig,
+    config: str | os.PathLike | Mapping[str, Any] | ZeroConfig | None = None,
     *,
     model_parameters: ParamsArg = None,
     process_group: dist.ProcessGroup | None = None,
@@ -35,7 +35,8 @@ def initialize(
     `model_parameters` (params or param-group dicts, any iterable) defaults to all trainable
     parameters of the model; the config's optimizer params are the group defaults. The model
     is cast to bf16/fp16 when the config enables it (the optimizer keeps fp32 master weights).
-    `process_group` is the set of ranks to shard over, at every stage.
+    `process_group` is the set of ranks to shard over, at every stage. `config` defaults to the
+    path in $ZEROSHARD_CONFIG, which `zeroshard run --config CFG` sets.
     """
     cfg = resolve_config(model, config, process_group)
     params = trainable_params(model, model_parameters)

@@ -47,10 +47,18 @@ def check_supported(cfg: ZeroConfig) -> None:
 
 def resolve_config(
     model: nn.Module,
-    config: str | os.PathLike | Mapping[str, Any] | ZeroConfig,
+    config: str | os.PathLike | Mapping[str, Any] | ZeroConfig | None,
     process_group: dist.ProcessGroup | None,
 ) -> ZeroConfig:
-    """Load (for the group's world size), resolve "auto" from the model, check support."""
+    """Load (for the group's world size), resolve "auto" from the model, check support.
+    No config: the path in $ZEROSHARD_CONFIG (set by `zeroshard run --config CFG`)."""
+    if config is None:
+        config = os.environ.get("ZEROSHARD_CONFIG")
+        if not config:
+            raise ConfigError(
+                "no config: pass one (zeroshard.initialize(model, 'ds_config.json')) or launch "
+                "with `zeroshard run --config CFG script.py` (which sets ZEROSHARD_CONFIG)"
+            )
     if not isinstance(config, ZeroConfig):
         world = dist.get_world_size(process_group) if dist.is_initialized() else 1
         config = load_config(config, world_size=world)

@@ -32,6 +32,11 @@ def set_unit(param: nn.Parameter, unit: ShardedUnit) -> None:
     _UNITS[id(param)] = unit
 
 
+def clear_unit(param: Any) -> None:
+    """Forget `param`'s unit (the estimator builds units on a meta model, then undoes them)."""
+    _UNITS.pop(id(param), None)
+
+
 def engine_of(model: nn.Module) -> Stage3Engine | None:
     """The stage-3 engine running `model`, if it is a stage-3 model."""
     ref = _ENGINES.get(model)
