@@ -258,7 +258,7 @@ def test_env_reports_versions_and_kernel_choice(capsys):
     assert info["torch"] == torch.__version__ and info["zeroshard"] == zeroshard.__version__
     assert info["backends"]["gloo"] is True
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    assert info["update_kernel"] == update._resolve_backend("auto", dev)
+    assert info["update_kernel"] == update.resolve_backend("auto", dev)
     if not torch.cuda.is_available():
         assert info["update_kernel"] == "torch" and info["devices"] == []
 

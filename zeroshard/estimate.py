@@ -35,7 +35,7 @@ from torch import nn
 from . import update
 from .config import ConfigError, ZeroConfig, load_config
 from .flat_buffer import FlatParams
-from .initialize import hidden_size_of
+from .prepare import hidden_size_of
 from .stage3 import registry
 from .stage3.build import build_units
 from .stage3.unit import GatherTracker

@@ -58,7 +58,7 @@ def collect() -> dict[str, Any]:
         if cuda else [],
         "cpus": os.cpu_count(),
         # the optimizer's own dispatch (kernel "auto") on this machine's first device
-        "update_kernel": update._resolve_backend("auto", device),
+        "update_kernel": update.resolve_backend("auto", device),
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
     }
     return info
