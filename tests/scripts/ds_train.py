@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 OUT, CKPT = sys.argv[2], sys.argv[3]
 CONFIG = {
     "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
-    "gradient_clipping": 1.0, "bf16": {"enabled": True}, "steps_per_print": 1000,
+    "gradient_clipping": 0.5, "bf16": {"enabled": True}, "steps_per_print": 1000,
     "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.1,
                                               "torch_adam": True}},
     "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 3e-3,
