@@ -30,6 +30,7 @@ def test_trainer_matches_ddp_adamw_and_resumes(tmp_path):
                                    atol=0)  # fmt: skip
         assert "zeroshard" in z["ckpt_files"] and "model.safetensors" in z["ckpt_files"]
         assert z["saved_numel"] == 28032  # the stage-3 save holds the full weights
+        assert z["direct_equal"]  # model.save_pretrained on every rank writes the same
     for stage in (2, 3):
         t = r[f"template{stage}"]
         assert t == {

@@ -81,9 +81,14 @@ for stage in (2, 3):
     r["resumed"] = history(t2)
     final = os.path.join(WORK, f"z{stage}", "final")
     t2.save_model(final)  # every rank; stage 3 gathers collectively
+    direct = os.path.join(WORK, f"z{stage}", "direct")
+    t2.model.save_pretrained(direct)  # every rank, as HF documents for sharded models
     if dist.get_rank() == 0:
         saved = GPT2LMHeadModel.from_pretrained(final)
         r["saved_numel"] = sum(p.numel() for p in saved.parameters())
+        again = GPT2LMHeadModel.from_pretrained(direct)
+        r["direct_equal"] = all(torch.equal(a, b) for a, b in
+                                zip(saved.state_dict().values(), again.state_dict().values()))
         r["ckpt_files"] = sorted(os.listdir(os.path.join(WORK, f"z{stage}", "checkpoint-10")))
     results[f"z{stage}"] = r
 for stage in (2, 3):  # HF's own templates, "auto" everywhere: build and take 2 steps

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
 import zeroshard
@@ -40,6 +41,26 @@ class _ResetOptimizerGrads(TrainerCallback):
         opt = kwargs.get("optimizer")
         if opt is not None:
             opt.zero_grad()
+
+
+def _collective_save_pretrained(model: Any) -> None:
+    """At stage 3, make `model.save_pretrained(dir)` (called on every rank, as HF documents for
+    sharded models) gather the weights collectively with rank 0 alone keeping them, and write
+    from the main process only."""
+    original = model.save_pretrained
+
+    def save_pretrained(save_directory: Any, *args: Any, state_dict: Any = None,
+                        is_main_process: bool | None = None, **kwargs: Any) -> Any:  # fmt: skip
+        if state_dict is None:
+            state_dict = full_state_dict(model, rank0_only=True)
+        if is_main_process is None:
+            is_main_process = not dist.is_initialized() or dist.get_rank() == 0
+        if not is_main_process:
+            return None
+        return original(save_directory, *args, state_dict=state_dict, is_main_process=True,
+                        **kwargs)  # fmt: skip
+
+    model.save_pretrained = save_pretrained
 
 
 class ZeroShardTrainer(Trainer):
@@ -86,6 +107,10 @@ class ZeroShardTrainer(Trainer):
         ]
         groups = [g for g in groups if g["params"]]
         self.model, self.optimizer = zeroshard.initialize(model, cfg, model_parameters=groups)
+        if getattr(self.model, "_zs_engine", None) is not None and hasattr(
+            self.model, "save_pretrained"
+        ):
+            _collective_save_pretrained(self.model)
         sched = getattr(self.optimizer, "lr_scheduler", None)
         if sched is not None:  # the config's scheduler: Trainer steps it (and only Trainer)
             self.optimizer.lr_scheduler = None
