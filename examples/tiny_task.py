@@ -4,9 +4,9 @@ a 2-layer TinyGPT on a bigram language, a global batch of 8 split evenly over th
 from __future__ import annotations
 
 import torch
-from zeroshard.tiny_gpt import BigramLanguage, GPTConfig, TinyGPT
 
 import zeroshard
+from zeroshard.demo.tiny_gpt import BigramLanguage, GPTConfig, TinyGPT
 
 GLOBAL_BATCH, SEQ, LR, CLIP = 8, 16, 3e-3, 1.0
 LANG = BigramLanguage(64)

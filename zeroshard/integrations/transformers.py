@@ -107,9 +107,7 @@ class ZeroShardTrainer(Trainer):
         ]
         groups = [g for g in groups if g["params"]]
         self.model, self.optimizer = zeroshard.initialize(model, cfg, model_parameters=groups)
-        if getattr(self.model, "_zs_engine", None) is not None and hasattr(
-            self.model, "save_pretrained"
-        ):
+        if self.optimizer.stage == 3 and hasattr(self.model, "save_pretrained"):
             _collective_save_pretrained(self.model)
         sched = getattr(self.optimizer, "lr_scheduler", None)
         if sched is not None:  # the config's scheduler: Trainer steps it (and only Trainer)
@@ -178,7 +176,7 @@ class ZeroShardTrainer(Trainer):
         rank 0 alone holds the full weights and writes them."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         state_dict = None
-        if getattr(self.model, "_zs_engine", None) is not None:
+        if self.zero_stage == 3:
             state_dict = full_state_dict(self.model, rank0_only=True)
         if self.args.should_save:
             self._save(output_dir, state_dict=state_dict)
