@@ -95,7 +95,8 @@ def build_plan(model: nn.Module, opt: Any, client_state: Any) -> Plan:
             plan.pieces.append(["weight", mp.name, start, view.numel()])
     buffers = []
     for name, b in _persistent_buffers(model):
-        buffers.append({"name": name, "shape": list(b.shape), "dtype": manifest.dtype_name(b.dtype)})
+        dt = manifest.dtype_name(b.dtype)
+        buffers.append({"name": name, "shape": list(b.shape), "dtype": dt})
         if rank == 0:
             plan.entries.append(Entry(manifest.key("buffer", name), tuple(b.shape), b.dtype, b))
             plan.pieces.append(["buffer", name, 0, b.numel()])
