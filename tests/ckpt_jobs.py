@@ -69,8 +69,34 @@ def job_train_save(root: str, stage: int, precision: str, save_at: int, total: i
     return losses + train(model, opt, save_at, total - save_at)
 
 
-def job_resume(root: str, stage: int, precision: str, steps: int, bucket: int = 700) -> dict:
+def job_resume(root: str, stage: int, precision: str, steps: int, bucket: int = 700,
+               resave: str | None = None) -> dict:  # fmt: skip
+    """Load at this world size/stage/bucket size (from another init), optionally save again
+    at once into `resave`, then train `steps` steps."""
     model, opt = build(stage, precision, bucket=bucket, seed=7)  # other init: all must load
     _, client = zeroshard.load_checkpoint(root, model, opt)
     start = client["step"]
+    if resave:
+        zeroshard.save_checkpoint(resave, model, opt, client_state=client)
     return {"start": start, "losses": train(model, opt, start, steps)}
+
+
+def full_state(root: str) -> dict[str, torch.Tensor]:
+    """Every saved tensor of a checkpoint reassembled whole ("state.exp_avg/embed.weight"...)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from zeroshard.checkpoint import manifest
+    from zeroshard.checkpoint.load import resolve
+
+    folder = resolve(Path(root), None)
+    body = manifest.parse(folder / "manifest.json")
+    parts: dict[str, list] = {}
+    for fname in body["files"]:
+        with safe_open(str(folder / fname), framework="pt") as f:
+            for k in f.keys():
+                kind_name, start = k.rsplit("@", 1)
+                parts.setdefault(kind_name, []).append((int(start), f.get_tensor(k)))
+    return {k: torch.cat([t.reshape(-1) for _, t in sorted(v, key=lambda x: x[0])])
+            for k, v in parts.items()}  # fmt: skip
