@@ -3,14 +3,14 @@ size and stage; consolidate to Hugging Face safetensors; read DeepSpeed checkpoi
 
 Files: save.py (what each rank writes), commit.py (crash-safe publication), load.py
 (planning, validation, reading), manifest.py (the JSON format), st_stream.py (streaming
-safetensors writer), async_save.py (background saves), consolidate.py (HF export),
+safetensors writer), async_save.py (background saves), hf_export.py (consolidate: HF export),
 deepspeed_in.py (migration in), optimizer_state.py (in-memory opt.state_dict()),
 _layout_compat.py (temporary: the layout API over today's internals).
 """
 
 from .async_save import wait
 from .commit import CheckpointError
-from .consolidate import consolidate
+from .hf_export import consolidate
 from .load import load_checkpoint
 from .save import save_checkpoint
 
