@@ -115,6 +115,6 @@ def test_damaged_checkpoints_refused_everywhere(dist_run, tmp_path):
 
 def test_client_state_must_be_json(tmp_path):
     model, opt = build(1, "fp32")
-    with pytest.raises(zeroshard.CheckpointError, match=r"client_state .*extra\.t is a Tensor"):
-        zeroshard.save_checkpoint(tmp_path, model, opt, client_state={"extra": {"t": torch.ones(3)}})
+    with pytest.raises(zeroshard.CheckpointError, match=r"client_state .*x\.t is a Tensor"):
+        zeroshard.save_checkpoint(tmp_path, model, opt, client_state={"x": {"t": torch.ones(3)}})
     assert not any(tmp_path.iterdir())

@@ -136,6 +136,7 @@ def commit(
             write_atomic(tmp / MANIFEST, make_manifest(parts))
             dist_util.crash_point("before_publish")
             _publish(root, tag, tmp, sid)
+            clean_stale(root, keep=sid)  # `latest` moved on: earlier crashes' leftovers go
             dist_util.crash_point("after_publish")
     except BaseException as e:
         error = e
