@@ -60,7 +60,7 @@ def safe_load(path: Path) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError, EOFError, zip errors...
         first = str(e).strip().splitlines()
-        why = next((ln for ln in first if "Unsupported global" in ln), first[0] if first else "")
+        why = next((ln for ln in first if "GLOBAL" in ln), first[0] if first else "")
         raise ValueError(f"{path}: refused or unreadable DeepSpeed file ({why.strip()})") from None
 
 
