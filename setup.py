@@ -11,14 +11,14 @@ setup(
     python_requires=">=3.9",
     # `kernels/` installs as `zeroshard_kernels`: a bare top-level `kernels` would clash with
     # other distributions that ship one.
-    packages=["zeroshard", "zeroshard.stage3", "zeroshard_kernels"],
+    packages=["zeroshard", "zeroshard.checkpoint", "zeroshard.stage3", "zeroshard_kernels"],
     package_dir={"zeroshard": "zeroshard", "zeroshard_kernels": "kernels"},
     package_data={"zeroshard": ["py.typed"]},
     install_requires=["torch>=2.4", "pydantic>=2.5", "tqdm>=4.60", "safetensors>=0.4"],
     extras_require={
         "triton": ["triton>=3.0", "numpy"],
         "bench": ["matplotlib>=3.5"],
-        "test": ["pytest>=7", "ruff>=0.4", "numpy", "matplotlib>=3.5"],
+        "test": ["pytest>=7", "ruff>=0.4", "numpy", "matplotlib>=3.5", "deepspeed", "transformers"],
     },
     entry_points={"console_scripts": ["zeroshard-train=zeroshard.train:main"]},
 )
