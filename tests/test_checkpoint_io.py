@@ -88,3 +88,28 @@ def test_load_without_checkpoint_names_the_folder(tmp_path):
     model, opt = make_model(), None
     with pytest.raises(zeroshard.CheckpointError, match=f"no checkpoint in {tmp_path}"):
         load_checkpoint(tmp_path, model, opt)
+
+
+def job_node_local(base: str) -> dict:
+    """Each rank saves into its own folder, as on node-local disks."""
+    rank = dist.get_rank()
+    model, opt = _build(2, torch.float32)
+    _train(model, opt, 2, 0)
+    save_checkpoint(f"{base}/node{rank}", model, opt, tag="t", client_state={"step": 2})
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_node_local_folders_brought_together(dist_run, tmp_path):
+    import shutil
+
+    want = dist_run(2, job_node_local, str(tmp_path))[0]
+    node0, node1 = tmp_path / "node0" / "t", tmp_path / "node1" / "t"
+    assert sorted(p.name for p in node1.iterdir()) == ["manifest.json", "rank00001.safetensors"]
+    with pytest.raises(zeroshard.CheckpointError, match="rank00001.safetensors: missing"):
+        load_checkpoint(tmp_path / "node0", make_model(), None)
+    shutil.copy(node1 / "rank00001.safetensors", node0)
+    model = make_model(3)
+    _, client = load_checkpoint(tmp_path / "node0", model, None)
+    assert client == {"step": 2}
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), want[n]), n
