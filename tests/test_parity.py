@@ -59,6 +59,7 @@ def train_zero(stage: int, rule: str, gas: int = 1, clip: float = 0.0, bucket: i
         opt.step()
         opt.zero_grad()
         losses.append(total)
+    states = [opt.shard_state(g.index) for g in opt.layout().groups]
     return {
         "params": {n: p.detach().float().clone() for n, p in model.named_parameters()},
         "losses": losses,
@@ -66,8 +67,8 @@ def train_zero(stage: int, rule: str, gas: int = 1, clip: float = 0.0, bucket: i
         "scales": scales,
         "memory": opt.memory_report(),
         "comm": opt.comm_report(),
-        "master": [m.clone() for e in opt._entries for m in e.master],
-        "state": {k: [t.clone() for t in v] for e in opt._entries for k, v in e.state.items()},
+        "master": [m.clone() for st in states for m in st.master],
+        "state": {k: [t.clone() for t in v] for st in states for k, v in st.state.items()},
     }
 
 

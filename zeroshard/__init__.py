@@ -8,6 +8,7 @@ Two ways in:
 from .checkpoint import CheckpointError, consolidate, load_checkpoint, save_checkpoint
 from .config import ConfigError, load_config
 from .initialize import initialize
+from .layout import ShardLayout, ShardState
 from .optimizer import ZeroOptimizer
 from .precision import LossScaler
 from .stage3 import GatheredParameters, Init
@@ -18,6 +19,8 @@ __all__ = [
     "GatheredParameters",
     "Init",
     "LossScaler",
+    "ShardLayout",
+    "ShardState",
     "ZeroOptimizer",
     "consolidate",
     "initialize",
