@@ -14,7 +14,6 @@ import torch.distributed as dist
 
 import zeroshard
 from tests.ckpt_jobs import build, train
-from zeroshard.checkpoint import _layout_compat as L
 
 MARKER = "pwned.txt"
 
@@ -31,9 +30,9 @@ class _Evil:
 
 def _snapshot(model, opt) -> list[torch.Tensor]:
     out = [p.detach().clone() for p in model.parameters()]
-    lay = L.layout(opt, model)
+    lay = opt.layout(model)
     for i in range(len(lay.groups)):
-        st = L.shard_state(opt, i)
+        st = opt.shard_state(i)
         out += [t.clone() for t in st.master]
         out += [t.clone() for ts in st.state.values() for t in ts]
         out.append(torch.tensor(float(st.step)))
