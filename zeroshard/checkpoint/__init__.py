@@ -5,7 +5,7 @@ Files: save.py (what each rank writes), commit.py (crash-safe publication), load
 (planning, validation, reading), manifest.py (the JSON format), st_stream.py (streaming
 safetensors writer), async_save.py (background saves), hf_export.py (consolidate: HF export),
 deepspeed_in.py (migration in), optimizer_state.py (in-memory opt.state_dict()),
-_layout_compat.py (temporary: the layout API over today's internals).
+_layout_compat.py (the one door to the layout API and the stage-3 units).
 """
 
 from .async_save import wait
