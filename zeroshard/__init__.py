@@ -5,7 +5,7 @@ Two ways in:
 - config-driven: `model, opt = zeroshard.initialize(model, "configs/zero2.json")`
 """
 
-from .checkpoint_io import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, consolidate, load_checkpoint, save_checkpoint
 from .config import ConfigError, load_config
 from .initialize import initialize
 from .layout import ShardLayout, ShardState
@@ -14,6 +14,7 @@ from .precision import LossScaler
 from .stage3 import GatheredParameters, Init
 
 __all__ = [
+    "CheckpointError",
     "ConfigError",
     "GatheredParameters",
     "Init",
@@ -21,6 +22,7 @@ __all__ = [
     "ShardLayout",
     "ShardState",
     "ZeroOptimizer",
+    "consolidate",
     "initialize",
     "load_checkpoint",
     "load_config",

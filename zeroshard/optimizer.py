@@ -428,11 +428,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     # -- checkpoints (same world size) ------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        from .checkpoint import optimizer_state_dict
+        from .checkpoint.optimizer_state import optimizer_state_dict
 
         return optimizer_state_dict(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        from .checkpoint import load_optimizer_state_dict
+        from .checkpoint.optimizer_state import load_optimizer_state_dict
 
         load_optimizer_state_dict(self, state_dict)
