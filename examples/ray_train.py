@@ -1,6 +1,6 @@
 """zeroshard under Ray Train: `TorchTrainer` on 2 CPU workers, a checkpoint reported through
-`ray.train.report` (each worker writes its own optimizer shard into its own temporary
-folder; rank 0 adds the weights), and a second run resumed from the mid-run checkpoint.
+`ray.train.report` (each worker writes its zeroshard checkpoint file into its own temporary
+folder; Ray merges them), and a second run resumed from the mid-run checkpoint.
 
     python examples/ray_train.py --stage 2 --out /tmp/ray.json
 """
@@ -21,53 +21,34 @@ import tiny_task  # noqa: E402
 STEPS, SAVE_AT = 10, 5
 
 
-def save_shards(model, opt, folder: str, rank: int, step: int) -> None:
-    """Every worker: its optimizer shard; rank 0 also the full weights (at stage 3 every
-    rank takes part in gathering them)."""
-    from safetensors.torch import save_file
-
-    from zeroshard.stage3.state_dict import full_state_dict
-
-    torch.save(opt.state_dict(), os.path.join(folder, f"optim_rank{rank}.pt"))
-    weights = full_state_dict(model, rank0_only=True)
-    if rank == 0:
-        weights = {k: v.contiguous().clone() for k, v in weights.items()}
-        weights.pop("lm_head.weight", None)  # tied to wte.weight
-        save_file(weights, os.path.join(folder, "model.safetensors"))
-        with open(os.path.join(folder, "meta.json"), "w") as f:
-            json.dump({"step": step}, f)
-
-
 def train_loop(config: dict) -> None:
     import ray.train
-    from safetensors.torch import load_file
+
+    import zeroshard
 
     torch.set_num_threads(1)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    model, start, shard = tiny_task.build_model(), 0, None
+    model, opt = zeroshard.initialize(tiny_task.build_model(), tiny_task.config(config["stage"]))
+    start = 0
     # Ray Train v2's pattern: the run's own latest checkpoint (after a worker restart), else
-    # the one handed in through the config (resuming another run).
+    # the one handed in through the config (resuming another run). Ray merged every worker's
+    # folder into one: a complete zeroshard checkpoint, loadable at any world size.
     ckpt = ray.train.get_checkpoint() or config.get("resume_from")
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            model.load_state_dict(load_file(os.path.join(d, "model.safetensors")), strict=False)
-            shard = torch.load(os.path.join(d, f"optim_rank{rank}.pt"), weights_only=True)
-            with open(os.path.join(d, "meta.json")) as f:
-                start = json.load(f)["step"]
-    import zeroshard
-
-    model, opt = zeroshard.initialize(model, tiny_task.config(config["stage"]))
-    if shard is not None:
-        opt.load_state_dict(shard)
+            _, client = zeroshard.load_checkpoint(d, model, opt)
+            start = client["step"]
     losses: list[float] = []
     for stop in (SAVE_AT, STEPS):
         if start >= stop:
             continue
         losses += tiny_task.train_steps(model, opt, start, stop, rank, world)
         start = stop
-        with tempfile.TemporaryDirectory() as tmp:  # this worker's own folder
-            save_shards(model, opt, tmp, rank, stop)
+        # Each worker saves into its own temporary folder (no shared disk): its own
+        # rank file, plus the manifest listing every rank's files; Ray uploads and merges them.
+        with tempfile.TemporaryDirectory() as tmp:
+            zeroshard.save_checkpoint(tmp, model, opt, tag="ckpt", client_state={"step": stop})
             ray.train.report({"step": stop, "losses": losses},
                              checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
@@ -99,8 +80,10 @@ def main() -> None:
     first = trainer(f"zeroshard_stage{a.stage}").fit()
     mid = next(c for c, m in first.best_checkpoints if m["step"] == SAVE_AT)
     resumed = trainer(f"zeroshard_stage{a.stage}_resumed", resume=mid).fit()
+    files = sorted(os.path.relpath(os.path.join(r, f), mid.path)
+                   for r, _, fs in os.walk(mid.path) for f in fs)  # fmt: skip
     out = {"losses": first.metrics["losses"], "resumed": resumed.metrics["losses"],
-           "checkpoint_files": sorted(os.listdir(mid.path))}
+           "checkpoint_files": files}
     print(json.dumps(out))
     if a.out:
         with open(a.out, "w") as f:

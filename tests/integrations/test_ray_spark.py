@@ -24,9 +24,9 @@ def test_ray_train_example(tmp_path):
     r = read_json(out)
     np.testing.assert_allclose(r["losses"], _reference(10), rtol=1e-5)
     assert r["resumed"] == r["losses"][5:]
-    # one checkpoint, merged by Ray from each worker's own folder
-    assert r["checkpoint_files"] == ["meta.json", "model.safetensors", "optim_rank0.pt",
-                                     "optim_rank1.pt"]  # fmt: skip
+    # one zeroshard checkpoint, merged by Ray from each worker's own folder
+    assert r["checkpoint_files"] == ["ckpt/manifest.json", "ckpt/rank00000.safetensors",
+                                     "ckpt/rank00001.safetensors", "latest"]  # fmt: skip
 
 
 def test_spark_torch_distributor_example(tmp_path):
