@@ -1,6 +1,7 @@
 """The architecture's done-when checks, kept true: no import cycle in the package, no module
 over ~450 lines, and no code outside the optimizer's package reading an underscore attribute
-of zeroshard's objects (tests, bench and examples use the public API)."""
+of zeroshard's objects (tests, bench and examples use the public API), and test modules
+that share helpers through helper modules, never through each other."""
 
 from __future__ import annotations
 
@@ -107,4 +108,17 @@ def test_nothing_outside_the_package_reads_private_attributes():
                     if m.group(0) == "update._compiled_lion":  # a module's helper, not state
                         continue
                     offenders.append(f"{f.relative_to(REPO)}:{i}: {m.group(0)}")
+    assert offenders == []
+
+
+def test_test_modules_share_helpers_not_each_other():
+    """Shared jobs and references live in helper modules (tests/*_jobs.py, models.py, ...);
+    a test module never imports another test module."""
+    offenders = []
+    for f in sorted((REPO / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                leaf = node.module.rsplit(".", 1)[-1]
+                if node.module.startswith("tests") and leaf.startswith("test_"):
+                    offenders.append(f"{f.relative_to(REPO)}: from {node.module}")
     assert offenders == []

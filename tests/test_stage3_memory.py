@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from tests.models import loss_fn, make_model, param_groups
-from tests.test_stage3_parity import local_batch, stage3_config
+from tests.stage3_jobs import local_batch, stage3_config
 
 WORLD = 4
 PREFETCH = 2500  # elements
