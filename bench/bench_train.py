@@ -48,7 +48,7 @@ from torch import Tensor, nn  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from zeroshard.tiny_gpt import BigramLanguage, GPTConfig, TinyGPT  # noqa: E402
+from zeroshard.demo.tiny_gpt import BigramLanguage, GPTConfig, TinyGPT  # noqa: E402
 
 MiB = 2**20
 CATEGORIES = ("params", "grads", "optimizer_states", "master", "other")

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 import zeroshard
-from zeroshard.tiny_gpt import BigramLanguage, GPTConfig, TinyGPT
+from zeroshard.demo.tiny_gpt import BigramLanguage, GPTConfig, TinyGPT
 
 
 def main() -> None:

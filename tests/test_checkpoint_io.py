@@ -8,7 +8,8 @@ import torch.distributed as dist
 
 import zeroshard
 from tests.models import batch, loss_fn, make_model, param_groups
-from zeroshard.checkpoint_io import load_checkpoint, save_checkpoint
+from zeroshard import load_checkpoint, save_checkpoint
+from zeroshard.checkpoint import save as save_mod
 
 
 def _train(model, opt, steps, start):
@@ -37,15 +38,18 @@ def job_save_fail_load(root: str, stage: int, dtype: torch.dtype) -> dict:
     want = {n: p.detach().float().clone() for n, p in model.named_parameters()}
 
     # a save that fails on rank 1 only: every rank raises, "good" stays whole and latest
-    original = opt.state_dict
+    original = save_mod.write_file
     if rank == 1:
-        opt.state_dict = lambda: (_ for _ in ()).throw(OSError("disk full (simulated)"))
+        def broken(*args, **kwargs):
+            raise OSError("disk full (simulated)")
+
+        save_mod.write_file = broken
     failed = ""
     try:
         save_checkpoint(root, model, opt, tag="good")
     except RuntimeError as e:
         failed = str(e)
-    opt.state_dict = original
+    save_mod.write_file = original
     after = {p.name: p.read_bytes() for p in _p(root, "good").iterdir()}
 
     model2, opt2 = _build(stage, dtype)
@@ -80,13 +84,32 @@ def test_save_load_and_failed_save(dist_run, tmp_path, stage, dtype):
         assert r["diff"] == 0.0
 
 
-def test_load_refuses_other_world_size(tmp_path):
-    """A checkpoint written by 2 ranks does not load into 1 (the file for rank 0 exists, the
-    world size differs): the message says both."""
+def test_load_without_checkpoint_names_the_folder(tmp_path):
     model, opt = make_model(), None
-    folder = tmp_path / "t"
-    folder.mkdir()
-    (tmp_path / "latest").write_text("t")
-    torch.save({"world_size": 2, "optimizer": {}}, folder / "optim_rank0.pt")
-    with pytest.raises(ValueError, match="saved by 2 ranks, this run has 1"):
+    with pytest.raises(zeroshard.CheckpointError, match=f"no checkpoint in {tmp_path}"):
         load_checkpoint(tmp_path, model, opt)
+
+
+def job_node_local(base: str) -> dict:
+    """Each rank saves into its own folder, as on node-local disks."""
+    rank = dist.get_rank()
+    model, opt = _build(2, torch.float32)
+    _train(model, opt, 2, 0)
+    save_checkpoint(f"{base}/node{rank}", model, opt, tag="t", client_state={"step": 2})
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_node_local_folders_brought_together(dist_run, tmp_path):
+    import shutil
+
+    want = dist_run(2, job_node_local, str(tmp_path))[0]
+    node0, node1 = tmp_path / "node0" / "t", tmp_path / "node1" / "t"
+    assert sorted(p.name for p in node1.iterdir()) == ["manifest.json", "rank00001.safetensors"]
+    with pytest.raises(zeroshard.CheckpointError, match="rank00001.safetensors: missing"):
+        load_checkpoint(tmp_path / "node0", make_model(), None)
+    shutil.copy(node1 / "rank00001.safetensors", node0)
+    model = make_model(3)
+    _, client = load_checkpoint(tmp_path / "node0", model, None)
+    assert client == {"step": 2}
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), want[n]), n

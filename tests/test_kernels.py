@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tests import test_update as tu
-from tests.test_update import CASES, GDTYPES, LRS, assert_matches, make_grads, reference, run_ours
+from tests.update_cases import CASES, GDTYPES, LRS, assert_matches, make_grads, reference, run_ours
 from zeroshard.update import apply_update, init_state
 
 triton = pytest.importorskip("triton")

@@ -13,7 +13,7 @@ from torch import nn
 
 import zeroshard
 from tests.models import batch, loss_fn, make_model, param_groups
-from tests.test_parity import GLOBAL_BATCH, assert_params_close
+from tests.parity_jobs import GLOBAL_BATCH, assert_params_close
 
 
 def _rank_world(group=None):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.models import make_model
-from tests.test_parity import train_zero
+from tests.parity_jobs import train_zero
 from zeroshard.accounting import zero_formula
 
 STAGES = [0, 1, 2]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.models import SEQ, loss_fn, make_model, param_groups
-from tests.test_stage3_parity import local_batch, stage3_config
+from tests.stage3_jobs import local_batch, stage3_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from tests.models import loss_fn, make_model, param_groups
-from tests.test_stage3_parity import local_batch, stage3_config
+from tests.stage3_jobs import local_batch, stage3_config
 
 WORLD = 4
 PREFETCH = 2500  # elements
@@ -61,7 +61,7 @@ def _layer_bytes(engine) -> int:
     """Largest set of units one module fetches (its own, tied and learned external ones)."""
     best = 0
     for m in engine.model.modules():
-        units = [u for u in engine._units_of(m) if not u.persistent]
+        units = [u for u in engine.units_of(m) if not u.persistent]
         best = max(best, sum(u.full_bytes for u in units))
     return best
 
@@ -120,7 +120,9 @@ def init_job() -> dict:
     with StoragePeak() as meter:
         with zeroshard.Init(cfg):
             model = make_model(layers=layers)
-    units = {id(p._zs_unit): p._zs_unit for p in model.parameters()}
+    from zeroshard.stage3.registry import unit_of
+
+    units = {id(unit_of(p)): unit_of(p) for p in model.parameters()}
     sharded_bytes = sum(u.shard.untyped_storage().nbytes() for u in units.values())
     reference = make_model(layers=layers)
     full_bytes = sum(p.numel() * 4 for p in reference.parameters())
@@ -131,7 +133,7 @@ def init_job() -> dict:
     sd = model.state_dict()
     same = all(torch.equal(sd[k], v) for k, v in reference.state_dict().items())
     # a parent whose __init__ re-initialises its children's (already partitioned) parameters
-    from zeroshard.tiny_gpt import GPTConfig, TinyGPT
+    from zeroshard.demo.tiny_gpt import GPTConfig, TinyGPT
 
     torch.manual_seed(0)
     with zeroshard.Init(cfg):

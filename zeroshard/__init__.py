@@ -5,19 +5,24 @@ Two ways in:
 - config-driven: `model, opt = zeroshard.initialize(model, "configs/zero2.json")`
 """
 
-from .checkpoint_io import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, consolidate, load_checkpoint, save_checkpoint
 from .config import ConfigError, load_config
 from .initialize import initialize
+from .layout import ShardLayout, ShardState
 from .optimizer import ZeroOptimizer
 from .precision import LossScaler
 from .stage3 import GatheredParameters, Init
 
 __all__ = [
+    "CheckpointError",
     "ConfigError",
     "GatheredParameters",
     "Init",
     "LossScaler",
+    "ShardLayout",
+    "ShardState",
     "ZeroOptimizer",
+    "consolidate",
     "initialize",
     "load_checkpoint",
     "load_config",

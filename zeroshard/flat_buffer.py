@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-# Chunks start on 16-element boundaries (64 bytes in fp32): the update kernels then issue
-# full-width vector loads, and the pieces stay aligned when views of one allocation.
-ALIGN = 16
+from .layout import ALIGN, Bucket, BucketPlan, plan_buckets
+
+__all__ = ["ALIGN", "Bucket", "FlatParams", "Slot"]
 
 
 @dataclass(frozen=True)
@@ -35,27 +35,6 @@ class Slot:
     offset: int  # first element in the flat buffer
     numel: int
     bucket: int
-
-
-@dataclass(frozen=True)
-class Bucket:
-    """A contiguous, padded range of the flat buffer; the unit of one collective."""
-
-    index: int
-    start: int  # first element in the flat buffer
-    numel: int  # padded size, a multiple of num_shards * ALIGN
-    chunk: int  # numel // num_shards: what each rank owns
-    shard_offset: int  # where this rank's chunk starts in the contiguous per-rank shard
-    slots: tuple[int, ...]  # indices of the parameters inside
-
-    def chunk_range(self, shard: int) -> tuple[int, int]:
-        """[begin, end) of shard `shard`'s chunk, in flat-buffer elements."""
-        begin = self.start + shard * self.chunk
-        return begin, begin + self.chunk
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 class FlatParams:
@@ -83,42 +62,18 @@ class FlatParams:
         self.device = params[0].device
         self.num_shards = num_shards
         self.shard = shard
-        unit = num_shards * ALIGN
-
-        # Plan buckets: close one when the next parameter would not fit.
-        plan: list[list[int]] = [[]]
-        filled = 0
-        for i, p in enumerate(params):
-            n = p.numel()
-            if plan[-1] and filled + n > bucket_numel:
-                plan.append([])
-                filled = 0
-            plan[-1].append(i)
-            filled += n
-
-        slots: list[Slot] = []
-        buckets: list[Bucket] = []
-        start = shard_offset = 0
-        for b, members in enumerate(plan):
-            offset = start
-            for i in members:
-                slots.append(Slot(params[i], i, offset, params[i].numel(), b))
-                offset += params[i].numel()
-            numel = max(_round_up(offset - start, unit), unit)
-            chunk = numel // num_shards
-            buckets.append(Bucket(b, start, numel, chunk, shard_offset, tuple(members)))
-            start += numel
-            shard_offset += chunk
-        self.slots = slots
-        self.buckets = buckets
-        self.numel = start
-        self.shard_numel = shard_offset
-        self.param_numel = sum(s.numel for s in slots)
+        self.plan: BucketPlan = plan_buckets([p.numel() for p in params], num_shards, bucket_numel)
+        self.slots = [Slot(params[s.index], s.index, s.offset, s.numel, s.bucket)
+                      for s in self.plan.slots]  # fmt: skip
+        self.buckets = list(self.plan.buckets)
+        self.numel = self.plan.numel
+        self.shard_numel = self.plan.shard_numel
+        self.param_numel = self.plan.param_numel
 
         # Move the parameters into the flat buffer and point them at it.
         self.flat = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
         with torch.no_grad():
-            for s in slots:
+            for s in self.slots:
                 view = self.flat[s.offset : s.offset + s.numel]
                 view.copy_(s.param.detach().reshape(-1))
                 s.param.data = view.view_as(s.param)

@@ -1,5 +1,8 @@
 """Where gradients go: from `param.grad` into flat buffers, then averaged across ranks.
 
+The per-stage part (which buffer, which collective) is a strategy in grad_strategies.py; this
+module holds what every stage shares, and `GradPath`, the protocol the optimizer talks to.
+
 A post-accumulate-grad hook on every trainable parameter moves its fresh `.grad` into a flat
 buffer and frees it, so autograd never holds more than one parameter's full gradient:
 
@@ -26,38 +29,29 @@ optimizer calls before it reads gradients, so an unused parameter never hangs a 
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import Tensor
 
 from . import guards
 from .collectives import Comm
-from .flat_buffer import Bucket, FlatParams, Slot
+from .flat_buffer import FlatParams, Slot
+from .grad_strategies import STRATEGIES, BucketState
+from .inflight import InFlight
 from .precision import default_reduce_dtype
 
-# Stage 2 keeps at most this many buckets in flight before waiting on the oldest
-# (double buffering, as DeepSpeed does with overlap_comm).
-MAX_IN_FLIGHT = 2
 
+class GradPath(Protocol):
+    """What `ZeroOptimizer.step` needs from a stage's gradient path (stages 0-3)."""
 
-class _BucketState:
-    __slots__ = (
-        "index", "flat", "bucket", "fired", "dirty", "launched", "buffer", "wrote_shard", "reduced"
-    )
+    sharded: bool  # gradients on different ranks are disjoint (their norms add up)
 
-    def __init__(self, index: int, flat: int, bucket: Bucket) -> None:
-        self.index = index  # position among all buckets of the reducer
-        self.flat = flat
-        self.bucket = bucket
-        self.fired: set[int] = set()
-        self.dirty = False  # holds gradient not yet reduced
-        self.launched = False  # reduced at least once since the last step
-        self.buffer: Tensor | None = None  # stage 2: the bucket's full-size gradients
-        self.wrote_shard = False  # stage 2: shard already holds reduced gradient this step
-        self.reduced: Tensor | None = None  # stage 1: averaged chunk waiting for finish()
-
-    @property
-    def ready(self) -> bool:
-        return len(self.fired) == len(self.bucket.slots)
+    def finish(self) -> None: ...
+    def grad_pieces(self, i: int) -> list[Tensor]: ...
+    def end_step(self) -> None: ...
+    def zero_grad(self) -> None: ...
+    def held_tensors(self) -> dict[str, list[Tensor]]: ...
 
 
 class GradReducer:
@@ -71,23 +65,23 @@ class GradReducer:
         overlap_comm: bool = True,
         accumulation_steps: int = 1,
     ) -> None:
-        if stage not in (0, 1, 2):
+        if stage not in STRATEGIES:
             raise ValueError(f"GradReducer handles stages 0, 1 and 2, got {stage}")
         self.comm = comm
-        self.stage = stage
         self.reduce_dtype = reduce_dtype
         self.overlap_comm = overlap_comm
         self.accumulation_steps = accumulation_steps
         self.flats: list[FlatParams] = []
-        self.grad_flat: list[Tensor | None] = []  # stages 0-1: full-size gradient buffers
-        self.grad_shard: list[Tensor | None] = []  # stage 2: this rank's gradient shard
-        self._states: list[_BucketState] = []
+        self.queue = InFlight()
+        self.strategy = STRATEGIES[stage](comm, self.queue, self.flats)
+        self.sharded = self.strategy.sharded
+        self._launches_in_backward = self.strategy.launches_in_backward(
+            overlap_comm, accumulation_steps
+        )
+        self._states: list[BucketState] = []
         self._order: list[int] | None = None  # launch order, as indices into _states
         self._next = 0  # position in _order of the next bucket to launch during backward
         self._completed: list[int] = []  # readiness order seen on the first step
-        # (work, bucket, temporary output to add into the shard, bucket buffer to recycle)
-        self._in_flight: list[tuple[object, _BucketState, Tensor | None, Tensor | None]] = []
-        self._pool: list[Tensor] = []  # stage 2: idle bucket buffers
 
     # -- setup ----------------------------------------------------------------------------
     def add(self, flat: FlatParams) -> None:
@@ -95,16 +89,10 @@ class GradReducer:
         fi = len(self.flats)
         self.flats.append(flat)
         # each dtype's own default unless one was asked for
-        dtype = self.reduce_dtype or default_reduce_dtype(flat.dtype)
-        if self.stage == 2:
-            self.grad_flat.append(None)
-            self.grad_shard.append(torch.zeros(flat.shard_numel, dtype=dtype, device=flat.device))
-        else:
-            self.grad_flat.append(torch.zeros(flat.numel, dtype=dtype, device=flat.device))
-            self.grad_shard.append(None)
+        self.strategy.add(flat, self.reduce_dtype or default_reduce_dtype(flat.dtype))
         first_state = len(self._states)
         for b in flat.buckets:
-            self._states.append(_BucketState(len(self._states), fi, b))
+            self._states.append(BucketState(len(self._states), fi, b))
         for slot in flat.slots:
             state = self._states[first_state + slot.bucket]
             handle = slot.param.register_post_accumulate_grad_hook(
@@ -115,20 +103,12 @@ class GradReducer:
         self._completed.clear()
 
     # -- backward -------------------------------------------------------------------------
-    def _on_grad(self, param: Tensor, fi: int, slot: Slot, state: _BucketState) -> None:
+    def _on_grad(self, param: Tensor, fi: int, slot: Slot, state: BucketState) -> None:
         grad = param.grad
         if grad is None:
             return
-        flat = self.flats[fi]
         with torch.no_grad():
-            if self.stage == 2:
-                if state.buffer is None:
-                    state.buffer = self._bucket_buffer(fi, state.bucket)
-                lo = slot.offset - state.bucket.start
-                state.buffer[lo : lo + slot.numel].add_(grad.reshape(-1))
-            else:
-                self._wait_for(state)  # its last reduction may still be reading this bucket
-                flat.param_view(self.grad_flat[fi], slot).add_(grad.reshape(-1))
+            self.strategy.accumulate(fi, slot, state, grad)
         param.grad = None
         state.dirty = True
         if slot.index not in state.fired:
@@ -139,15 +119,6 @@ class GradReducer:
                 elif self._launches_in_backward:
                     self._launch_ready()
 
-    @property
-    def _launches_in_backward(self) -> bool:
-        if self.stage == 2:
-            return True
-        # Stages 0-1 stay exact if backward runs again before the step (stage 0 all-reduces in
-        # place, which is linear; stage 1 reduces out of place), but reducing during backward
-        # only pays when every backward ends an accumulation cycle.
-        return self.overlap_comm and self.accumulation_steps == 1
-
     def _launch_ready(self) -> None:
         order = self._order
         while self._next < len(order) and self._states[order[self._next]].ready:
@@ -156,65 +127,11 @@ class GradReducer:
         if self._next == len(order):
             self._next = 0
 
-    def _launch(self, state: _BucketState, in_backward: bool = True) -> None:
-        fi, b = state.flat, state.bucket
-        flat = self.flats[fi]
+    def _launch(self, state: BucketState, in_backward: bool = True) -> None:
         state.fired.clear()
         state.dirty = False
         state.launched = True
-        if self.stage == 2:
-            if state.buffer is None:  # no gradient here on this rank: contribute zeros
-                state.buffer = self._bucket_buffer(fi, b)
-            piece = self.grad_shard[fi][b.shard_offset : b.shard_offset + b.chunk]
-            # The first reduction of a step writes the shard directly; later ones (gradient
-            # accumulation) land in a temporary and are added.
-            out = torch.empty_like(piece) if state.wrote_shard else piece
-            work = self.comm.reduce_scatter(out, state.buffer, async_op=True)
-            self._in_flight.append((work, state, None if out is piece else out, state.buffer))
-            state.wrote_shard = True
-            state.buffer = None  # the in-flight entry holds it until the wait
-            # without overlap_comm each bucket is finished before backward goes on
-            limit = MAX_IN_FLIGHT if self.overlap_comm else 0
-            while len(self._in_flight) > limit:
-                self._complete_oldest()
-        else:
-            full = flat.bucket_view(self.grad_flat[fi], b)
-            if self.stage == 0:
-                work = self.comm.all_reduce(full, async_op=True)
-                self._in_flight.append((work, state, None, None))
-            else:
-                lo, hi = b.chunk_range(flat.shard)
-                own = self.grad_flat[fi][lo:hi]
-                # during backward: out of place (see the module docstring); at finish: in place
-                temp = torch.empty_like(own) if in_backward else None
-                self._wait_for(state)  # an older result must not land after this one
-                state.reduced = None
-                work = self.comm.reduce_scatter(own if temp is None else temp, full, async_op=True)
-                self._in_flight.append((work, state, temp, None))
-
-    def _bucket_buffer(self, fi: int, bucket: Bucket) -> Tensor:
-        """A zeroed full-size gradient buffer for `bucket`, recycled from the pool if one fits."""
-        dtype = self.grad_shard[fi].dtype
-        for i, buf in enumerate(self._pool):
-            if buf.dtype == dtype and buf.numel() >= bucket.numel:
-                self._pool.pop(i)
-                return buf[: bucket.numel].zero_()
-        return torch.zeros(bucket.numel, dtype=dtype, device=self.flats[fi].device)
-
-    def _complete_oldest(self) -> None:
-        work, state, temp, buffer = self._in_flight.pop(0)
-        work.wait()
-        if buffer is not None and len(self._pool) <= MAX_IN_FLIGHT:
-            self._pool.append(buffer)
-        if temp is not None and self.stage == 2:
-            b = state.bucket
-            self.grad_shard[state.flat][b.shard_offset : b.shard_offset + b.chunk].add_(temp)
-        elif temp is not None:  # stage 1: the averaged chunk waits for finish()
-            state.reduced = temp
-
-    def _wait_for(self, state: _BucketState) -> None:
-        while any(entry[1] is state for entry in self._in_flight):
-            self._complete_oldest()
+        self.strategy.launch(state, in_backward, self.overlap_comm)
 
     # -- step -----------------------------------------------------------------------------
     def finish(self) -> None:
@@ -226,14 +143,8 @@ class GradReducer:
             state = self._states[i]
             if state.dirty or not state.launched:
                 self._launch(state, in_backward=False)
-        while self._in_flight:
-            self._complete_oldest()
-        for state in self._states:
-            if state.reduced is not None:
-                flat = self.flats[state.flat]
-                lo, hi = state.bucket.chunk_range(flat.shard)
-                self.grad_flat[state.flat][lo:hi].copy_(state.reduced)
-                state.reduced = None
+        self.queue.drain()
+        self.strategy.after_finish(self._states)
         self._next = 0
 
     def _agree_order(self) -> None:
@@ -249,12 +160,11 @@ class GradReducer:
         """After the optimizer consumed the gradients: the next backward starts a new step."""
         for s in self._states:
             s.launched = False
-        self._pool.clear()
+        self.strategy.end_step()
 
     def zero_grad(self) -> None:
-        for t in self.grad_flat + self.grad_shard:
-            if t is not None:
-                t.zero_()
+        for t in self.strategy.grads:
+            t.zero_()
         for s in self._states:
             s.wrote_shard = False
             s.dirty = False
@@ -266,15 +176,9 @@ class GradReducer:
     def grad_pieces(self, fi: int) -> list[Tensor]:
         """This rank's averaged gradients for FlatParams `fi`, one piece per bucket, aligned
         with `FlatParams.own_chunks` of the parameters."""
-        flat = self.flats[fi]
-        if self.stage == 2:
-            return flat.split_shard(self.grad_shard[fi])
-        return flat.own_chunks(self.grad_flat[fi])
+        return self.strategy.grad_pieces(fi)
 
     def held_tensors(self) -> dict[str, list[Tensor]]:
         """Tensors this reducer holds, for the memory report."""
-        grads = [t for t in self.grad_flat + self.grad_shard if t is not None]
-        buffers = [t for s in self._states for t in (s.buffer, s.reduced) if t is not None]
-        buffers += [t for entry in self._in_flight for t in entry[2:] if t is not None]
-        buffers += self._pool
-        return {"grads": grads, "comm_buffers": buffers}
+        buffers = self.strategy.held_buffers(self._states) + self.queue.held_tensors()
+        return {"grads": list(self.strategy.grads), "comm_buffers": buffers}

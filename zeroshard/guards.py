@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import gc
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -33,6 +33,10 @@ from . import shutdown
 _OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 # parameter -> handles of the gradient hooks its owner installed (removed with a dead owner)
 _HOOKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# optimizers already scanned for a DistributedDataParallel wrapper (no attribute set on them)
+_DDP_CHECKED: weakref.WeakSet = weakref.WeakSet()
+# stage -> how moved parameters are re-linked (stage 3 registers its own: stage3/relink.py)
+RELINKERS: dict[int, Callable[[Any], None]] = {}
 
 
 def _rank() -> int:
@@ -129,11 +133,14 @@ def broadcast_from_rank0(comm: Any, tensors: Iterable[Tensor]) -> None:
             dist.broadcast(t.data, src=src, group=comm.group)
 
 
-def broadcast_module_state(comm: Any, model: nn.Module) -> None:
-    """Rank 0's parameters (not yet partitioned) and floating buffers, to every rank."""
+def broadcast_module_state(
+    comm: Any, model: nn.Module, partitioned: Callable[[Tensor], bool] | None = None
+) -> None:
+    """Rank 0's parameters and floating buffers, to every rank. `partitioned(p)` marks
+    parameters already sharded (stage 3's `zeroshard.Init`: broadcast when partitioned)."""
     check_params(model.parameters())
-    tensors = [p for p in model.parameters() if getattr(p, "_zs_unit", None) is None]
-    broadcast_from_rank0(comm, list(dict.fromkeys(tensors)) + list(model.buffers()))
+    params = [p for p in model.parameters() if partitioned is None or not partitioned(p)]
+    broadcast_from_rank0(comm, list(dict.fromkeys(params)) + list(model.buffers()))
 
 
 # -- every step -----------------------------------------------------------------------------
@@ -176,9 +183,9 @@ def check_ddp_forward(*_: Any) -> None:
 def check_ddp_once(optimizer: Any) -> None:
     """Drop-in optimizers see no model: once, at the first step, look for a live DDP module
     holding any of their parameters (one scan of the garbage collector's objects)."""
-    if getattr(optimizer, "_zs_ddp_checked", False):
+    if optimizer in _DDP_CHECKED:
         return
-    optimizer._zs_ddp_checked = True
+    _DDP_CHECKED.add(optimizer)
     if not (dist.is_available() and dist.is_initialized()):
         return
     ours = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -194,10 +201,7 @@ def before_step(optimizer: Any) -> None:
     """The checks `step()` runs before it reads gradients."""
     check_process_group(optimizer.comm)
     check_ddp_once(optimizer)
-    if optimizer.stage == 3:
-        relink_moved_stage3(optimizer.engine)
-    else:
-        relink_moved(optimizer)
+    RELINKERS.get(optimizer.stage, relink_moved)(optimizer)
 
 
 @torch.no_grad()
@@ -213,7 +217,7 @@ def relink_moved(optimizer: Any) -> None:
             view = flat.param_view(flat.flat, s)
             if p.data.data_ptr() == view.data_ptr() and p.data.is_contiguous():
                 continue
-            _check_same_kind(p, view)
+            check_same_kind(p, view)
             new = p.data.reshape(-1)
             if not torch.equal(new, view):
                 view.copy_(new)
@@ -224,31 +228,7 @@ def relink_moved(optimizer: Any) -> None:
                 m.copy_(c)  # the new values become the fp32 master
 
 
-@torch.no_grad()
-def relink_moved_stage3(engine: Any) -> None:
-    """Stage 3: gathered (persistent) parameters whose storage was replaced are re-linked to
-    their unit's full buffer; released ones are placeholders that the next gather re-points."""
-    for u in engine.units:
-        if u.full is None:
-            continue
-        changed = False
-        for s in u.slots:
-            p = s.param
-            view = u.full[s.offset : s.offset + s.numel]
-            if p.data.data_ptr() == view.data_ptr() or p.numel() != s.numel:
-                continue
-            _check_same_kind(p, view)
-            new = p.data.reshape(-1)
-            if not torch.equal(new, view):
-                view.copy_(new)
-                changed = True
-            p.data = view.view(s.shape)
-        if changed and u.persistent:  # the shard pieces are views of `full`: masters follow
-            for listener in u.listeners:
-                listener(u)
-
-
-def _check_same_kind(p: Tensor, view: Tensor) -> None:
+def check_same_kind(p: Tensor, view: Tensor) -> None:
     if p.dtype != view.dtype or p.device != view.device:
         raise RuntimeError(
             f"rank {_rank()}: a parameter of shape {tuple(p.shape)} was moved to "

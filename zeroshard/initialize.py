@@ -1,84 +1,58 @@
-"""`zeroshard.initialize(model, config)`: the config-driven way in.
+"""`zeroshard.initialize(model, config)`: the config-driven way in, the same for every stage.
 
-It reads a DeepSpeed-style JSON config (or dict), casts the model to the configured precision,
-builds the sharded optimizer for the configured stage, and attaches the configured learning
-rate scheduler (stepped by `optimizer.step()`, exposed as `optimizer.lr_scheduler`).
+It reads a DeepSpeed-style JSON config (or dict) for the world of `process_group`, builds the
+sharded optimizer for the configured stage (stage 3 also shards the model: stage3/build.py),
+and attaches the configured learning rate scheduler (stepped by `optimizer.step()`, exposed
+as `optimizer.lr_scheduler`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch import nn
 
 from . import guards, timing
 from .collectives import Comm
-from .config import ConfigError, ZeroConfig, load_config
+from .config import ZeroConfig
 from .optimizer import ZeroOptimizer
 from .precision import LossScaler
+from .prepare import ParamsArg, resolve_config, trainable_params
 from .schedulers import build_scheduler
-
-
-def hidden_size_of(model: nn.Module) -> int | None:
-    """The model's hidden size if it says so (HF `config.hidden_size`, GPT `n_embd`, ...):
-    what HF-style "auto" bucket sizes are derived from."""
-    for owner in (getattr(model, "config", None), model):
-        for name in ("hidden_size", "n_embd", "d_model", "dim"):
-            value = getattr(owner, name, None)
-            if isinstance(value, int) and value > 0:
-                return value
-    return None
-
-
-def _check_supported(cfg: ZeroConfig) -> None:
-    zo = cfg.zero_optimization
-    for key in ("reduce_scatter", "allgather_partitions"):
-        if getattr(zo, key) is False:
-            raise ConfigError(
-                [
-                    f"zero_optimization.{key}: false is not supported by zeroshard yet "
-                    "(gradients are always reduce-scattered and partitions all-gathered); "
-                    "remove the key or set it to true"
-                ]
-            )
+from .stage3.build import build_stage3
 
 
 def initialize(
     model: nn.Module,
-    config: str | os.PathLike | Mapping[str, Any] | ZeroConfig,
+    config: str | os.PathLike | Mapping[str, Any] | ZeroConfig | None = None,
     *,
-    model_parameters: Iterable[torch.Tensor] | Iterable[dict[str, Any]] | None = None,
+    model_parameters: ParamsArg = None,
     process_group: dist.ProcessGroup | None = None,
 ) -> tuple[nn.Module, Any]:
     """Returns `(model, optimizer)` set up as the config says.
 
-    `model_parameters` (params or param-group dicts) defaults to all of `model.parameters()`;
-    the config's optimizer params are the group defaults. The model is cast to bf16/fp16 when
-    the config enables it (the optimizer keeps fp32 master weights).
+    `model_parameters` (params or param-group dicts, any iterable) defaults to all trainable
+    parameters of the model; the config's optimizer params are the group defaults. The model
+    is cast to bf16/fp16 when the config enables it (the optimizer keeps fp32 master weights).
+    `process_group` is the set of ranks to shard over, at every stage. `config` defaults to the
+    path in $ZEROSHARD_CONFIG, which `zeroshard run --config CFG` sets.
     """
     guards.check_not_ddp(model)  # issue 8: zeroshard replaces DDP
-    if not isinstance(config, ZeroConfig):
-        world = dist.get_world_size(process_group) if dist.is_initialized() else 1
-        config = load_config(config, world_size=world)
-    cfg = config.resolve_auto(hidden_size_of(model))
-    _check_supported(cfg)
-    if cfg.precision != "fp32":
-        model.to(cfg.compute_dtype)
-
+    cfg = resolve_config(model, config, process_group)
+    params = trainable_params(model, model_parameters)
     if cfg.zero_optimization.stage == 3:
-        from .stage3 import initialize_stage3
-
-        model, optimizer = initialize_stage3(model, cfg, model_parameters)
+        optimizer = build_stage3(model, cfg, params, process_group)
     else:
+        if cfg.precision != "fp32":
+            model.to(cfg.compute_dtype)
         guards.broadcast_module_state(Comm(process_group), model)  # issue 8: rank 0's weights
         rule, hp = cfg.optimizer_spec()
         zo = cfg.zero_optimization
         optimizer = ZeroOptimizer(
-            model_parameters if model_parameters is not None else model.parameters(),
+            params,
             rule,
             stage=zo.stage,
             process_group=process_group,
@@ -97,3 +71,21 @@ def initialize(
     model.register_forward_pre_hook(guards.check_ddp_forward)  # issue 8: no DDP around it
     timing.install(model, optimizer, cfg)  # issue 8: wall_clock_breakdown
     return model, optimizer
+
+
+def initialize_stage3(
+    model: nn.Module,
+    config: str | os.PathLike | Mapping[str, Any] | ZeroConfig,
+    model_parameters: ParamsArg = None,
+    *,
+    process_group: dist.ProcessGroup | None = None,
+) -> tuple[nn.Module, Any]:
+    """`initialize` for a config that must be stage 3 (refuses any other stage)."""
+    cfg = resolve_config(model, config, process_group)
+    if cfg.zero_optimization.stage != 3:
+        raise ValueError(
+            f"initialize_stage3 needs zero_optimization.stage 3, got {cfg.zero_optimization.stage}"
+        )
+    return initialize(
+        model, cfg, model_parameters=model_parameters, process_group=process_group
+    )

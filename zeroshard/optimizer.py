@@ -23,11 +23,17 @@ from . import guards, torch_clip, update
 from .accounting import memory_report
 from .collectives import Comm, wait_all
 from .flat_buffer import FlatParams
-from .grad_reducer import GradReducer
+from .grad_reducer import GradPath, GradReducer
+from .layout import ParamLayout, ShardGroupLayout, ShardLayout, ShardState
 from .precision import LossScaler
 from .rules import RULE_DEFAULTS, resolve_rule
 
 log = logging.getLogger("zeroshard")
+
+
+def check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"zeroshard trains fp32, bf16 or fp16 parameters, not {dtype}")
 
 
 @dataclass
@@ -35,10 +41,11 @@ class _Entry:
     """One (param group, dtype) unit: its flat params, fp32 master chunks and update state."""
 
     group: int
-    flat: FlatParams
-    master: list[Tensor]  # fp32 pieces this rank updates (views of `flat` when fp32)
+    dtype: torch.dtype  # the parameters' dtype
+    master: list[Tensor]  # fp32 pieces this rank updates (views of the params when fp32)
     master_shard: Tensor | None  # the contiguous fp32 copy when params are bf16/fp16
     model_copies: list[Tensor] | None  # low-precision chunks the update writes, else None
+    flat: FlatParams | None = None  # stages 0-2: the packed parameters (stage 3: in units)
     state: dict[str, list[Tensor]] = field(default_factory=dict)
     step: int = 0
     generic: torch.optim.Optimizer | None = None  # a torch optimizer run on the pieces
@@ -103,7 +110,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.loss_scaler = loss_scaler
         self.lr_scheduler = None  # set by zeroshard.initialize from the config
         self._entries: list[_Entry] = []
-        self._reducer: GradReducer | None = None
+        self._reducer: GradPath | None = None  # the stage's gradient path
         self._pending_stats: Tensor | None = None
         self._pending_clip: float | None = None
         self.skipped_steps = 0
@@ -126,36 +133,43 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self._add_entry(group_index, dtype, params)
 
     def _add_entry(self, group_index: int, dtype: torch.dtype, params: list[Tensor]) -> None:
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"zeroshard trains fp32, bf16 or fp16 parameters, not {dtype}")
-        if dtype == torch.float16 and self.loss_scaler is None:
-            self.loss_scaler = LossScaler()
         if self._reducer is None:
             self._reducer = GradReducer(
                 self.comm, self.stage, self._explicit_reduce_dtype, self._overlap,
                 self.gradient_accumulation_steps,
             )  # fmt: skip
+        check_dtype(dtype)
         # stage 0 replicates: one shard, and every rank owns all of it
-        num_shards, shard = (1, 0) if self.stage == 0 else (self.comm.world_size, self.comm.rank)
+        sharded = self._reducer.sharded
+        num_shards, shard = (self.comm.world_size, self.comm.rank) if sharded else (1, 0)
         flat = FlatParams(params, num_shards, shard, self._bucket_numel)
         guards.broadcast_from_rank0(self.comm, [flat.flat])  # issue 8: rank 0's initial weights
-        chunks = flat.own_chunks(flat.flat)
+        self._append_entry(group_index, dtype, flat.own_chunks(flat.flat), flat)
+        self._reducer.add(flat)
+
+    def _append_entry(self, group_index: int, dtype: torch.dtype, shard: list[Tensor],
+                      flat: FlatParams | None = None) -> _Entry:  # fmt: skip
+        """An update unit over `shard`, this rank's pieces of the parameters (every stage):
+        fp32 pieces are the master themselves; bf16/fp16 ones get a contiguous fp32 copy."""
+        if dtype == torch.float16 and self.loss_scaler is None:
+            self.loss_scaler = LossScaler()
         if dtype == torch.float32:
-            master, master_shard, copies = chunks, None, None  # the params are the master
+            master, master_shard, copies = list(shard), None, None  # the params are the master
         else:
-            master_shard = torch.empty(flat.shard_numel, dtype=torch.float32, device=flat.device)
-            master = flat.split_shard(master_shard)
-            for m, c in zip(master, chunks):
+            numel = sum(t.numel() for t in shard)
+            master_shard = torch.empty(numel, dtype=torch.float32, device=shard[0].device)
+            master = list(master_shard.split([t.numel() for t in shard]))
+            for m, c in zip(master, shard):
                 m.copy_(c)
-            copies = chunks
-        entry = _Entry(group_index, flat, master, master_shard, copies)
+            copies = list(shard)
+        entry = _Entry(group_index, dtype, master, master_shard, copies, flat=flat)
         hp = self._hyperparams(self.param_groups[group_index])
         if self._generic_cls is None:
             entry.state = update.init_state(self.rule, hp, master)
         else:
             entry.generic = self._make_generic(entry)
         self._entries.append(entry)
-        self._reducer.add(flat)
+        return entry
 
     def _make_generic(self, entry: _Entry) -> torch.optim.Optimizer:
         group = {k: v for k, v in self.param_groups[entry.group].items() if k != "params"}
@@ -196,7 +210,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self._reducer.finish()
             pieces = [g for i in range(len(self._entries)) for g in self._reducer.grad_pieces(i)]
             stats = update.grad_stats(pieces, backend=self.kernel).to(torch.float64)
-            if self.stage > 0:  # shards are disjoint: sum them; stage 0 grads are replicated
+            if self._reducer.sharded:  # shards are disjoint: sum them; stage 0's are replicas
                 self.comm.all_reduce(stats, op="sum")
             self._pending_stats = stats
         return self._pending_stats
@@ -272,7 +286,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def _gather_params(self) -> None:
         """Every rank updated its chunks; all-gather them back into the full parameters."""
-        if self.stage == 0:
+        if not self._reducer.sharded:  # stage 0: every rank updated everything
             return
         works: list = []
         in_flight = 0
@@ -304,6 +318,87 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._pending_stats = None
         self._pending_clip = None
         self.comm.counter.snapshot()
+
+    # -- the public shard layout (layout.py) ---------------------------------------------------
+    @property
+    def process_group(self) -> dist.ProcessGroup | None:
+        """The ranks this optimizer shards over (None: the whole world)."""
+        return self.comm.group
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.comm.world_size
+
+    def _param_index(self) -> dict[int, tuple[int, int]]:
+        """id(param) -> (position in the trainable-parameter order, param group)."""
+        out: dict[int, tuple[int, int]] = {}
+        for gi, g in enumerate(self.param_groups):
+            for p in g["params"]:
+                if p.requires_grad and id(p) not in out:
+                    out[id(p)] = (len(out), gi)
+        return out
+
+    def _shard_group_numel(self, i: int) -> tuple[int, int]:
+        """(shard numel, number of shards) of shard group i."""
+        flat = self._entries[i].flat
+        return flat.shard_numel, flat.num_shards
+
+    def _param_layouts(self, names: dict[int, str]) -> list[ParamLayout]:
+        index = self._param_index()
+        out = []
+        for si, e in enumerate(self._entries):
+            plan = e.flat.plan
+            for slot, sp in zip(e.flat.slots, plan.slots):
+                pos, gi = index[id(slot.param)]
+                out.append(ParamLayout(
+                    pos, names.get(id(slot.param)), tuple(slot.param.shape), slot.param.dtype,
+                    gi, si, slot.offset, tuple(plan.pieces(sp)),
+                ))  # fmt: skip
+        return out
+
+    def _model_names(self, model: torch.nn.Module | None) -> dict[int, str]:
+        if model is None:
+            return {}
+        return {id(p): n for n, p in model.named_parameters()}
+
+    def layout(self, model: torch.nn.Module | None = None) -> ShardLayout:
+        """Which slice of which parameter each rank holds (names from `model` when given)."""
+        groups = []
+        for i, e in enumerate(self._entries):
+            numel, shards = self._shard_group_numel(i)
+            groups.append(ShardGroupLayout(i, e.group, e.dtype, numel, shards))
+        params = sorted(self._param_layouts(self._model_names(model)), key=lambda p: p.index)
+        return ShardLayout(self.stage, self.comm.world_size, self.comm.rank, tuple(groups),
+                           tuple(params))  # fmt: skip
+
+    def shard_state(self, i: int) -> ShardState:
+        """Live tensors of shard group i on this rank (write into them to load)."""
+        e = self._entries[i]
+        state = dict(e.state)
+        if e.generic is not None:
+            per = [e.generic.state.get(m, {}) for m in e.master]
+            for name in per[0] if per else ():
+                if all(torch.is_tensor(s.get(name)) for s in per):
+                    state[name] = [s[name] for s in per]
+        return ShardState(list(e.master), state, e.step, e.generic)
+
+    def set_step(self, i: int, step: int) -> None:
+        """Restore the update count of shard group i (a checkpoint load)."""
+        self._entries[i].step = int(step)
+
+    @torch.no_grad()
+    def sync_params_from_master(self) -> None:
+        """After master pieces were written in place: the bf16/fp16 model copies follow, and
+        every rank's full parameters are all-gathered (stage 3: persistent units only)."""
+        for e in self._entries:
+            if e.model_copies is not None:
+                for c, m in zip(e.model_copies, e.master):
+                    c.copy_(m)
+        self._gather_params()
 
     # -- accounting -----------------------------------------------------------------------
     def _held_tensors(self) -> dict[str, list[Tensor]]:
@@ -339,11 +434,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     # -- checkpoints (same world size) ------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        from .checkpoint import optimizer_state_dict
+        from .checkpoint.optimizer_state import optimizer_state_dict
 
         return optimizer_state_dict(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        from .checkpoint import load_optimizer_state_dict
+        from .checkpoint.optimizer_state import load_optimizer_state_dict
 
         load_optimizer_state_dict(self, state_dict)

@@ -101,7 +101,7 @@ def _triton_available() -> bool:
     return True
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         return "triton" if device.type == "cuda" and _triton_available() else "torch"
     if backend in ("triton", "torch"):
@@ -165,10 +165,10 @@ def apply_update(
     names = _state_names(rule, hp)
     _check(rule, params, grads, state, names, model_copies)
     if not params:
-        _resolve_backend(backend, torch.device("cpu"))
+        resolve_backend(backend, torch.device("cpu"))
         return
     device = params[0].device
-    if _resolve_backend(backend, device) == "triton":
+    if resolve_backend(backend, device) == "triton":
         _triton_update(rule, params, grads, state, lr=lr, step=step, hp=hp,
                        grad_scale=grad_scale, found_inf=found_inf, model_copies=model_copies)
         return
@@ -219,7 +219,7 @@ def grad_stats(grads: Sequence[Tensor], backend: Backend = "auto") -> Tensor:
     read of the grads and one all-reduce of a pair.
     """
     device = grads[0].device if grads else torch.device("cpu")
-    if _resolve_backend(backend, device) == "triton":
+    if resolve_backend(backend, device) == "triton":
         from zeroshard_kernels import grad_stats as triton_grad_stats
 
         return triton_grad_stats(list(grads))

@@ -19,6 +19,7 @@ from types import TracebackType
 import torch
 from torch import Tensor
 
+from . import registry
 from .unit import ShardedUnit
 
 
@@ -33,7 +34,7 @@ class GatheredParameters:
             params = [params]
         self.units: list[ShardedUnit] = []
         for p in params:
-            u = getattr(p, "_zs_unit", None)
+            u = registry.unit_of(p)
             if u is not None and u not in self.units:
                 self.units.append(u)
         self.modifier_rank = modifier_rank
@@ -53,7 +54,7 @@ class GatheredParameters:
             u.gather()
         for u in self.units:
             u.wait()
-            u.users += 1
+            u.acquire()
         return self
 
     def __exit__(
@@ -71,7 +72,7 @@ class GatheredParameters:
                         self._publish(u)
         finally:
             for u in self.units:
-                u.users -= 1
+                u.drop_use()
                 u.release()
 
     def _publish(self, u: ShardedUnit) -> None:
@@ -84,5 +85,4 @@ class GatheredParameters:
                     view.copy_(s.param.data.reshape(-1))
         u.comm.broadcast(u.full, src=self.modifier_rank)
         u.write_back()
-        for listener in u.listeners:
-            listener(u)
+        u.notify_rewritten()

@@ -16,37 +16,24 @@ units, which keep full parameters and are refreshed after the update.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .. import guards, update
-from ..optimizer import ZeroOptimizer, _Entry
-from ..precision import LossScaler
-from .schedule import Stage3Engine
+from .. import guards
+from ..layout import ParamLayout, Piece
+from ..optimizer import ZeroOptimizer, check_dtype
+from . import relink  # noqa: F401  (issue 8: registers stage 3's moved-parameter re-link)
+from .engine import Stage3Engine
 from .unit import ShardedUnit
 
 
-@dataclass
-class _PieceBucket:
-    numel: int
-
-
-@dataclass
-class _EntryLayout:
-    """What checkpoint.py reads of an entry's layout (FlatParams' fields, for stage 3)."""
-
-    dtype: torch.dtype
-    param_numel: int
-    shard_numel: int
-    buckets: list[_PieceBucket]
-    flat: Tensor = field(default_factory=lambda: torch.empty(0))
-
-
 class _Stage3Grads:
-    """The reducer interface `ZeroOptimizer.step` talks to, over the engine's grad shards."""
+    """Stage 3's `GradPath` (sharded parameters): the engine reduces each unit's gradients
+    into its gradient shard; `ZeroOptimizer.step` reads the group's pieces of them."""
+
+    sharded = True
 
     def __init__(self, engine: Stage3Engine) -> None:
         self.engine = engine
@@ -77,10 +64,12 @@ class Stage3Optimizer(ZeroOptimizer):
                  **kwargs: Any) -> None:  # fmt: skip
         self._engine = engine
         self._piece_units: list[list[ShardedUnit]] = []
+        # per entry: the (unit, lo, hi) flat runs of its parameters, in shard order
+        self._spans: list[list[tuple[ShardedUnit, int, int]]] = []
         super().__init__(params, optimizer, stage=3, **kwargs)
         self.comm = engine.comm  # one counter for the engine's and the optimizer's collectives
         for u in engine.units:
-            u.listeners.append(self._refresh_master)
+            u.add_listener(self._refresh_master)
 
     # -- building -------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -98,46 +87,27 @@ class Stage3Optimizer(ZeroOptimizer):
                     f"{tuple(p.shape)} that is not in the stage-3 model (pass the model's "
                     "own parameters)"
                 )
-        by_dtype: dict[torch.dtype, list[tuple[ShardedUnit, int, int, int]]] = {}
+        by_dtype: dict[torch.dtype, list[tuple[ShardedUnit, int, int]]] = {}
         for u in engine.units:
-            if not u.trainable:
-                continue
-            for lo, hi in _runs(u, members):
-                for bi, a, z in u.chunk_overlaps(lo, hi):
-                    by_dtype.setdefault(u.dtype, []).append((u, bi, a, z))
-        for dtype, pieces in by_dtype.items():
-            self._add_stage3_entry(gi, dtype, pieces)
+            if u.trainable:
+                for lo, hi in _runs(u, members):
+                    by_dtype.setdefault(u.dtype, []).append((u, lo, hi))
+        for dtype, spans in by_dtype.items():
+            self._add_stage3_entry(gi, dtype, spans)
 
     def _add_stage3_entry(
-        self, gi: int, dtype: torch.dtype, pieces: list[tuple[ShardedUnit, int, int, int]]
+        self, gi: int, dtype: torch.dtype, spans: list[tuple[ShardedUnit, int, int]]
     ) -> None:
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"zeroshard trains fp32, bf16 or fp16 parameters, not {dtype}")
-        if dtype == torch.float16 and self.loss_scaler is None:
-            self.loss_scaler = LossScaler()
+        pieces = [(u, bi, a, z) for u, lo, hi in spans for bi, a, z in u.chunk_overlaps(lo, hi)]
+        if not pieces:  # this rank holds nothing of the group (tiny params, many ranks)
+            return
+        check_dtype(dtype)
         shards = [u.shard_pieces[bi][a:z] for u, bi, a, z in pieces]
         grads = [u.grad_shard_pieces()[bi][a:z] for u, bi, a, z in pieces]
-        numel = sum(t.numel() for t in shards)
-        if dtype == torch.float32:
-            master, master_shard, copies = shards, None, None
-        else:
-            master_shard = torch.empty(numel, dtype=torch.float32, device=shards[0].device)
-            master, off = [], 0
-            for s in shards:
-                master.append(master_shard[off : off + s.numel()])
-                master[-1].copy_(s)
-                off += s.numel()
-            copies = shards
-        layout = _EntryLayout(dtype, numel, numel, [_PieceBucket(t.numel()) for t in shards])
-        entry = _Entry(gi, layout, master, master_shard, copies)  # type: ignore[arg-type]
-        hp = self._hyperparams(self.param_groups[gi])
-        if self._generic_cls is None:
-            entry.state = update.init_state(self.rule, hp, master)
-        else:
-            entry.generic = self._make_generic(entry)
-        self._entries.append(entry)
+        self._append_entry(gi, dtype, shards)
         self._reducer.pieces.append(grads)
         self._piece_units.append([u for u, _, _, _ in pieces])
+        self._spans.append(spans)
 
     @torch.no_grad()
     def _refresh_master(self, unit: ShardedUnit) -> None:
@@ -166,6 +136,44 @@ class Stage3Optimizer(ZeroOptimizer):
         shards and in-flight gradient buffers, from the engine that holds them."""
         held = self._engine.held_tensors()
         return {k: held[k] for k in ("params", "grads", "comm_buffers")}
+
+    # -- the public layout ---------------------------------------------------------------------
+    def _model_names(self, model: torch.nn.Module | None) -> dict[int, str]:
+        return super()._model_names(model if model is not None else self._engine.model)
+
+    def _shard_group_numel(self, i: int) -> tuple[int, int]:
+        return sum(m.numel() for m in self._entries[i].master), self.comm.world_size
+
+    def _param_layouts(self, names: dict[int, str]) -> list[ParamLayout]:
+        """Stage 3: a rank's shard of a group is the concatenation, over the group's flat runs
+        in its units, of that rank's chunks inside each run (no padding)."""
+        index = self._param_index()
+        pieces: dict[int, list[Piece]] = {}
+        where: dict[int, tuple[int, int]] = {}  # id(param) -> (shard group, offset in unit)
+        for si, spans in enumerate(self._spans):
+            for r in range(self.comm.world_size):
+                off = 0
+                for u, lo, hi in spans:
+                    for bi, a, z in u.plan.overlaps(lo, hi, r):
+                        c0 = u.buckets[bi].chunk_range(r)[0]
+                        for s in u.slots:
+                            b0, b1 = max(s.offset, c0 + a), min(s.offset + s.numel, c0 + z)
+                            if b0 < b1:
+                                piece = Piece(r, b0 - s.offset, b1 - b0, off + b0 - c0 - a)
+                                pieces.setdefault(id(s.param), []).append(piece)
+                                where[id(s.param)] = (si, s.offset)
+                        off += z - a
+        out = []
+        for u in self._engine.units:
+            for s in u.slots:
+                if id(s.param) not in where:
+                    continue
+                pos, gi = index[id(s.param)]
+                si, offset = where[id(s.param)]
+                ps = tuple(sorted(pieces[id(s.param)], key=lambda q: q.start))
+                out.append(ParamLayout(pos, names.get(id(s.param)), tuple(s.shape), u.dtype,
+                                       gi, si, offset, ps))  # fmt: skip
+        return out
 
     @property
     def engine(self) -> Stage3Engine:

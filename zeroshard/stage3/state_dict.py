@@ -20,12 +20,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from . import registry
+
 if TYPE_CHECKING:
-    from .schedule import Stage3Engine
+    from .engine import Stage3Engine
 
 
 def install_state_dict_hooks(model: nn.Module, engine: Stage3Engine, rank0_only: bool) -> None:
-    engine.state_dict_rank0_only = rank0_only  # type: ignore[attr-defined]
+    engine.state_dict_rank0_only = rank0_only
     for module in model.modules():
         units = engine.module_units.get(module)
         if not units:
@@ -65,7 +67,7 @@ def _make_load_pre_hook(engine: Stage3Engine, module: nn.Module):
     def hook(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         for u in engine.module_units[module]:
             u.wait()
-            u.users += 1
+            u.acquire()
 
     return hook
 
@@ -74,9 +76,8 @@ def _make_load_post_hook(engine: Stage3Engine, module: nn.Module):
     def hook(mod: nn.Module, incompatible_keys: Any) -> None:
         for u in engine.module_units[module]:
             u.write_back()
-            for listener in u.listeners:
-                listener(u)
-            u.users -= 1
+            u.notify_rewritten()
+            u.drop_use()
             u.release()
 
     return hook
@@ -85,7 +86,7 @@ def _make_load_post_hook(engine: Stage3Engine, module: nn.Module):
 def full_state_dict(model: nn.Module, rank0_only: bool = True) -> dict[str, torch.Tensor]:
     """Consolidated full-tensor state dict of a stage-3 model (collective: call on every
     rank). With `rank0_only`, ranks other than 0 get `{}`."""
-    engine = getattr(model, "_zs_engine", None)
+    engine = registry.engine_of(model)
     if engine is None:
         return model.state_dict()
     before = engine.state_dict_rank0_only

@@ -19,15 +19,27 @@ its shard pieces are views of it, and the optimizer all-gathers it after each up
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 from torch import Tensor, nn
 
 from ..collectives import Comm
-from ..flat_buffer import ALIGN, Bucket, _round_up
+from ..layout import BucketPlan, plan_buckets
+from . import registry
 
-RELEASED, GATHERING, GATHERED = "released", "gathering", "gathered"
+
+class UnitState(Enum):
+    """A unit's full parameters: absent, being all-gathered, or in place."""
+
+    RELEASED = "released"
+    GATHERING = "gathering"
+    GATHERED = "gathered"
+
+
+RELEASED, GATHERING, GATHERED = UnitState.RELEASED, UnitState.GATHERING, UnitState.GATHERED
 
 
 @dataclass
@@ -51,20 +63,25 @@ class GatherTracker:
 
 @dataclass(frozen=True)
 class UnitSlot:
-    """Where one parameter lives in its unit's flat range."""
+    """Where one parameter lives in its unit's flat range. The parameter is held weakly: the
+    registry maps it to the unit, and a strong reference back would keep both alive forever."""
 
-    param: nn.Parameter
+    ref: weakref.ref
     offset: int
     numel: int
     shape: torch.Size
     bucket: int
+
+    @property
+    def param(self) -> nn.Parameter:
+        return self.ref()
 
 
 class ShardedUnit:
     """Parameters of one module and one dtype, sharded across the ranks of `comm`.
 
     The parameters must hold their full values when the unit is built (all ranks identical);
-    afterwards each parameter carries `_zs_unit` pointing here.
+    afterwards `registry.unit_of(param)` finds this unit.
     """
 
     def __init__(
@@ -95,49 +112,91 @@ class ShardedUnit:
         self.state = RELEASED
         self.full: Tensor | None = None
         self._works: list = []
-        self.users = 0  # forward calls (and GatheredParameters) using the unit right now
-        self.pinned = False  # gathered for backward, until its gradients are in
-        self.retained = False  # kept gathered after use: needed again soon (reuse distance)
+        # Only this class changes these three (through the methods below).
+        self._users = 0  # forward calls (and GatheredParameters) using the unit right now
+        self._pinned = False  # gathered for backward, until its gradients are in
+        self._retained = False  # kept gathered after use: needed again soon (reuse distance)
         self.grad_full: Tensor | None = None
         self.grad_shard: Tensor | None = None
         self.fired: set[int] = set()
         self.wrote_grad = False  # grad shard already holds reduced gradient this step
-        self.listeners: list = []  # called with the unit after its shard was overwritten
+        self._listeners: list[weakref.WeakMethod] = []  # told when user code rewrote the shard
         self._build_shard(params)
         for p in params:
-            p._zs_unit = self  # type: ignore[attr-defined]
+            registry.set_unit(p, self)
 
     # -- layout ---------------------------------------------------------------------------
     def _plan(self, params: list[nn.Parameter], bucket_numel: int) -> None:
-        unit = self.num_shards * ALIGN
-        slots: list[UnitSlot] = []
-        buckets: list[Bucket] = []
-        start = shard_offset = 0
-        members: list[int] = []
-        filled = 0
+        self.plan: BucketPlan = plan_buckets([p.numel() for p in params], self.num_shards,
+                                             bucket_numel)  # fmt: skip
+        self.slots = [
+            UnitSlot(weakref.ref(params[s.index]), s.offset, s.numel, params[s.index].shape,
+                     s.bucket)
+            for s in self.plan.slots
+        ]  # fmt: skip
+        self.buckets = list(self.plan.buckets)
+        self.numel = self.plan.numel
+        self.shard_numel = self.plan.shard_numel
+        self.param_numel = self.plan.param_numel
+        self.index = {id(s.param): i for i, s in enumerate(self.slots)}
 
-        def close() -> None:
-            nonlocal start, shard_offset, members, filled
-            numel = max(_round_up(filled, unit), unit)
-            chunk = numel // self.num_shards
-            buckets.append(Bucket(len(buckets), start, numel, chunk, shard_offset, tuple(members)))
-            start += numel
-            shard_offset += chunk
-            members, filled = [], 0
+    # -- life cycle: who uses the full parameters ------------------------------------------------
+    @property
+    def users(self) -> int:
+        return self._users
 
-        for i, p in enumerate(params):
-            if members and filled + p.numel() > bucket_numel:
-                close()
-            slots.append(UnitSlot(p, start + filled, p.numel(), p.shape, len(buckets)))
-            members.append(i)
-            filled += p.numel()
-        close()
-        self.slots = slots
-        self.buckets = buckets
-        self.numel = start
-        self.shard_numel = shard_offset
-        self.param_numel = sum(s.numel for s in slots)
-        self.index = {id(s.param): i for i, s in enumerate(slots)}
+    @property
+    def pinned(self) -> bool:
+        return self._pinned
+
+    @property
+    def retained(self) -> bool:
+        return self._retained
+
+    @property
+    def idle(self) -> bool:
+        """Gathered (or gathering) for nobody yet: a prefetch."""
+        return self._users == 0 and not self._pinned and not self._retained
+
+    def acquire(self) -> None:
+        """One more user of the full parameters (the caller gathered them)."""
+        self._users += 1
+
+    def drop_use(self) -> None:
+        """One user fewer; the caller decides whether to release."""
+        self._users -= 1
+
+    def reset_uses(self) -> None:
+        """Nobody uses the unit any more (a forward that raised, a recomputation cut short)."""
+        self._users = 0
+
+    def pin(self) -> None:
+        """Keep gathered for backward until the gradients are in."""
+        self._pinned = True
+
+    def unpin(self) -> None:
+        self._pinned = False
+
+    def retain(self) -> None:
+        """Keep gathered after use: needed again soon."""
+        self._retained = True
+
+    def unretain(self) -> None:
+        self._retained = False
+
+    def adopt(self, comm: Comm, tracker: GatherTracker) -> None:
+        """A unit built under `zeroshard.Init` joins a model's engine."""
+        self.comm, self.tracker = comm, tracker
+
+    def add_listener(self, method) -> None:
+        """`method(unit)` (a bound method, held weakly) runs after user code rewrote the shard."""
+        self._listeners.append(weakref.WeakMethod(method))
+
+    def notify_rewritten(self) -> None:
+        for ref in self._listeners:
+            method = ref()
+            if method is not None:
+                method(self)
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -149,13 +208,7 @@ class ShardedUnit:
 
     def chunk_overlaps(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
         """(bucket, begin, end) in chunk coordinates of this rank's chunks inside flat [lo, hi)."""
-        out = []
-        for b in self.buckets:
-            c0, c1 = b.chunk_range(self.rank)
-            a, z = max(lo, c0), min(hi, c1)
-            if a < z:
-                out.append((b.index, a - c0, z - c0))
-        return out
+        return self.plan.overlaps(lo, hi, self.rank)
 
     @torch.no_grad()
     def _build_shard(self, params: list[nn.Parameter]) -> None:
@@ -216,7 +269,7 @@ class ShardedUnit:
         """Drop the full parameters (unless in use, pinned for backward or persistent)."""
         if self.persistent or self.state == RELEASED:
             return
-        if not force and (self.users > 0 or self.pinned):
+        if not force and (self._users > 0 or self._pinned):
             return
         if self.state == GATHERING and not force:
             self.wait()
@@ -225,9 +278,9 @@ class ShardedUnit:
         self.full = None
         self.tracker.sub(self.full_bytes)
         self.state = RELEASED
-        self.pinned = False
-        self.retained = False
-        self.users = 0 if force else self.users
+        self._pinned = False
+        self._retained = False
+        self._users = 0 if force else self._users
 
     @torch.no_grad()
     def write_back(self) -> None:

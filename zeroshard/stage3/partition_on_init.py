@@ -29,6 +29,7 @@ from torch.overrides import TorchFunctionMode
 from .. import guards
 from ..collectives import Comm
 from ..config import ZeroConfig, load_config
+from . import registry
 from .unit import RELEASED, GatherTracker, ShardedUnit
 
 # Metadata reads that need no parameter values.
@@ -55,7 +56,7 @@ class _PartitionedUseMode(TorchFunctionMode):
         units: list[ShardedUnit] = []
         for a in (*args, *kwargs.values()):
             for x in a if isinstance(a, (list, tuple)) else (a,):
-                u = getattr(x, "_zs_unit", None) if isinstance(x, torch.Tensor) else None
+                u = registry.unit_of(x) if isinstance(x, torch.Tensor) else None
                 if u is not None and u.state == RELEASED and u not in units:
                     units.append(u)
         if not units:
@@ -117,6 +118,7 @@ class Init:
         self.comm = Comm(process_group)
         self.tracker = GatherTracker()
         self._saved: dict[type, Any] = {}
+        self._depth: dict[int, int] = {}  # id(module) -> nesting of its __init__ calls
         self._saved_init_subclass: Any = None
 
     # -- patching -------------------------------------------------------------------------
@@ -163,14 +165,16 @@ class Init:
 
         @functools.wraps(orig)
         def init(module: nn.Module, *args: Any, **kwargs: Any) -> None:
-            depth = module.__dict__.get("_zs_init_depth", 0)
-            module.__dict__["_zs_init_depth"] = depth + 1
+            depth = ctx._depth.get(id(module), 0)
+            ctx._depth[id(module)] = depth + 1
             try:
                 orig(module, *args, **kwargs)
             finally:
-                module.__dict__["_zs_init_depth"] = depth
+                if depth:
+                    ctx._depth[id(module)] = depth
+                else:
+                    ctx._depth.pop(id(module), None)
             if depth == 0:
-                del module.__dict__["_zs_init_depth"]
                 ctx._partition(module)
 
         cls.__init__ = init  # type: ignore[misc]
@@ -186,13 +190,13 @@ class Init:
     def _partition_params(self, module: nn.Module) -> None:
         fresh: dict[torch.dtype, list[nn.Parameter]] = {}
         for p in module.parameters(recurse=False):
-            if getattr(p, "_zs_unit", None) is not None:
+            if registry.unit_of(p) is not None:
                 continue
             if self.dtype is not None and p.is_floating_point() and p.dtype != self.dtype:
                 with torch.no_grad():
                     p.data = p.data.to(self.dtype)
             fresh.setdefault(p.dtype, []).append(p)
-        for params in fresh.values():  # each parameter keeps its unit alive (p._zs_unit)
+        for params in fresh.values():  # each parameter keeps its unit alive (the registry)
             guards.broadcast_from_rank0(self.comm, params)  # issue 8: rank 0's initial weights
             numel = sum(p.numel() for p in params)
             ShardedUnit(

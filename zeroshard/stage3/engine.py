@@ -27,7 +27,7 @@ control flow (as FSDP and DeepSpeed assume).
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from enum import Enum
 from typing import Any
 
 import torch
@@ -37,6 +37,8 @@ from torch.utils._pytree import tree_flatten
 
 from .. import guards
 from ..collectives import Comm
+from ..inflight import MAX_IN_FLIGHT, InFlight
+from .prefetch import backward_head, next_use_within, to_prefetch
 from .unit import GATHERED, RELEASED, GatherTracker, ShardedUnit
 
 # Metadata reads that need no parameter values: a released placeholder answers them right.
@@ -45,8 +47,14 @@ _METADATA = frozenset(
     for name in ("dtype", "device", "requires_grad", "is_cuda", "is_leaf", "grad_fn", "layout")
 )
 
-# Reduce-scatters kept in flight before waiting on the oldest (double buffering).
-MAX_REDUCE_IN_FLIGHT = 2
+
+class TrainingState(Enum):
+    """Where the engine is in a training step (backward starts at the first output gradient
+    and ends with autograd's end-of-backward callback)."""
+
+    IDLE = "idle"
+    FORWARD = "forward"
+    BACKWARD = "backward"
 
 
 class _ExternalParamMode(TorchFunctionMode):
@@ -97,7 +105,8 @@ class Stage3Engine:
         self.max_live_numel = int(max_live_numel)
         self.max_reuse_numel = int(max_reuse_numel)
         self.tracker = tracker
-        index_units(units)
+        self._index = {id(u): i for i, u in enumerate(units)}  # unit -> position
+        self.state_dict_rank0_only = False  # state_dict.py: full tensors on rank 0 only
         self.param_units: dict[int, ShardedUnit] = {}
         for u in units:
             u.ensure_grad_shard(reduce_dtype)
@@ -115,14 +124,13 @@ class Stage3Engine:
         self.external: dict[nn.Module, list[ShardedUnit]] = {}
         self._frames: list[tuple[nn.Module, list[ShardedUnit]]] = []
         self._mode: _ExternalParamMode | None = None
-        self.in_forward = False
-        self.in_backward = False
+        self.training_state = TrainingState.IDLE
         self.busy = False  # inside a hook: torch calls made here are not parameter uses
         self._orders: dict[str, list[int]] = {}  # last pass's fetch order, per pass kind
         self._recording: list[int] = []
         self._pass = ""
         self._cursor = 0
-        self._reduce_in_flight: list[tuple[object, Tensor, tuple[Tensor, Tensor] | None]] = []
+        self.queue = InFlight()  # reduce-scatters in flight (shared with stages 0-2)
         self._handles: list = []
         self._install()
 
@@ -151,20 +159,19 @@ class Stage3Engine:
         self._handles.clear()
         self.model.__dict__.pop("forward", None)
 
-    def _units_of(self, m: nn.Module) -> list[ShardedUnit]:
+    def units_of(self, m: nn.Module) -> list[ShardedUnit]:
         ext = self.external.get(m)
         return self.module_units.get(m, []) + ext if ext else self.module_units.get(m, [])
 
     # -- forward ----------------------------------------------------------------------------
     def _root_forward(self, forward, *args: Any, **kwargs: Any) -> Any:
-        if self.in_forward:  # re-entered (the root called inside its own forward)
+        if self.training_state is TrainingState.FORWARD:  # re-entered inside its own forward
             return forward(*args, **kwargs)
         guards.check_ddp_forward()  # issue 8: DDP around a stage-3 model is an error
-        if self.in_backward:  # the last backward raised before its end-of-backward callback
-            self.in_backward = False
+        if self.training_state is TrainingState.BACKWARD:  # the last backward raised
             for u in self.units:
-                u.pinned = False
-        self.in_forward = True
+                u.unpin()
+        self.training_state = TrainingState.FORWARD
         self._start_pass("forward" if torch.is_grad_enabled() else "forward_nograd")
         self._mode = _ExternalParamMode(self)
         ok = False
@@ -177,7 +184,8 @@ class Stage3Engine:
             return out
         finally:
             self._mode = None
-            self.in_forward = False
+            if self.training_state is TrainingState.FORWARD:
+                self.training_state = TrainingState.IDLE
             if ok:
                 self._finish_forward()
                 self._end_pass()
@@ -185,13 +193,12 @@ class Stage3Engine:
                 self._frames.clear()
                 for u in self.units:
                     if not u.pinned:
-                        u.users = 0
                         u.release(force=True)
                 self._recording = []
                 self._pass = ""
 
     def _pre_forward(self, module: nn.Module, args: Any) -> None:
-        units = self._units_of(module)
+        units = self.units_of(module)
         self.busy = True
         try:
             for u in units:
@@ -199,7 +206,7 @@ class Stage3Engine:
         finally:
             self.busy = False
         for u in units:
-            u.users += 1
+            u.acquire()
         self._frames.append((module, list(units)))
 
     def _post_forward(self, module: nn.Module, args: Any, output: Any) -> Any:
@@ -207,7 +214,7 @@ class Stage3Engine:
         self.busy = True
         try:
             for u in units:
-                u.users -= 1
+                u.drop_use()
                 self._release_or_retain(u)
         finally:
             self.busy = False
@@ -232,7 +239,7 @@ class Stage3Engine:
         finally:
             self.busy = False
         if self._frames:
-            u.users += 1
+            u.acquire()
             self._frames[-1][1].append(u)
 
     def _release_or_retain(self, u: ShardedUnit) -> None:
@@ -243,38 +250,18 @@ class Stage3Engine:
             return
         order = self._orders.get(self._pass)
         if order:
-            between: set[int] = set()
-            numel = 0
-            for i in order[self._cursor :]:
-                if i == u.index_in_engine:
-                    if numel <= self.max_reuse_numel:
-                        u.retained = True
-                        return
-                    break
-                if i not in between:
-                    between.add(i)
-                    numel += self.units[i].numel
-            else:  # no later use in this forward
-                if u.index_in_engine in self._backward_head():
-                    u.retained = True
-                    return
+            index = self._index[id(u)]
+            again = next_use_within(order, self._cursor, index, self.units, self.max_reuse_numel)
+            if again or (again is None and index in self._backward_head()):
+                u.retain()
+                return
         u.release()
 
     def _backward_head(self) -> set[int]:
-        """Units the recorded backward fetches first: the first one, then more up to one
-        prefetch bucket (only after a forward that will be differentiated)."""
+        """Units the recorded backward starts with (only after a forward that will be
+        differentiated)."""
         order = self._orders.get("backward") if self._pass == "forward" else None
-        keep: set[int] = set()
-        budget = 0
-        for i in order or ():
-            u = self.units[i]
-            if i in keep or u.persistent:
-                continue
-            if keep and budget + u.numel > self.prefetch_numel:
-                break  # the first one is kept whatever its size: it was just in use
-            keep.add(i)
-            budget += u.numel
-        return keep
+        return backward_head(order, self.units, self.prefetch_numel)
 
     def _finish_forward(self) -> None:
         """End of the root forward: release what is left (prefetched for a module that was
@@ -284,8 +271,8 @@ class Stage3Engine:
         self.busy = True
         try:
             for u in self.units:
-                if u.index_in_engine in keep:
-                    u.retained = False  # now an ordinary prefetch for backward
+                if self._index[id(u)] in keep:
+                    u.unretain()  # now an ordinary prefetch for backward
                     u.gather()
                 elif u.users == 0 and not u.pinned:
                     u.release()
@@ -308,88 +295,72 @@ class Stage3Engine:
         """Make `u` gathered now, and start the all-gathers of the units expected next."""
         if u.persistent:
             return
-        u.retained = False
-        self._recording.append(u.index_in_engine)
+        u.unretain()
+        self._recording.append(self._index[id(u)])
         order = self._orders.get(self._pass)
         if order:
             try:
-                self._cursor = order.index(u.index_in_engine, self._cursor) + 1
+                self._cursor = order.index(self._index[id(u)], self._cursor) + 1
             except ValueError:
                 pass
             self._prefetch(order)
         u.wait()
 
     def _prefetch(self, order: list[int]) -> None:
-        live = sum(x.numel for x in self.units if x.state != RELEASED and not x.persistent)
-        pending = sum(
-            x.numel
-            for x in self.units
-            if x.state != RELEASED and x.users == 0 and not x.pinned and not x.retained
-        )
-        for i in order[self._cursor :]:
-            nxt = self.units[i]
-            if nxt.state != RELEASED or nxt.persistent:
-                continue
-            if pending + nxt.numel > self.prefetch_numel or live + nxt.numel > self.max_live_numel:
-                break
-            nxt.gather()
-            pending += nxt.numel
-            live += nxt.numel
+        for i in to_prefetch(order, self._cursor, self.units, self.prefetch_numel,
+                             self.max_live_numel):  # fmt: skip
+            self.units[i].gather()
 
     # -- backward -------------------------------------------------------------------------------
     def _pre_backward(self, module: nn.Module, grad: Tensor) -> None:
-        if not self.in_backward:
-            self.in_backward = True
+        if self.training_state is not TrainingState.BACKWARD:
+            self.training_state = TrainingState.BACKWARD
             self._start_pass("backward")
             torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
-        for u in self._units_of(module):
+        for u in self.units_of(module):
             if u.persistent:
                 continue
             self.fetch(u)
-            u.pinned = True
+            u.pin()
 
     def _on_grad(self, param: nn.Parameter) -> None:
         u = self.param_units[id(param)]
         if u.accumulate(param):
             self._launch_reduce(u)
-            u.pinned = False
+            u.unpin()
             u.release()
 
     def _launch_reduce(self, u: ShardedUnit) -> None:
-        self._reduce_in_flight.extend(u.reduce_grads())
-        while len(self._reduce_in_flight) > MAX_REDUCE_IN_FLIGHT * max(len(u.buckets), 1):
-            self._complete_oldest()
+        self._queue_reduce(u)
+        self.queue.wait_below(MAX_IN_FLIGHT * max(len(u.buckets), 1))
 
-    def _complete_oldest(self) -> None:
-        work, _, temp = self._reduce_in_flight.pop(0)
-        work.wait()
-        if temp is not None:
-            tmp, dst = temp
-            dst.add_(tmp)
+    def _queue_reduce(self, u: ShardedUnit) -> None:
+        for work, full, temp in u.reduce_grads():
+            done = None if temp is None else functools.partial(temp[1].add_, temp[0])
+            self.queue.add(work, held=(full,), on_done=done)
 
     def _end_backward(self) -> None:
         """Runs once at the end of every backward: reduce leftovers, release everything."""
         self.finish_reduction()
-        if not self.in_forward:
+        if self.training_state is not TrainingState.FORWARD:
             # A recomputation inside backward (non-reentrant checkpoint) may stop early,
             # skipping its post-forward hooks: nothing outside a forward is in use now.
             self._frames.clear()
             for u in self.units:
-                u.users = 0
+                u.reset_uses()
         for u in self.units:
-            u.pinned = False
+            u.unpin()
             if u.users == 0:
                 u.release()
-        self.in_backward = False
+        self.training_state = TrainingState.IDLE
         self._end_pass()
 
     def finish_reduction(self) -> None:
         """Reduce every gradient not reduced yet and wait for all reductions."""
         for u in self.units:
             if u.grad_full is not None:
-                self._reduce_in_flight.extend(u.reduce_grads())
-        while self._reduce_in_flight:
-            self._complete_oldest()
+                self._queue_reduce(u)
+        self.queue.drain()
 
     # -- what the optimizer reads ------------------------------------------------------------------
     def zero_grad(self) -> None:
@@ -406,13 +377,9 @@ class Stage3Engine:
             params += [t for t in (u.shard, u.full) if t is not None]
         grads = [u.grad_shard for u in self.units if u.grad_shard is not None]
         buffers = [u.grad_full for u in self.units if u.grad_full is not None]
-        buffers += [b for _, b, _ in self._reduce_in_flight]
+        buffers += self.queue.held_tensors()
         return {"params": params, "grads": grads, "comm_buffers": buffers}
 
     def gathered_units(self) -> list[ShardedUnit]:
         return [u for u in self.units if u.state != RELEASED and not u.persistent]
 
-
-def index_units(units: Iterable[ShardedUnit]) -> None:
-    for i, u in enumerate(units):
-        u.index_in_engine = i  # type: ignore[attr-defined]

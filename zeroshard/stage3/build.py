@@ -9,34 +9,25 @@ Parameters built under `zeroshard.Init` arrive already sharded and keep their un
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from .. import guards
 from ..collectives import Comm
-from ..config import ZeroConfig, load_config
+from ..config import ZeroConfig
 from ..config_seams import stage3_bucket_numel
 from ..precision import LossScaler
+from . import registry
+from .engine import Stage3Engine
 from .optimizer import Stage3Optimizer
-from .schedule import Stage3Engine
 from .state_dict import install_state_dict_hooks
 from .unit import GatherTracker, ShardedUnit
 
 
-def _hidden_size(model: nn.Module) -> int | None:
-    cfg = getattr(model, "config", None)
-    return getattr(cfg, "hidden_size", None) or getattr(model, "hidden_size", None)
-
-
-def _group_index(model_parameters: Any) -> dict[int, int]:
+def _group_index(items: list) -> dict[int, int]:
     """id(param) -> param group position (for ordering parameters inside units)."""
     out: dict[int, int] = {}
-    if model_parameters is None:
-        return out
-    items = list(model_parameters)
     if items and isinstance(items[0], dict):
         for gi, g in enumerate(items):
             for p in g["params"]:
@@ -67,11 +58,11 @@ def build_units(
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            unit = getattr(p, "_zs_unit", None)
+            unit = registry.unit_of(p)
             if unit is not None:
                 if unit not in units:
                     units.append(unit)
-                    unit.comm, unit.tracker = comm, tracker
+                    unit.adopt(comm, tracker)
                     if unit.num_shards != comm.world_size or unit.rank != comm.rank:
                         raise ValueError(
                             f"rank {comm.rank}: parameter {name!r} was partitioned by "
@@ -95,29 +86,23 @@ def build_units(
     return units
 
 
-def initialize_stage3(
+def build_stage3(
     model: nn.Module,
-    cfg: ZeroConfig | dict | str,
-    model_parameters: Any = None,
-    *,
+    cfg: ZeroConfig,
+    params: list,
     process_group: dist.ProcessGroup | None = None,
-) -> tuple[nn.Module, Stage3Optimizer]:
-    """Shard `model` for ZeRO stage 3 and build its optimizer; returns (the same model, opt).
+) -> Stage3Optimizer:
+    """Shard `model` over `process_group` for ZeRO stage 3 and build its optimizer.
 
-    `model_parameters`: parameters or param-group dicts (default: every trainable parameter
-    of the model, one group). Hyperparameters come from the config's optimizer section.
+    `params`: parameters or param-group dicts (a list: `zeroshard.initialize` materialises
+    whatever iterable the user gave). Hyperparameters come from the config's optimizer section.
     """
-    if not isinstance(cfg, ZeroConfig):
-        cfg = load_config(cfg)
-    cfg = cfg.resolve_auto(_hidden_size(model))
     zo = cfg.zero_optimization
-    if zo.stage != 3:
-        raise ValueError(f"initialize_stage3 needs zero_optimization.stage 3, got {zo.stage}")
-    if getattr(model, "_zs_engine", None) is not None:
+    if registry.engine_of(model) is not None:
         raise ValueError("this model is already a stage-3 model (initialize it once)")
     comm = Comm(process_group)
     guards.check_params(model.parameters())  # issue 8: no meta-device model
-    guards.broadcast_module_state(comm, model)  # issue 8: rank 0's weights, before sharding
+    guards.broadcast_module_state(comm, model, registry.unit_of)  # issue 8: rank 0's weights
     tracker = GatherTracker()
     dtype = cfg.compute_dtype
     with torch.no_grad():
@@ -127,7 +112,7 @@ def initialize_stage3(
     units = build_units(
         model, comm, dtype=dtype, bucket_numel=stage3_bucket_numel(zo),  # issue 8: + reduce
         persistence_threshold=int(zo.stage3_param_persistence_threshold), tracker=tracker,
-        group_of=_group_index(model_parameters),
+        group_of=_group_index(params),
     )  # fmt: skip
     engine = Stage3Engine(
         model, units, comm, cfg.reduce_dtype,
@@ -136,9 +121,6 @@ def initialize_stage3(
         max_reuse_numel=int(zo.stage3_max_reuse_distance), tracker=tracker,
     )  # fmt: skip
     rule, hp = cfg.optimizer_spec()
-    params = model_parameters
-    if params is None:
-        params = [p for p in model.parameters() if p.requires_grad]
     scaler = LossScaler.from_fp16_config(cfg.fp16) if cfg.precision == "fp16" else None
     opt = Stage3Optimizer(
         engine, params, rule, process_group=process_group,
@@ -146,6 +128,6 @@ def initialize_stage3(
         gradient_accumulation_steps=int(cfg.gradient_accumulation_steps or 1),
         reduce_dtype=cfg.reduce_dtype, loss_scaler=scaler, kernel=cfg.effective_kernel, **hp,
     )  # fmt: skip
-    model._zs_engine = engine  # type: ignore[assignment]
+    registry.set_engine(model, engine)
     install_state_dict_hooks(model, engine, rank0_only=False)
-    return model, opt
+    return opt

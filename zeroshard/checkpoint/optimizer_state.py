@@ -13,21 +13,26 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from .optimizer import ZeroOptimizer
+    from ..optimizer import ZeroOptimizer
 
 FORMAT_VERSION = 1
 
 
 def _layout(opt: ZeroOptimizer) -> list[dict[str, Any]]:
+    """What must match for a shard to load: per shard group, its params' shapes and flat
+    offsets (bucket boundaries move them) and the shard's length."""
+    layout = opt.layout()
+    params: dict[int, list[list[Any]]] = {}
+    for p in layout.params:
+        params.setdefault(p.shard_group, []).append([list(p.shape), p.flat_offset])
     return [
         {
-            "group": e.group,
-            "dtype": str(e.flat.dtype),
-            "param_numel": e.flat.param_numel,
-            "shard_numel": e.flat.shard_numel,
-            "buckets": [b.numel for b in e.flat.buckets],
+            "group": g.group,
+            "dtype": str(g.dtype),
+            "shard_numel": g.shard_numel,
+            "params": params.get(g.index, []),
         }
-        for e in opt._entries
+        for g in layout.groups
     ]
 
 
@@ -41,15 +46,17 @@ def optimizer_state_dict(opt: ZeroOptimizer) -> dict[str, Any]:
             ids.append(index[id(p)])
         groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": ids})
     state: dict[int, dict[str, Any]] = {}
-    for i, e in enumerate(opt._entries):
-        s: dict[str, Any] = {"step": e.step}
-        for name, pieces in e.state.items():
-            s[name] = torch.cat([p.detach() for p in pieces]).clone()
-        if e.master_shard is not None:
-            s["master"] = e.master_shard.detach().clone()
-        if e.generic is not None:
-            s["generic"] = e.generic.state_dict()
-        state[i] = s
+    for g in opt.layout().groups:
+        st = opt.shard_state(g.index)
+        s: dict[str, Any] = {"step": st.step}
+        if st.generic is not None:
+            s["generic"] = st.generic.state_dict()
+        else:
+            for name, pieces in st.state.items():
+                s[name] = torch.cat([p.detach().reshape(-1) for p in pieces]).clone()
+        if g.dtype != torch.float32:  # the fp32 master is a copy, not the parameters
+            s["master"] = torch.cat([m.detach().reshape(-1) for m in st.master]).clone()
+        state[g.index] = s
     return {
         "zeroshard": {
             "version": FORMAT_VERSION,
@@ -99,26 +106,32 @@ def load_optimizer_state_dict(opt: ZeroOptimizer, sd: dict[str, Any]) -> None:
         for k, v in saved.items():
             if k != "params":
                 group[k] = v
-    for i, e in enumerate(opt._entries):
+    for g in opt.layout().groups:
+        i = g.index
         s = sd["state"][i] if i in sd["state"] else sd["state"][str(i)]
-        e.step = int(s["step"])
-        for name, pieces in e.state.items():
-            src = s[name].to(pieces[0].device)
-            offset = 0
-            for p in pieces:
-                p.copy_(src[offset : offset + p.numel()])
-                offset += p.numel()
-        if e.generic is not None:
-            e.generic.load_state_dict(s["generic"])
-        if e.master_shard is not None and "master" in s:
-            e.master_shard.copy_(s["master"])
-            for c, m in zip(e.model_copies, e.master):
-                c.copy_(m)
+        opt.set_step(i, int(s["step"]))
+        st = opt.shard_state(i)
+        if st.generic is not None:
+            st.generic.load_state_dict(s["generic"])
+        else:
+            for name, pieces in st.state.items():
+                _copy_into(pieces, s[name])
+        if g.dtype != torch.float32 and "master" in s:
+            _copy_into(st.master, s["master"])
     if opt.loss_scaler is not None and sd.get("loss_scaler"):
         opt.loss_scaler.load_state_dict(sd["loss_scaler"])
     if opt.lr_scheduler is not None and sd.get("lr_scheduler"):
         opt.lr_scheduler.load_state_dict(sd["lr_scheduler"])
     # bf16/fp16 models take their weights from the restored fp32 master (DeepSpeed's
     # load_from_fp32_weights): refresh every rank's full parameters.
-    if any(e.master_shard is not None for e in opt._entries):
-        opt._gather_params()
+    if any(g.dtype != torch.float32 for g in opt.layout().groups):
+        opt.sync_params_from_master()
+
+
+def _copy_into(pieces: list[torch.Tensor], src: torch.Tensor) -> None:
+    """Write a saved contiguous tensor back into the live pieces it was cut from."""
+    src = src.to(pieces[0].device) if pieces else src
+    offset = 0
+    for p in pieces:
+        p.copy_(src[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()

@@ -1,0 +1,17 @@
+"""Universal checkpoints: per-rank safetensors pieces + a JSON manifest; load at any world
+size and stage; consolidate to Hugging Face safetensors; read DeepSpeed checkpoints.
+
+Files: save.py (what each rank writes), commit.py (crash-safe publication), load.py
+(planning, validation, reading), manifest.py (the JSON format), st_stream.py (streaming
+safetensors writer), async_save.py (background saves), hf_export.py (consolidate: HF export),
+deepspeed_in.py (migration in), optimizer_state.py (in-memory opt.state_dict()),
+_layout_compat.py (the one door to the layout API and the stage-3 units).
+"""
+
+from .async_save import wait
+from .commit import CheckpointError
+from .hf_export import consolidate
+from .load import load_checkpoint
+from .save import save_checkpoint
+
+__all__ = ["CheckpointError", "consolidate", "load_checkpoint", "save_checkpoint", "wait"]

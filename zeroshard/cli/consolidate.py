@@ -1,0 +1,52 @@
+"""`zeroshard consolidate`: one full-precision model from a sharded checkpoint.
+
+Calls `zeroshard.consolidate(ckpt_dir, out_dir, dtype=..., max_shard_size=...)`, which writes
+safetensors files (sharded at `max_shard_size`) readable without zeroshard.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .common import CliError
+
+EPILOG = """example:
+  zeroshard consolidate checkpoints/step_1000 out/model --dtype bf16 --max-shard-size 5GB"""
+
+
+def add_parser(sub: Any, name: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        name, help="write full model weights (safetensors) from a sharded checkpoint",
+        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("checkpoint", help="checkpoint folder written by zeroshard.save_checkpoint")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
+                   help="dtype of the written tensors (default: as saved)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest output file (default 5GB)")
+    p.set_defaults(handler=handle)
+    return p
+
+
+def handle(args: argparse.Namespace) -> int:
+    import zeroshard
+
+    consolidate = getattr(zeroshard, "consolidate", None)
+    if consolidate is None:
+        raise CliError(
+            f"this zeroshard ({zeroshard.__version__}) has no zeroshard.consolidate yet: "
+            "universal checkpoints are not part of this build"
+        )
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
+        args.dtype or ""
+    )
+    try:
+        result = consolidate(args.checkpoint, args.out, dtype=dtype,
+                             max_shard_size=args.max_shard_size)  # fmt: skip
+    except (FileNotFoundError, ValueError) as e:
+        raise CliError(str(e)) from None
+    print(f"wrote {args.out}" + (f": {result}" if result else ""))
+    return 0

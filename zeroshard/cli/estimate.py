@@ -1,0 +1,143 @@
+"""`zeroshard estimate`: bytes per rank for stages 0-3 before buying (or booking) the GPUs.
+
+The model is built on the meta device (no weights, no memory): from a parameter count, a
+Hugging Face `config.json` or a factory `pkg.mod:callable`. The numbers are zeroshard's own
+layout plan (see zeroshard/estimate.py), checked against `memory_report()` by the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+from .common import CliError, human, parse_bytes, parse_count
+
+EPILOG = """examples:
+  zeroshard estimate --params 7e9 --world-size 8 --precision fp16 --optimizer adam
+  zeroshard estimate --hf-config path/to/config.json --nodes 2 --gpus-per-node 8 \\
+      --precision bf16 --config configs/zero3_bf16.json --device-memory 80GB
+  zeroshard estimate --model mypkg.models:build_model --world-size 4 --json
+
+Bytes are decimal (1 GB = 1e9 B). "model states" are what the optimizer holds between steps
+(params, grads, fp32 master, optimizer states; communication buffers are 0 between steps);
+stage 3 adds the full parameters gathered at the peak of forward/backward, replayed on the
+module order (a module reused within one forward peaks higher than estimated)."""
+
+CATS = ("params", "grads", "master", "optimizer_states", "comm_buffers")
+
+
+def add_parser(sub: Any, name: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        name, help="bytes per rank and per step for ZeRO stages 0-3",
+        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--params", help="trainable parameter count (7e9, 7B, 350M)")
+    src.add_argument("--hf-config", metavar="PATH",
+                     help="a Hugging Face config.json (or its folder); needs transformers")
+    src.add_argument("--model", metavar="PKG.MOD:FACTORY",
+                     help="a callable returning an nn.Module (built on the meta device)")
+    p.add_argument("--world-size", type=int, help="total ranks")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (with --gpus-per-node)")
+    p.add_argument("--gpus-per-node", type=int, help="ranks per node")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                   help="default: the config's, else fp32")
+    p.add_argument("--optimizer", choices=("adamw", "adam", "sgd", "lion"),
+                   help="default: the config's, else adamw")
+    p.add_argument("--config", help="config for bucket/prefetch/persistence sizes")
+    p.add_argument("--stage", type=int, action="append", choices=(0, 1, 2, 3),
+                   help="only these stages (repeatable; default 0-3)")
+    p.add_argument("--device-memory", help="memory per device, e.g. 80GB: says which stages fit")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=handle)
+    return p
+
+
+def _world(args: argparse.Namespace) -> int:
+    if args.world_size is not None and args.gpus_per_node is not None:
+        raise CliError("give --world-size or --nodes/--gpus-per-node, not both")
+    world = args.world_size if args.world_size is not None else (
+        args.nodes * args.gpus_per_node if args.gpus_per_node is not None else None
+    )
+    if world is None:
+        raise CliError("give --world-size N (or --nodes and --gpus-per-node)")
+    if world < 1:
+        raise CliError(f"the world size must be >= 1, got {world}")
+    return world
+
+
+def build_model(args: argparse.Namespace) -> nn.Module:
+    """The model on the meta device, from whichever source was given."""
+    from zeroshard.estimate import Numel
+
+    if args.params is not None:
+        return Numel(parse_count(args.params))
+    if args.hf_config is not None:
+        try:
+            from transformers import AutoConfig, AutoModelForCausalLM
+        except ImportError:
+            raise CliError("--hf-config needs transformers (pip install transformers)") from None
+        try:
+            cfg = AutoConfig.from_pretrained(args.hf_config)
+        except (OSError, ValueError) as e:
+            raise CliError(f"cannot read Hugging Face config {args.hf_config}: {e}") from None
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(cfg)
+    mod_name, _, attr = args.model.partition(":")
+    if not mod_name or not attr:
+        raise CliError(f"--model wants pkg.mod:factory, got {args.model!r}")
+    try:
+        factory = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise CliError(f"cannot import {args.model}: {e}") from None
+    with torch.device("meta"):
+        model = factory()
+    if not isinstance(model, nn.Module):
+        raise CliError(f"{args.model} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def handle(args: argparse.Namespace) -> int:
+    from zeroshard.config import ConfigError
+    from zeroshard.estimate import as_dict, estimate
+
+    world = _world(args)
+    memory = parse_bytes(args.device_memory) if args.device_memory else None
+    model = build_model(args)
+    numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    try:
+        ests = estimate(
+            model, world_size=world, config=args.config, precision=args.precision,
+            optimizer=args.optimizer, stages=tuple(sorted(set(args.stage or (0, 1, 2, 3)))),
+            device_memory=memory,
+        )  # fmt: skip
+    except ConfigError as e:
+        raise CliError(str(e)) from None
+    if args.json:
+        for e in ests:
+            e.per_rank = []  # the worst rank is in `bytes`
+        print(json.dumps({"world_size": world, "trainable_params": numel,
+                          "device_memory": memory, "stages": as_dict(ests)}, indent=2))
+        return 0
+    print(f"{numel:,} trainable parameters on {world} rank(s); bytes per rank (worst rank):")
+    head = ["stage", *CATS, "gathered peak", "total", "sent/step"]
+    if memory is not None:
+        head.append(f"fits {human(memory)}")
+    rows = [head]
+    for e in ests:
+        row = [str(e.stage), *(human(e.bytes[c]) for c in CATS), human(e.gathered_peak),
+               human(e.peak_total), human(e.comm_bytes)]  # fmt: skip
+        if memory is not None:
+            row.append("yes" if e.fits else "no")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    for r in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+    if args.params is not None and any(e.stage == 3 for e in ests):
+        print("stage 3 gathered peak needs the model's layers: use --hf-config or --model")
+    return 0

@@ -1,0 +1,198 @@
+"""How each stage reduces a bucket of gradients: one small strategy per stage.
+
+`GradReducer` (grad_reducer.py) owns what every stage shares (hooks, bucket readiness, the
+agreed launch order, the in-flight queue); a strategy owns where the gradient lives and which
+collective averages it:
+
+- `ReplicatedAllReduce` (stage 0): a full-size gradient buffer, all-reduced in place;
+- `ShardedStates` (stage 1): a full-size buffer, reduce-scattered so this rank's chunk holds
+  the averaged gradient of the parameters it updates (out of place during backward: the raw
+  local sums stay intact for an undeclared second backward; `finish` copies the result in);
+- `ShardedGrads` (stage 2): only this rank's gradient shard; each bucket's gradients collect
+  in a recycled bucket buffer that is reduce-scattered straight into the shard.
+
+Stage 3 (sharded parameters) keeps its gradients in the units: stage3/optimizer.py adapts the
+engine to the same `GradPath` protocol the optimizer talks to.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .collectives import Comm
+from .flat_buffer import Bucket, FlatParams, Slot
+from .inflight import MAX_IN_FLIGHT, InFlight
+
+
+class BucketState:
+    """One bucket's progress through a backward (shared by every strategy)."""
+
+    __slots__ = (
+        "index", "flat", "bucket", "fired", "dirty", "launched", "buffer", "wrote_shard", "reduced"
+    )  # fmt: skip
+
+    def __init__(self, index: int, flat: int, bucket: Bucket) -> None:
+        self.index = index  # position among all buckets of the reducer
+        self.flat = flat
+        self.bucket = bucket
+        self.fired: set[int] = set()
+        self.dirty = False  # holds gradient not yet reduced
+        self.launched = False  # reduced at least once since the last step
+        self.buffer: Tensor | None = None  # stage 2: the bucket's full-size gradients
+        self.wrote_shard = False  # stage 2: shard already holds reduced gradient this step
+        self.reduced: Tensor | None = None  # stage 1: averaged chunk waiting for finish()
+
+    @property
+    def ready(self) -> bool:
+        return len(self.fired) == len(self.bucket.slots)
+
+
+class _Strategy:
+    """What differs per stage; `flats` and `queue` are the reducer's own (shared) objects."""
+
+    sharded = True  # gradients on different ranks are disjoint (their norms add up)
+
+    def __init__(self, comm: Comm, queue: InFlight, flats: list[FlatParams]) -> None:
+        self.comm = comm
+        self.queue = queue
+        self.flats = flats
+        self.grads: list[Tensor] = []  # per FlatParams: the gradient tensor this rank keeps
+
+    def launches_in_backward(self, overlap_comm: bool, accumulation_steps: int) -> bool:
+        # Stages 0-1 stay exact if backward runs again before the step, but reducing during
+        # backward only pays when every backward ends an accumulation cycle.
+        return overlap_comm and accumulation_steps == 1
+
+    def add(self, flat: FlatParams, dtype: torch.dtype) -> None:
+        self.grads.append(torch.zeros(flat.numel, dtype=dtype, device=flat.device))
+
+    def accumulate(self, fi: int, slot: Slot, state: BucketState, grad: Tensor) -> None:
+        self.queue.wait_for(state)  # its last reduction may still be reading this bucket
+        self.flats[fi].param_view(self.grads[fi], slot).add_(grad.reshape(-1))
+
+    def launch(self, state: BucketState, in_backward: bool, overlap_comm: bool) -> None:
+        raise NotImplementedError
+
+    def after_finish(self, states: list[BucketState]) -> None:
+        pass
+
+    def grad_pieces(self, fi: int) -> list[Tensor]:
+        """This rank's averaged gradients, aligned with `FlatParams.own_chunks`."""
+        return self.flats[fi].own_chunks(self.grads[fi])
+
+    def end_step(self) -> None:
+        pass
+
+    def held_buffers(self, states: list[BucketState]) -> list[Tensor]:
+        return [s.reduced for s in states if s.reduced is not None]
+
+
+class ReplicatedAllReduce(_Strategy):
+    """Stage 0: every rank keeps and updates everything."""
+
+    sharded = False
+
+    def launch(self, state: BucketState, in_backward: bool, overlap_comm: bool) -> None:
+        flat = self.flats[state.flat]
+        full = flat.bucket_view(self.grads[state.flat], state.bucket)
+        self.queue.add(self.comm.all_reduce(full, async_op=True), tag=state)
+
+
+class ShardedStates(_Strategy):
+    """Stage 1: full gradients, reduce-scattered; this rank reads its chunk."""
+
+    def launch(self, state: BucketState, in_backward: bool, overlap_comm: bool) -> None:
+        fi, b = state.flat, state.bucket
+        flat = self.flats[fi]
+        full = flat.bucket_view(self.grads[fi], b)
+        own = self.grads[fi][slice(*b.chunk_range(flat.shard))]
+        # during backward: out of place (see the module docstring); at finish: in place
+        temp = torch.empty_like(own) if in_backward else None
+        self.queue.wait_for(state)  # an older result must not land after this one
+        state.reduced = None
+        work = self.comm.reduce_scatter(own if temp is None else temp, full, async_op=True)
+
+        def done() -> None:
+            if temp is not None:
+                state.reduced = temp  # the averaged chunk waits for finish()
+
+        self.queue.add(work, tag=state, held=(temp,), on_done=done)
+
+    def after_finish(self, states: list[BucketState]) -> None:
+        for state in states:
+            if state.reduced is not None:
+                flat = self.flats[state.flat]
+                lo, hi = state.bucket.chunk_range(flat.shard)
+                self.grads[state.flat][lo:hi].copy_(state.reduced)
+                state.reduced = None
+
+
+class ShardedGrads(_Strategy):
+    """Stage 2: only this rank's gradient shard is kept; buckets are reduce-scattered into it
+    during backward, their buffers recycled for later buckets."""
+
+    def __init__(self, comm: Comm, queue: InFlight, flats: list[FlatParams]) -> None:
+        super().__init__(comm, queue, flats)
+        self.pool: list[Tensor] = []  # idle bucket buffers
+
+    def launches_in_backward(self, overlap_comm: bool, accumulation_steps: int) -> bool:
+        return True
+
+    def add(self, flat: FlatParams, dtype: torch.dtype) -> None:
+        self.grads.append(torch.zeros(flat.shard_numel, dtype=dtype, device=flat.device))
+
+    def accumulate(self, fi: int, slot: Slot, state: BucketState, grad: Tensor) -> None:
+        if state.buffer is None:
+            state.buffer = self._bucket_buffer(fi, state.bucket)
+        lo = slot.offset - state.bucket.start
+        state.buffer[lo : lo + slot.numel].add_(grad.reshape(-1))
+
+    def _bucket_buffer(self, fi: int, bucket: Bucket) -> Tensor:
+        """A zeroed full-size gradient buffer for `bucket`, recycled from the pool if one fits."""
+        dtype = self.grads[fi].dtype
+        for i, buf in enumerate(self.pool):
+            if buf.dtype == dtype and buf.numel() >= bucket.numel:
+                self.pool.pop(i)
+                return buf[: bucket.numel].zero_()
+        return torch.zeros(bucket.numel, dtype=dtype, device=self.flats[fi].device)
+
+    def launch(self, state: BucketState, in_backward: bool, overlap_comm: bool) -> None:
+        fi, b = state.flat, state.bucket
+        if state.buffer is None:  # no gradient here on this rank: contribute zeros
+            state.buffer = self._bucket_buffer(fi, b)
+        piece = self.grads[fi][b.shard_offset : b.shard_offset + b.chunk]
+        # The first reduction of a step writes the shard directly; later ones (gradient
+        # accumulation) land in a temporary and are added.
+        out = torch.empty_like(piece) if state.wrote_shard else piece
+        buffer = state.buffer
+        work = self.comm.reduce_scatter(out, buffer, async_op=True)
+
+        def done() -> None:
+            if len(self.pool) <= MAX_IN_FLIGHT:
+                self.pool.append(buffer)
+            if out is not piece:
+                piece.add_(out)
+
+        self.queue.add(work, tag=state, held=(None if out is piece else out, buffer),
+                       on_done=done)  # fmt: skip
+        state.wrote_shard = True
+        state.buffer = None  # the in-flight entry holds it until the wait
+        # without overlap_comm each bucket is finished before backward goes on
+        self.queue.wait_below(MAX_IN_FLIGHT if overlap_comm else 0)
+
+    def grad_pieces(self, fi: int) -> list[Tensor]:
+        return self.flats[fi].split_shard(self.grads[fi])
+
+    def end_step(self) -> None:
+        self.pool.clear()
+
+    def held_buffers(self, states: list[BucketState]) -> list[Tensor]:
+        return [s.buffer for s in states if s.buffer is not None] + list(self.pool)
+
+
+STRATEGIES: dict[int, type[_Strategy]] = {
+    0: ReplicatedAllReduce,
+    1: ShardedStates,
+    2: ShardedGrads,
+}

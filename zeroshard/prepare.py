@@ -1,0 +1,77 @@
+"""What every stage's `initialize` does before building its optimizer, done once.
+
+The config is loaded for the world of the process group it will run on (batch sizes are
+derived from that world), "auto" sizes are resolved from the model's hidden size, and the
+parameters to train are materialised once, so a generator passed as `model_parameters`
+(as DeepSpeed allows) is read a single time and then used by every stage.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import ConfigError, ZeroConfig, load_config
+
+ParamsArg = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | None
+
+
+def hidden_size_of(model: nn.Module) -> int | None:
+    """The model's hidden size if it says so (HF `config.hidden_size`, GPT `n_embd`, ...):
+    what HF-style "auto" bucket sizes are derived from."""
+    for owner in (getattr(model, "config", None), model):
+        for name in ("hidden_size", "n_embd", "d_model", "dim"):
+            value = getattr(owner, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+def check_supported(cfg: ZeroConfig) -> None:
+    zo = cfg.zero_optimization
+    for key in ("reduce_scatter", "allgather_partitions"):
+        if getattr(zo, key) is False:
+            raise ConfigError(
+                [
+                    f"zero_optimization.{key}: false is not supported by zeroshard yet "
+                    "(gradients are always reduce-scattered and partitions all-gathered); "
+                    "remove the key or set it to true"
+                ]
+            )
+
+
+def resolve_config(
+    model: nn.Module,
+    config: str | os.PathLike | Mapping[str, Any] | ZeroConfig | None,
+    process_group: dist.ProcessGroup | None,
+) -> ZeroConfig:
+    """Load (for the group's world size), resolve "auto" from the model, check support.
+    No config: the path in $ZEROSHARD_CONFIG (set by `zeroshard run --config CFG`)."""
+    if config is None:
+        config = os.environ.get("ZEROSHARD_CONFIG")
+        if not config:
+            raise ConfigError(
+                "no config: pass one (zeroshard.initialize(model, 'ds_config.json')) or launch "
+                "with `zeroshard run --config CFG script.py` (which sets ZEROSHARD_CONFIG)"
+            )
+    if not isinstance(config, ZeroConfig):
+        world = dist.get_world_size(process_group) if dist.is_initialized() else 1
+        config = load_config(config, world_size=world)
+    cfg = config.resolve_auto(hidden_size_of(model))
+    check_supported(cfg)
+    return cfg
+
+
+def trainable_params(model: nn.Module, model_parameters: ParamsArg) -> list:
+    """`model_parameters` read once into a list (params or param-group dicts); default: every
+    trainable parameter of the model."""
+    if model_parameters is None:
+        return [p for p in model.parameters() if p.requires_grad]
+    if isinstance(model_parameters, torch.Tensor):
+        return [model_parameters]
+    return list(model_parameters)
