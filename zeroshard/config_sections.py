@@ -24,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from . import config_seams as _seams
+
 Auto = Literal["auto"]
 _AUTO_HELP = (
     'is "auto", which zeroshard cannot resolve (the Hugging Face Trainer replaces "auto" '
@@ -49,6 +51,10 @@ class _Section(BaseModel):
             raise ValueError(_AUTO_HELP)
         field = cls.model_fields.get(name)
         if isinstance(value, bool) and field is not None and not _accepts_bool(field.annotation):
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                # `"fp16": true` (issue 8): a section, not a switch
+                flag = "true" if value else "false"
+                raise ValueError(f'must be an object like {{"enabled": {flag}}}, not a boolean')
             raise ValueError("must be a number, not a boolean")
         return value
 
@@ -297,3 +303,7 @@ class ZeroOptimizationConfig(_Section):
     stage3_max_reuse_distance: Annotated[int, Field(ge=0)] = 1_000_000_000
     stage3_gather_16bit_weights_on_model_save: bool = False
     load_from_fp32_weights: bool = True
+
+    # issue 8: every key honoured as DeepSpeed defines it, or rejected by name
+    _no_offload = model_validator(mode="before")(_seams.drop_no_offload)
+    _honoured = model_validator(mode="after")(_seams.check_honoured)

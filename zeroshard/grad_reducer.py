@@ -34,6 +34,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from . import guards
 from .collectives import Comm
 from .flat_buffer import FlatParams, Slot
 from .grad_strategies import STRATEGIES, BucketState
@@ -94,9 +95,10 @@ class GradReducer:
             self._states.append(BucketState(len(self._states), fi, b))
         for slot in flat.slots:
             state = self._states[first_state + slot.bucket]
-            slot.param.register_post_accumulate_grad_hook(
+            handle = slot.param.register_post_accumulate_grad_hook(
                 lambda p, _fi=fi, _slot=slot, _st=state: self._on_grad(p, _fi, _slot, _st)
             )
+            guards.track_hook(slot.param, handle)  # issue 8: removed if the optimizer dies
         self._order = None  # a new set of buckets: record the launch order again
         self._completed.clear()
 

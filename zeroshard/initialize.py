@@ -15,6 +15,8 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
+from . import guards, timing
+from .collectives import Comm
 from .config import ZeroConfig
 from .optimizer import ZeroOptimizer
 from .precision import LossScaler
@@ -38,6 +40,7 @@ def initialize(
     `process_group` is the set of ranks to shard over, at every stage. `config` defaults to the
     path in $ZEROSHARD_CONFIG, which `zeroshard run --config CFG` sets.
     """
+    guards.check_not_ddp(model)  # issue 8: zeroshard replaces DDP
     cfg = resolve_config(model, config, process_group)
     params = trainable_params(model, model_parameters)
     if cfg.zero_optimization.stage == 3:
@@ -45,6 +48,7 @@ def initialize(
     else:
         if cfg.precision != "fp32":
             model.to(cfg.compute_dtype)
+        guards.broadcast_module_state(Comm(process_group), model)  # issue 8: rank 0's weights
         rule, hp = cfg.optimizer_spec()
         zo = cfg.zero_optimization
         optimizer = ZeroOptimizer(
@@ -64,6 +68,8 @@ def initialize(
         )
     optimizer.lr_scheduler = build_scheduler(cfg.scheduler, optimizer)
     optimizer.config = cfg
+    model.register_forward_pre_hook(guards.check_ddp_forward)  # issue 8: no DDP around it
+    timing.install(model, optimizer, cfg)  # issue 8: wall_clock_breakdown
     return model, optimizer
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import update
+from . import guards, torch_clip, update
 from .accounting import memory_report
 from .collectives import Comm, wait_all
 from .flat_buffer import FlatParams
@@ -117,12 +117,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.last_grad_norm: float | None = None
         self._overlap = overlap_comm
         super().__init__(params, defaults)
+        guards.check_trainable(self)  # issue 8: all-frozen params are an error, not a crash
+        torch_clip.install()  # issue 8: torch's clip_grad_norm_ clips by the global norm
 
     # -- building -------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group_index = len(self.param_groups) - 1
         trainable = [p for p in self.param_groups[-1]["params"] if p.requires_grad]
+        guards.on_param_group(self, self.param_groups[-1]["params"])  # issue 8: checks
         by_dtype: dict[torch.dtype, list[Tensor]] = {}
         for p in trainable:
             by_dtype.setdefault(p.dtype, []).append(p)
@@ -140,6 +143,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         sharded = self._reducer.sharded
         num_shards, shard = (self.comm.world_size, self.comm.rank) if sharded else (1, 0)
         flat = FlatParams(params, num_shards, shard, self._bucket_numel)
+        guards.broadcast_from_rank0(self.comm, [flat.flat])  # issue 8: rank 0's initial weights
         self._append_entry(group_index, dtype, flat.own_chunks(flat.flat), flat)
         self._reducer.add(flat)
 
@@ -235,6 +239,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        guards.before_step(self)  # issue 8: late process group, moved params, DDP wrapper
         norm, finite = self._global_norm()
         if not finite:
             self._skip_step()
@@ -309,6 +314,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def _end_step(self) -> None:
         self._reducer.end_step()
+        self._reducer.zero_grad()  # issue 8: step() consumes the gradients (as DeepSpeed)
         self._pending_stats = None
         self._pending_clip = None
         self.comm.counter.snapshot()

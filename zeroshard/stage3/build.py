@@ -13,8 +13,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import guards
 from ..collectives import Comm
 from ..config import ZeroConfig
+from ..config_seams import stage3_bucket_numel
 from ..precision import LossScaler
 from . import registry
 from .engine import Stage3Engine
@@ -99,6 +101,8 @@ def build_stage3(
     if registry.engine_of(model) is not None:
         raise ValueError("this model is already a stage-3 model (initialize it once)")
     comm = Comm(process_group)
+    guards.check_params(model.parameters())  # issue 8: no meta-device model
+    guards.broadcast_module_state(comm, model, registry.unit_of)  # issue 8: rank 0's weights
     tracker = GatherTracker()
     dtype = cfg.compute_dtype
     with torch.no_grad():
@@ -106,7 +110,7 @@ def build_stage3(
             if b.is_floating_point() and b.dtype != dtype:
                 b.data = b.data.to(dtype)
     units = build_units(
-        model, comm, dtype=dtype, bucket_numel=int(zo.allgather_bucket_size),
+        model, comm, dtype=dtype, bucket_numel=stage3_bucket_numel(zo),  # issue 8: + reduce
         persistence_threshold=int(zo.stage3_param_persistence_threshold), tracker=tracker,
         group_of=_group_index(params),
     )  # fmt: skip

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from .. import guards
 from ..collectives import Comm
 from ..inflight import MAX_IN_FLIGHT, InFlight
 from .prefetch import backward_head, next_use_within, to_prefetch
@@ -166,6 +167,7 @@ class Stage3Engine:
     def _root_forward(self, forward, *args: Any, **kwargs: Any) -> Any:
         if self.training_state is TrainingState.FORWARD:  # re-entered inside its own forward
             return forward(*args, **kwargs)
+        guards.check_ddp_forward()  # issue 8: DDP around a stage-3 model is an error
         if self.training_state is TrainingState.BACKWARD:  # the last backward raised
             for u in self.units:
                 u.unpin()

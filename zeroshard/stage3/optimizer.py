@@ -21,8 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import guards
 from ..layout import ParamLayout, Piece
 from ..optimizer import ZeroOptimizer, check_dtype
+from . import relink  # noqa: F401  (issue 8: registers stage 3's moved-parameter re-link)
 from .engine import Stage3Engine
 from .unit import ShardedUnit
 
@@ -77,6 +79,7 @@ class Stage3Optimizer(ZeroOptimizer):
         if self._reducer is None:
             self._reducer = _Stage3Grads(engine)
         members = {id(p) for p in self.param_groups[-1]["params"] if p.requires_grad}
+        guards.claim(self, [p for p in self.param_groups[-1]["params"] if p.requires_grad])  # #8
         for p in self.param_groups[-1]["params"]:
             if p.requires_grad and id(p) not in engine.param_units:
                 raise ValueError(

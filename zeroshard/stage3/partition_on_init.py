@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .. import guards
 from ..collectives import Comm
 from ..config import ZeroConfig, load_config
 from . import registry
@@ -70,6 +71,7 @@ class _PartitionedUseMode(TorchFunctionMode):
         self.busy = True
         try:
             for u in units:
+                guards.broadcast_from_rank0(u.comm, u.params)  # issue 8: rank 0's values
                 u.write_back()
                 u.release()
         finally:
@@ -195,6 +197,7 @@ class Init:
                     p.data = p.data.to(self.dtype)
             fresh.setdefault(p.dtype, []).append(p)
         for params in fresh.values():  # each parameter keeps its unit alive (the registry)
+            guards.broadcast_from_rank0(self.comm, params)  # issue 8: rank 0's initial weights
             numel = sum(p.numel() for p in params)
             ShardedUnit(
                 params, self.comm, self.bucket_numel, name=type(module).__name__,

@@ -1,0 +1,97 @@
+"""`wall_clock_breakdown`: forward / backward / reduce / step times, as DeepSpeed prints them.
+
+With `"wall_clock_breakdown": true`, `zeroshard.initialize` installs a `WallClockBreakdown`:
+the forward is timed by a pre- and a post-forward hook on the model, the backward inside
+`optimizer.backward()` (DeepSpeed times `engine.backward` the same way; a bare
+`loss.backward()` is not seen), the reduce as the time `step()` (or `clip_grad_norm_`) spends
+finishing the gradient reduction (what backward did not overlap), and the step as the rest
+of `optimizer.step()`. Every `steps_per_print` optimizer steps rank 0 prints one line with the
+mean milliseconds per step over those steps; the last line's numbers stay in `.last`.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+PHASES = ("forward", "backward", "reduce", "step")
+
+
+class WallClockBreakdown:
+    """Accumulates phase times of one model + optimizer and prints them periodically."""
+
+    def __init__(self, model: nn.Module, optimizer: Any, steps_per_print: int) -> None:
+        self.steps_per_print = int(steps_per_print)
+        self.totals = dict.fromkeys(PHASES, 0.0)
+        self.last: dict[str, float] = {}
+        self.steps = 0
+        self._cuda = any(p.is_cuda for p in model.parameters())
+        self._fwd_start: float | None = None
+        model.register_forward_pre_hook(self._forward_start)
+        model.register_forward_hook(self._forward_end)
+        optimizer.backward = self._timed(optimizer.backward, "backward")
+        reducer = optimizer._reducer
+        reducer.finish = self._timed(reducer.finish, "reduce")
+        optimizer.step = self._timed_step(optimizer.step)
+
+    def _now(self) -> float:
+        if self._cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _forward_start(self, *_: Any) -> None:
+        self._fwd_start = self._now()
+
+    def _forward_end(self, *_: Any) -> None:
+        if self._fwd_start is not None:
+            self.totals["forward"] += self._now() - self._fwd_start
+            self._fwd_start = None
+
+    def _timed(self, fn: Any, phase: str) -> Any:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            t0 = self._now()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.totals[phase] += self._now() - t0
+
+        return run
+
+    def _timed_step(self, step: Any) -> Any:
+        @functools.wraps(step)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            reduce_before = self.totals["reduce"]
+            t0 = self._now()
+            try:
+                return step(*args, **kwargs)
+            finally:
+                elapsed = self._now() - t0
+                self.totals["step"] += elapsed - (self.totals["reduce"] - reduce_before)
+                self.steps += 1
+                if self.steps % self.steps_per_print == 0:
+                    self._report()
+
+        return run
+
+    def _report(self) -> None:
+        n = self.steps_per_print
+        self.last = {k: 1000.0 * v / n for k, v in self.totals.items()}
+        self.totals = dict.fromkeys(PHASES, 0.0)
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return
+        parts = " | ".join(f"{k}: {self.last[k]:.2f}" for k in PHASES)
+        print(
+            f"zeroshard step {self.steps}: time (ms, mean of {n} steps) | {parts}", flush=True
+        )
+
+
+def install(model: nn.Module, optimizer: Any, cfg: Any) -> None:
+    """Attach a breakdown as `optimizer.wall_clock` when the config asks for one."""
+    if cfg.wall_clock_breakdown:
+        optimizer.wall_clock = WallClockBreakdown(model, optimizer, cfg.steps_per_print)
