@@ -118,12 +118,14 @@ def _inputs(example: Any, device: torch.device, dtype: torch.dtype) -> tuple[tup
 
 
 def _step(model: nn.Module, args: tuple, kwargs: dict) -> None:
-    """One forward, and a backward from every floating output that needs a gradient."""
-    out = model(*args, **kwargs)
-    roots = [t.float().sum() for t in tree_flatten(out)[0]
-             if isinstance(t, Tensor) and t.requires_grad and t.is_floating_point()]  # fmt: skip
-    if roots:
-        torch.autograd.backward(roots)
+    """One training forward, and a backward from every floating output that needs a
+    gradient (the loss's own ops hold no parameters, so their shape does not matter)."""
+    with torch.enable_grad():
+        out = model(*args, **kwargs)
+        leaves = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+        roots = [t.float().sum() for t in leaves if t.requires_grad and t.is_floating_point()]
+        if roots:
+            torch.autograd.backward(roots)
 
 
 def _trace(
@@ -169,7 +171,6 @@ def stage3(
     shapes = {id(p): (p.shape, p.dtype) for p in model.parameters()}
     per_rank = []
     units: list[Any] = []
-    comm = MetaComm(world, ranks[0])
     tracker = GatherTracker()
     for rank in ranks:
         if rank != ranks[0]:
@@ -190,10 +191,11 @@ def stage3(
         })  # fmt: skip
     ring = (world - 1) / world
     persistent = sum(u.numel for u in units if u.trainable and u.persistent)
-    after = (persistent * elem + 2 * NORM_BYTES) * ring if world > 1 else 0.0  # the step's
+    # the step's own: persistent units all-gathered after the update, the grad-norm all-reduce
+    after = (persistent * elem + 2 * NORM_BYTES) * ring if world > 1 else 0.0
     schedule = "registration order: no example input was given"
     try:
-        if structured and example_input is not None:
+        if structured and example_input is not None:  # `comm`, `units`: the last rank's
             peak, sent = _trace(model, units, comm, tracker, cfg, example_input)
             _forget_units(model, shapes)
             return Stage3Result(per_rank, peak, int(round(sent + after)), TRACED)
