@@ -68,6 +68,12 @@ def batch(step: int, global_batch: int, seed: int = 1234) -> tuple[torch.Tensor,
     return tokens[:, :-1], tokens[:, 1:]
 
 
+def example_input(model: nn.Module | None = None) -> torch.Tensor:
+    """One sequence of token ids: what `zeroshard estimate --model tests.models:make_model`
+    (and tests/test_estimate.py) runs the test models on to trace stage 3's schedule."""
+    return batch(0, 1)[0]
+
+
 def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     logits = model(x)
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))

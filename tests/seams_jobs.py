@@ -245,3 +245,15 @@ def wall_clock(stage: int) -> dict:
             opt.step()
             opt.zero_grad()
     return {"printed": out.getvalue(), "last": opt.wall_clock.last}
+
+
+
+def idle_workers_job() -> bool:
+    """shutdown.wait_for_idle_workers against this rank's real gloo workers after a burst of
+    async collectives."""
+    from zeroshard import shutdown
+
+    t = torch.ones(4096)
+    for _ in range(20):
+        dist.all_reduce(t, async_op=True).wait()
+    return shutdown.wait_for_idle_workers(timeout=10.0)

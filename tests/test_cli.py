@@ -122,8 +122,11 @@ def test_estimate_7b_on_8_ranks_prints_the_zero_paper(capsys):
     assert "112.00 GB" in row0 and row0.rstrip().endswith("no")
 
 
-def test_estimate_from_a_factory_matches_the_library(capsys):
-    from tests.models import make_model
+def test_estimate_from_a_factory_matches_the_library(capsys, tmp_path):
+    """`example_input` next to the factory (tests/models.py has one) is what stage 3 is
+    traced on; without one (ReusedBlock's module has none) a note says the schedule was
+    replayed on registration order."""
+    from tests.models import example_input, make_model
     from zeroshard.estimate import estimate
 
     rc, out, _ = cli(capsys, "estimate", "--model", "tests.models:make_model", "--nodes", "2",
@@ -133,19 +136,45 @@ def test_estimate_from_a_factory_matches_the_library(capsys):
     got = json.loads(out)
     with torch.device("meta"):
         model = make_model()
-    want = estimate(model, world_size=4, config="configs/zero3.json")
+    want = estimate(model, world_size=4, config="configs/zero3.json",
+                    example_input=example_input())  # fmt: skip
     assert got["world_size"] == 4
     assert [s["bytes"] for s in got["stages"]] == [e.bytes for e in want]
     # zero3.json's persistence threshold (10000) keeps every unit of this model whole
     assert got["stages"][3]["gathered_peak"] == want[3].gathered_peak == 0
+    assert got["stages"][3]["schedule"] == want[3].schedule == "traced"
+    # a config where blocks are sharded: the reused block's peak is traced with the input
+    cfg = tmp_path / "z3.json"
+    cfg.write_text(json.dumps({"zero_optimization": {
+        "stage": 3, "stage3_param_persistence_threshold": 300, "allgather_bucket_size": 700,
+        "stage3_prefetch_bucket_size": 2500}}))
+    argv = ["estimate", "--model", "tests.models_stage3:ReusedBlock", "--world-size", "2",
+            "--config", str(cfg), "--stage", "3"]  # fmt: skip
+    rc, out, _ = cli(capsys, *argv, "--example-input", "tests.models:example_input", "--json")
+    traced = json.loads(out)["stages"][0]
+    assert rc == 0 and traced["schedule"] == "traced"
+    rc, out, _ = cli(capsys, *argv, "--json")
+    replayed = json.loads(out)["stages"][0]
+    assert replayed["schedule"] == "registration order: no example input was given"
+    assert replayed["gathered_peak"] < traced["gathered_peak"]
+    rc, out, _ = cli(capsys, *argv)
+    assert out.splitlines()[-1] == (
+        "note: stage 3 gathered peak and sent/step replayed on module registration order (no "
+        "example input was given); they run low if a module runs several times per forward")
 
 
 def test_estimate_from_a_hugging_face_config(capsys, tmp_path):
+    from zeroshard.estimate import estimate
+
     transformers = pytest.importorskip("transformers")
     cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=64)
     cfg.save_pretrained(tmp_path)
+    zcfg = tmp_path / "z3.json"  # blocks sharded, small prefetch: a gathered peak to trace
+    zcfg.write_text(json.dumps({"zero_optimization": {
+        "stage3_param_persistence_threshold": 1000, "stage3_prefetch_bucket_size": 10000}}))
     rc, out, _ = cli(capsys, "estimate", "--hf-config", str(tmp_path / "config.json"),
-                     "--world-size", "2", "--precision", "bf16", "--json")  # fmt: skip
+                     "--world-size", "2", "--precision", "bf16", "--config", str(zcfg),
+                     "--json")  # fmt: skip
     assert rc == 0
     got = json.loads(out)
     with torch.device("meta"):
@@ -156,6 +185,16 @@ def test_estimate_from_a_hugging_face_config(capsys, tmp_path):
     s0 = got["stages"][0]["bytes"]
     assert numel * 2 <= s0["params"] <= numel * 2 * 1.01
     assert s0["optimizer_states"] == 8 * s0["params"] // 2
+    # stage 3 is traced on 8 token ids: the engine's peak on the meta model
+    ids = {"input_ids": torch.zeros(1, 8, dtype=torch.long)}
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    want = estimate(model, world_size=2, precision="bf16", config=str(zcfg), stages=(3,),
+                    example_input=ids)[0]  # fmt: skip
+    s3 = got["stages"][3]
+    assert s3["schedule"] == want.schedule == "traced"
+    assert s3["gathered_peak"] == want.gathered_peak > 0
+    assert s3["comm_bytes"] == want.comm_bytes
 
 
 def test_estimate_errors_are_one_line(capsys):
@@ -165,6 +204,11 @@ def test_estimate_errors_are_one_line(capsys):
     rc, _, err = cli(capsys, "estimate", "--params", "7e9", "--world-size", "8",
                      "--device-memory", "80 jigabytes")  # fmt: skip
     assert rc == 2 and err.count("\n") == 1 and "cannot read '80 jigabytes' as a size" in err
+    rc, _, err = cli(capsys, "estimate", "--model", "tests.models:make_model", "--world-size",
+                     "2", "--example-input", "tests.models:loss_fn")  # fmt: skip
+    assert rc == 2 and err == (
+        "zeroshard estimate: error: the example input (tests.models.loss_fn) failed: TypeError: "
+        "loss_fn() missing 2 required positional arguments: 'x' and 'y'\n")
 
 
 # -- check-config -------------------------------------------------------------------------------

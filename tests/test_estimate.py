@@ -2,10 +2,11 @@
 
 For the test models at stages 0-3 on 1, 2 and 4 gloo ranks, fp32 and bf16: the estimate of every
 memory category equals `memory_report()` after two steps exactly (the issue asks for 2%), the
-stage-3 gathered-parameter peak is within 10% of the engine's tracker, and bytes sent per step
-are within 10% of `comm_report()` (both exact today, for the model whose modules run in
-registration order). One pool job per world size trains every (model, precision,
-stage) combination, so the whole file costs three jobs.
+stage-3 gathered-parameter peak is within 10% of the engine's tracker and bytes sent per step
+within 2% of `comm_report()` (all exact today: stage 3 runs the engine itself on the meta
+device over an example input, so a block called three times per forward and a tied embedding
+used through `F.linear` are traced, not assumed). One pool job per world size trains every
+(model, precision, stage) combination, so the whole file costs three jobs.
 
 And the ZeRO paper's figures: 7e9 parameters, mixed-precision Adam, 8 ranks.
 """
@@ -16,9 +17,10 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 import zeroshard
-from tests.models import batch, loss_fn, make_model, param_groups
+from tests.models import batch, example_input, loss_fn, make_model, param_groups
 from tests.models_stage3 import ReusedBlock, TiedFLinear
 from zeroshard.accounting import zero_formula
 from zeroshard.estimate import CATEGORIES, Numel, estimate
@@ -27,8 +29,6 @@ GLOBAL_BATCH = 8
 WORLDS = (1, 2, 4)
 PRECISIONS = ("fp32", "bf16")
 MODELS = {"tiny": make_model, "tied_f_linear": TiedFLinear, "reused_block": ReusedBlock}
-# the schedule replay assumes modules run in registration order: true for "tiny" only
-SCHEDULE_MODELS = ("tiny",)
 # "tiny" trains two param groups (decay / no decay): one flat buffer per group
 GROUPED = ("tiny",)
 
@@ -53,9 +53,10 @@ def build(name: str) -> torch.nn.Module:
     return MODELS[name]()
 
 
-def models_on(world: int) -> list[str]:
-    """4 ranks on 2 CPU cores are slow to drive: the corner-case models run on 1 and 2."""
-    return ["tiny"] if world == 4 else list(MODELS)
+def stages_on(world: int, name: str) -> tuple[int, ...]:
+    """4 ranks on 2 CPU cores are slow to drive: there the corner-case models (whose stage
+    0-2 layouts are checked on 1 and 2 ranks) run stage 3 only."""
+    return (3,) if world == 4 and name != "tiny" else (0, 1, 2, 3)
 
 
 def measure_job() -> dict:
@@ -64,9 +65,9 @@ def measure_job() -> dict:
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     out: dict = {}
-    for name in models_on(world):
+    for name in MODELS:
         for precision in PRECISIONS:
-            for stage in range(4):
+            for stage in stages_on(world, name):
                 model = build(name)
                 model, opt = zeroshard.initialize(model, config(precision, stage),
                                                   model_parameters=groups_of(name, model))
@@ -97,15 +98,18 @@ def _close(est: float, got: float, tol: float) -> bool:
     return abs(est - got) <= tol * got if got else est == 0
 
 
-@pytest.mark.parametrize("world,name", [(w, n) for w in WORLDS for n in models_on(w)])
+@pytest.mark.parametrize("world,name", [(w, n) for w in WORLDS for n in MODELS])
 def test_estimate_equals_memory_report(measured, world, name):
     worst: dict[str, float] = {}
+    figures = []  # stage 3, rank 0: (precision, peak estimated/measured, sent est./measured)
     for precision in PRECISIONS:
         with torch.device("meta"):
             model = build(name)
-        ests = estimate(model, world_size=world, config=config(precision, 0),
-                        model_parameters=groups_of(name, model))
-        for stage, est in enumerate(ests):
+        stages = stages_on(world, name)
+        ests = estimate(model, world_size=world, config=config(precision, 0), stages=stages,
+                        model_parameters=groups_of(name, model), example_input=example_input())
+        for est in ests:
+            stage = est.stage
             for rank, ranks in enumerate(measured[world]):
                 got = ranks[name, precision, stage]
                 want = est.per_rank[rank if stage == 3 else 0]
@@ -116,15 +120,61 @@ def test_estimate_equals_memory_report(measured, world, name):
                     assert e == g, (precision, stage, rank, cat, e, g)
                 c = got["comm"]["total"]
                 worst["comm"] = max(worst.get("comm", 0.0), abs(est.comm_bytes - c) / max(c, 1))
+                assert _close(est.comm_bytes, c, 0.02), (precision, stage, rank, est.comm_bytes, c)
                 if stage == 3:
                     p = got["peak"]
                     worst["peak"] = max(worst.get("peak", 0.0), abs(est.gathered_peak - p) / p)
-                if name not in SCHEDULE_MODELS:
-                    continue  # printed below, not asserted: the replay's order assumption fails
-                assert _close(est.comm_bytes, c, 0.10), (precision, stage, rank, est.comm_bytes, c)
-                if stage == 3:
+                    assert est.schedule == "traced", est.schedule
                     assert _close(est.gathered_peak, p, 0.10), (precision, rank, est, p)
-    print(f"{name} on {world} rank(s): largest deviation per category {worst}")
+                    if rank == 0:
+                        figures.append(f"{precision} peak {est.gathered_peak}/{p} "
+                                       f"sent {est.comm_bytes}/{c}")
+    print(f"{name} on {world} rank(s): largest deviation per category {worst}; stage 3 "
+          f"estimated/measured bytes: {'; '.join(figures)}")
+
+
+class _DataDependent(nn.Module):
+    """A forward that reads a value (`.item()`): it cannot run on the meta device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(40, 40)
+        self.b = nn.Linear(40, 40)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.b(h) if h.sum().item() > 0 else h
+
+
+def test_without_a_traced_run_the_replay_says_so():
+    """No example input, or a forward that fails on meta: the stage-3 schedule is replayed on
+    registration order and `schedule` says why. For a model whose modules run once each in
+    that order the replay equals the traced run; for a block called three times per forward
+    it runs low (the trace is what the engine measures: see above)."""
+    cfg = config("fp32", 3)
+    kw = {"world_size": 2, "config": cfg, "stages": (3,)}
+    with torch.device("meta"):
+        tiny, reused, plain = make_model(), ReusedBlock(), make_model()
+    (replayed,) = estimate(tiny, **kw)
+    assert replayed.schedule == "registration order: no example input was given"
+    (traced,) = estimate(plain, **kw, example_input=example_input())
+    assert (replayed.gathered_peak, replayed.comm_bytes) == (traced.gathered_peak,
+                                                             traced.comm_bytes)  # fmt: skip
+    (low,) = estimate(reused, **kw)
+    (high,) = estimate(reused, **kw, example_input=example_input())
+    assert high.schedule == "traced" and low.gathered_peak < 0.6 * high.gathered_peak
+    with torch.device("meta"):
+        dd, dd_plain = _DataDependent(), _DataDependent()
+    (failed,) = estimate(dd, **kw, example_input=torch.zeros(3, 40))
+    assert failed.schedule.startswith("registration order: the traced run failed (")
+    assert "item" in failed.schedule, failed.schedule
+    (plain_dd,) = estimate(dd_plain, **kw)
+    assert (failed.gathered_peak, failed.comm_bytes) == (plain_dd.gathered_peak,
+                                                         plain_dd.comm_bytes)  # fmt: skip
+    assert failed.gathered_peak > 0
+    # the model is left as it came: meta parameters of the original shapes, no gradients
+    assert [(p.device.type, p.shape, p.grad) for p in dd.parameters()] == [
+        ("meta", p.shape, None) for p in dd_plain.parameters()]  # fmt: skip
 
 
 def test_zero_paper_7b_on_8_ranks():

@@ -25,8 +25,12 @@ EPILOG = """examples:
 
 Bytes are decimal (1 GB = 1e9 B). "model states" are what the optimizer holds between steps
 (params, grads, fp32 master, optimizer states; communication buffers are 0 between steps);
-stage 3 adds the full parameters gathered at the peak of forward/backward, replayed on the
-module order (a module reused within one forward peaks higher than estimated)."""
+stage 3 adds the full parameters gathered at the peak of forward/backward. That peak and the
+bytes sent come from running the stage-3 engine on the meta device over an example input:
+for --hf-config, 8 token ids; for --model, what --example-input (or a callable named
+`example_input` next to the factory) returns for the meta model: a tensor, a tuple of
+positional arguments or a dict of keyword arguments. Without one, the schedule is replayed
+on registration order (low for modules called several times per forward) and a note says so."""
 
 CATS = ("params", "grads", "master", "optimizer_states", "comm_buffers")
 
@@ -42,6 +46,9 @@ def add_parser(sub: Any, name: str) -> argparse.ArgumentParser:
                      help="a Hugging Face config.json (or its folder); needs transformers")
     src.add_argument("--model", metavar="PKG.MOD:FACTORY",
                      help="a callable returning an nn.Module (built on the meta device)")
+    p.add_argument("--example-input", metavar="PKG.MOD:FN",
+                   help="with --model: FN(model) returns the forward's input (default: "
+                   "`example_input` in the factory's module, if there is one)")
     p.add_argument("--world-size", type=int, help="total ranks")
     p.add_argument("--nodes", type=int, default=1, help="nodes (with --gpus-per-node)")
     p.add_argument("--gpus-per-node", type=int, help="ranks per node")
@@ -71,12 +78,28 @@ def _world(args: argparse.Namespace) -> int:
     return world
 
 
-def build_model(args: argparse.Namespace) -> nn.Module:
-    """The model on the meta device, from whichever source was given."""
+def _callable(spec: str, what: str) -> Any:
+    mod_name, _, attr = spec.partition(":")
+    if not mod_name or not attr:
+        raise CliError(f"{what} wants pkg.mod:callable, got {spec!r}")
+    try:
+        return getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise CliError(f"cannot import {spec}: {e}") from None
+
+
+HF_TOKENS = 8  # the example sequence length for a Hugging Face model (any length traces)
+
+
+def build_model(args: argparse.Namespace) -> tuple[nn.Module, Any]:
+    """The model on the meta device, from whichever source was given, and the input to
+    trace its stage-3 schedule on (None if there is none)."""
     from zeroshard.estimate import Numel
 
+    if args.example_input is not None and args.model is None:
+        raise CliError("--example-input goes with --model")
     if args.params is not None:
-        return Numel(parse_count(args.params))
+        return Numel(parse_count(args.params)), None
     if args.hf_config is not None:
         try:
             from transformers import AutoConfig, AutoModelForCausalLM
@@ -87,19 +110,27 @@ def build_model(args: argparse.Namespace) -> nn.Module:
         except (OSError, ValueError) as e:
             raise CliError(f"cannot read Hugging Face config {args.hf_config}: {e}") from None
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(cfg)
-    mod_name, _, attr = args.model.partition(":")
-    if not mod_name or not attr:
-        raise CliError(f"--model wants pkg.mod:factory, got {args.model!r}")
-    try:
-        factory = getattr(importlib.import_module(mod_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise CliError(f"cannot import {args.model}: {e}") from None
+            model = AutoModelForCausalLM.from_config(cfg)
+        tokens = min(HF_TOKENS, getattr(cfg, "max_position_embeddings", None) or HF_TOKENS)
+        return model, {"input_ids": torch.zeros(1, tokens, dtype=torch.long, device="meta")}
+    factory = _callable(args.model, "--model")
     with torch.device("meta"):
         model = factory()
     if not isinstance(model, nn.Module):
         raise CliError(f"{args.model} returned {type(model).__name__}, not an nn.Module")
-    return model
+    if args.example_input is not None:
+        make_input = _callable(args.example_input, "--example-input")
+    else:
+        make_input = getattr(importlib.import_module(args.model.partition(":")[0]),
+                             "example_input", None)  # fmt: skip
+    if not callable(make_input):
+        return model, None
+    try:
+        with torch.device("meta"):
+            return model, make_input(model)
+    except Exception as e:  # noqa: BLE001 - the user's code: one line, not a traceback
+        raise CliError(f"the example input ({make_input.__module__}."
+                       f"{make_input.__qualname__}) failed: {type(e).__name__}: {e}") from None
 
 
 def handle(args: argparse.Namespace) -> int:
@@ -108,13 +139,13 @@ def handle(args: argparse.Namespace) -> int:
 
     world = _world(args)
     memory = parse_bytes(args.device_memory) if args.device_memory else None
-    model = build_model(args)
+    model, example = build_model(args)
     numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
     try:
         ests = estimate(
             model, world_size=world, config=args.config, precision=args.precision,
             optimizer=args.optimizer, stages=tuple(sorted(set(args.stage or (0, 1, 2, 3)))),
-            device_memory=memory,
+            device_memory=memory, example_input=example,
         )  # fmt: skip
     except ConfigError as e:
         raise CliError(str(e)) from None
@@ -140,4 +171,9 @@ def handle(args: argparse.Namespace) -> int:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
     if args.params is not None and any(e.stage == 3 for e in ests):
         print("stage 3 gathered peak needs the model's layers: use --hf-config or --model")
+    elif any(e.schedule not in (None, "traced") for e in ests):
+        s3 = next(e for e in ests if e.schedule not in (None, "traced"))
+        why = str(s3.schedule).removeprefix("registration order: ")
+        print(f"note: stage 3 gathered peak and sent/step replayed on module registration "
+              f"order ({why}); they run low if a module runs several times per forward")
     return 0

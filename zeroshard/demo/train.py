@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -158,9 +157,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-    # Known open defect (issue 8, item 10): about 1 run in 100 aborts in interpreter teardown
-    # after all work is done ("terminate called without an active exception"). Everything is
-    # written and the group destroyed, so end here, without that teardown.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)

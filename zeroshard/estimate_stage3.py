@@ -1,0 +1,212 @@
+"""Stage 3 for `zeroshard.estimate`: bytes per rank from the unit planner, and the gathered
+peak and bytes sent from the real engine run on the meta device.
+
+The schedule is not modelled: `build_units` and `Stage3Engine` (the code `initialize` runs)
+are built over a `MetaComm` that moves nothing and counts what a rank would send, and the
+model runs forward and backward on an example input until the engine's recorded orders
+repeat (the first pass only records them, as the first training step does). The engine's
+`GatherTracker` peak is then the gathered peak of every later step, whatever the call
+order: modules called several times, parameters used outside their owner, skipped modules.
+
+Without an example input, or when the forward fails on the meta device (a data-dependent
+branch), the schedule is replayed on registration order instead (estimate_replay.py), which
+runs LOW for reused modules; the result says which one was used (`schedule`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from . import update
+from .collectives import DONE, Comm, CommCounter, _nbytes
+from .config import ZeroConfig
+from .config_seams import stage3_bucket_numel
+from .estimate_replay import replay
+from .stage3 import registry
+from .stage3.build import build_units
+from .stage3.engine import Stage3Engine
+from .stage3.unit import GatherTracker
+
+ELEM = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+TRACED = "traced"  # `Stage3Result.schedule` when the engine ran on the example input
+MAX_PASSES = 5  # forward+backward passes at most: one to record, then until two agree
+NORM_BYTES = 16  # the global grad-norm / inf-check all-reduce after each backward
+
+
+class MetaComm(Comm):
+    """The collectives of rank `rank` in a world of `world_size` that does not exist: bytes
+    are counted as `Comm` counts them (ring algorithms), nothing is sent or waited for."""
+
+    def __init__(self, world_size: int, rank: int) -> None:  # no process group: no super()
+        self.initialized = True
+        self.group = None
+        self.rank, self.world_size = rank, world_size
+        self.counter = CommCounter()
+        self.list_forms = False
+
+    def all_reduce(self, tensor: Tensor, op: str = "avg", async_op: bool = False):
+        self.counter.add("all_reduce", 2 * _nbytes(tensor) * self._ring_fraction())
+        return DONE if async_op else None
+
+    def reduce_scatter(self, output: Tensor, input: Tensor, op: str = "avg",
+                       async_op: bool = False):  # fmt: skip
+        self.counter.add("reduce_scatter", _nbytes(input) * self._ring_fraction())
+        return DONE if async_op else None
+
+    def all_gather(self, output: Tensor, input: Tensor, async_op: bool = False):
+        self.counter.add("all_gather", _nbytes(output) * self._ring_fraction())
+        return DONE if async_op else None
+
+    def broadcast(self, tensor: Tensor, src: int = 0) -> None:
+        self.counter.add("broadcast", _nbytes(tensor) * self._ring_fraction())
+
+
+@dataclass
+class Stage3Result:
+    per_rank: list[dict[str, int]]  # bytes by category, one dict per planned rank
+    peak: int  # bytes of full parameters gathered at the peak of forward/backward
+    comm: int  # bytes a rank sends per step (after the first)
+    schedule: str  # TRACED, or why the registration-order replay was used
+
+
+def state_tensors(cfg: ZeroConfig) -> int:
+    """fp32 state tensors per master element for the configured rule."""
+    rule, hp = cfg.optimizer_spec()
+    return len(update.init_state(rule, hp, [torch.empty(1, device="meta")]))
+
+
+def _unit_pieces(u: Any) -> int:
+    """Elements of this rank's shard of `u` that belong to trainable parameters (what the
+    stage-3 optimizer keeps fp32 master and state for; padding excluded)."""
+    total = 0
+    for s in u.slots:
+        if s.param.requires_grad:
+            total += sum(z - a for _, a, z in u.chunk_overlaps(s.offset, s.offset + s.numel))
+    return total
+
+
+def _forget_units(model: nn.Module, shapes: dict[int, tuple[torch.Size, torch.dtype]]) -> None:
+    """Undo what building units (and running) did to the meta model: placeholders, gradients,
+    the unit registry."""
+    for p in model.parameters():
+        registry.clear_unit(p)
+        shape, dtype = shapes[id(p)]
+        p.data = torch.empty(shape, dtype=dtype, device="meta")
+        p.grad = None
+
+
+def _inputs(example: Any, device: torch.device, dtype: torch.dtype) -> tuple[tuple, dict]:
+    """(args, kwargs) from a tensor, a tuple of positional arguments or a dict of keyword
+    arguments; tensors move to the model's device, floating ones to the compute dtype."""
+
+    def move(t: Any) -> Any:
+        if not isinstance(t, Tensor):
+            return t
+        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+    if isinstance(example, Mapping):
+        return (), tree_map(move, dict(example))
+    if isinstance(example, tuple):
+        return tree_map(move, example), {}
+    return (move(example),), {}
+
+
+def _step(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """One training forward, and a backward from every floating output that needs a
+    gradient (the loss's own ops hold no parameters, so their shape does not matter)."""
+    with torch.enable_grad():
+        out = model(*args, **kwargs)
+        leaves = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+        roots = [t.float().sum() for t in leaves if t.requires_grad and t.is_floating_point()]
+        if roots:
+            torch.autograd.backward(roots)
+
+
+def _trace(
+    model: nn.Module, units: list[Any], comm: MetaComm, tracker: GatherTracker,
+    cfg: ZeroConfig, example: Any,
+) -> tuple[int, int]:
+    """(peak gathered bytes, bytes sent in forward and backward) of the engine's steady
+    schedule: the largest over the passes after the first, stopping once two agree."""
+    zo = cfg.zero_optimization
+    engine = Stage3Engine(
+        model, units, comm, cfg.reduce_dtype,
+        prefetch_numel=int(zo.stage3_prefetch_bucket_size),
+        max_live_numel=int(zo.stage3_max_live_parameters),
+        max_reuse_numel=int(zo.stage3_max_reuse_distance), tracker=tracker,
+    )  # fmt: skip
+    device = next((u.device for u in units), torch.device("meta"))
+    args, kwargs = _inputs(example, device, cfg.compute_dtype)
+    seen: list[tuple[int, int]] = []
+    try:
+        for _ in range(MAX_PASSES):
+            tracker.reset_peak()
+            comm.counter.snapshot()
+            _step(model, args, kwargs)
+            seen.append((tracker.peak, comm.counter.snapshot()["total"]))
+            if len(seen) >= 3 and seen[-1] == seen[-2]:
+                break
+    finally:
+        engine.remove()
+    steady = seen[1:]
+    return max(p for p, _ in steady), max(c for _, c in steady)
+
+
+def stage3(
+    model: nn.Module, cfg: ZeroConfig, world: int, ranks: list[int], *, structured: bool,
+    group_of: dict[int, int] | None, example_input: Any = None,
+) -> Stage3Result:
+    """Per-rank bytes, gathered peak and bytes sent at stage 3. Without layers (`Numel`)
+    every parameter is taken as gathered once in forward and once in backward, the paper's
+    3Ψ per step."""
+    zo = cfg.zero_optimization
+    elem, red = ELEM[cfg.compute_dtype], ELEM[cfg.reduce_dtype]
+    states = state_tensors(cfg)
+    shapes = {id(p): (p.shape, p.dtype) for p in model.parameters()}
+    per_rank = []
+    units: list[Any] = []
+    tracker = GatherTracker()
+    for rank in ranks:
+        if rank != ranks[0]:
+            _forget_units(model, shapes)
+        comm = MetaComm(world, rank)
+        units = build_units(
+            model, comm, dtype=cfg.compute_dtype, bucket_numel=stage3_bucket_numel(zo),
+            persistence_threshold=int(zo.stage3_param_persistence_threshold),
+            tracker=tracker, group_of=group_of,
+        )  # fmt: skip
+        pieces = sum(_unit_pieces(u) for u in units if u.trainable)
+        per_rank.append({
+            "params": sum(u.full_bytes if u.persistent else u.shard_numel * elem for u in units),
+            "grads": sum(u.shard_numel * red for u in units if u.trainable),
+            "master": 0 if elem == 4 else pieces * 4,
+            "optimizer_states": states * pieces * 4,
+            "comm_buffers": 0,
+        })  # fmt: skip
+    ring = (world - 1) / world
+    persistent = sum(u.numel for u in units if u.trainable and u.persistent)
+    # the step's own: persistent units all-gathered after the update, the grad-norm all-reduce
+    after = (persistent * elem + 2 * NORM_BYTES) * ring if world > 1 else 0.0
+    schedule = "registration order: no example input was given"
+    try:
+        if structured and example_input is not None:  # `comm`, `units`: the last rank's
+            peak, sent = _trace(model, units, comm, tracker, cfg, example_input)
+            _forget_units(model, shapes)
+            return Stage3Result(per_rank, peak, int(round(sent + after)), TRACED)
+    except Exception as e:  # noqa: BLE001 - any failure of the user's forward: say it, fall back
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        schedule = f"registration order: the traced run failed ({type(e).__name__}: {first})"
+    peak_numel, gathers = replay(model, units, cfg)
+    if not structured:
+        gathers = 2 * sum(u.numel for u in units if not u.persistent)
+        schedule = "none: a parameter count has no layers (each gathered once per pass)"
+    reduced = sum(u.numel for u in units if u.trainable) * red
+    sent = (gathers * elem + reduced) * ring if world > 1 else 0.0
+    _forget_units(model, shapes)
+    return Stage3Result(per_rank, peak_numel * elem, int(round(sent + after)), schedule)
