@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from .config import ZeroConfig
+from .stage3.prefetch import backward_head
 
 
 def replay(model: nn.Module, units: list[Any], cfg: ZeroConfig) -> tuple[int, int]:
@@ -56,18 +57,11 @@ def replay(model: nn.Module, units: list[Any], cfg: ZeroConfig) -> tuple[int, in
 
 
 def head_units(seq: list[Any], prefetch: int) -> list[Any]:
-    """The units backward starts with, kept gathered at the end of forward (the first one
-    whatever its size, then more up to one prefetch bucket)."""
-    keep: list[Any] = []
-    budget = 0
-    for u in seq:
-        if u in keep:
-            continue
-        if keep and budget + u.numel > prefetch:
-            break
-        keep.append(u)
-        budget += u.numel
-    return keep
+    """The units backward starts with, kept gathered at the end of forward: the engine's
+    rule (stage3/prefetch.py) on this replayed order."""
+    uniq = list(dict.fromkeys(seq))
+    pos = {id(u): i for i, u in enumerate(uniq)}
+    return [uniq[i] for i in backward_head([pos[id(u)] for u in seq], uniq, prefetch)]
 
 
 def _pass(
