@@ -105,8 +105,6 @@ def test_nothing_outside_the_package_reads_private_attributes():
                 for m in _PRIVATE.finditer(code):
                     if m.group(1).split(".")[0] in _ALLOWED_ROOTS:
                         continue
-                    if m.group(0) == "update._compiled_lion":  # a module's helper, not state
-                        continue
                     offenders.append(f"{f.relative_to(REPO)}:{i}: {m.group(0)}")
     assert offenders == []
 

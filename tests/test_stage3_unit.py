@@ -90,6 +90,16 @@ def test_prefetch_takes_the_next_released_units_within_both_budgets():
     assert to_prefetch(order, 1, units, prefetch_numel=60, max_live_numel=49) == []
 
 
+def test_prefetch_budget_ignores_resident_persistent_units():
+    """A persistent unit is always gathered and never fetched: idle or not, it takes none of
+    the prefetch bucket (it once did, which shrank prefetch by the persistent parameters)."""
+    units = [_fake(10), _fake(20), _fake(30), _fake(25, persistent=True), _fake(40)]
+    order = [0, 1, 2, 3, 4]
+    units[3].state = UnitState.GATHERED  # resident, idle
+    assert to_prefetch(order, 1, units, prefetch_numel=50, max_live_numel=1000) == [1, 2]
+    assert to_prefetch(order, 1, units, prefetch_numel=50, max_live_numel=50) == [1, 2]
+
+
 def test_backward_head_and_reuse_distance():
     units = [_fake(100), _fake(20), _fake(30), _fake(5, persistent=True)]
     assert backward_head([0, 1, 2], units, prefetch_numel=10) == {0}  # first, whatever size

@@ -23,7 +23,7 @@ from tests.update_cases import (
     reference,
     run_ours,
 )
-from zeroshard import update
+from zeroshard import update, update_lion
 from zeroshard.update import apply_update, grad_stats, init_state
 
 
@@ -194,9 +194,9 @@ def test_grad_stats_matches_float64(gdtype: torch.dtype, backend: str = "torch")
 @pytest.mark.parametrize("gdtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_compiled_lion_path(gdtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     """Large CPU Lion pieces run a torch.compile'd kernel: same float64 reference."""
-    if update._compiled_lion() is None:
+    if update_lion.compiled_lion() is None:
         pytest.skip("torch.compile unavailable here (no C++ toolchain?)")
-    monkeypatch.setattr(update, "_LION_COMPILE_MIN", 0)
+    monkeypatch.setattr(update_lion, "COMPILE_MIN", 0)
     rule, hp = CASES["lion"]
     torch.manual_seed(5)
     p0 = torch.randn(5003)

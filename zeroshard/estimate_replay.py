@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from .config import ZeroConfig
+from .stage3.prefetch import backward_head
 
 
 def replay(model: nn.Module, units: list[Any], cfg: ZeroConfig) -> tuple[int, int]:
@@ -27,8 +28,8 @@ def replay(model: nn.Module, units: list[Any], cfg: ZeroConfig) -> tuple[int, in
     prefetch = int(zo.stage3_prefetch_bucket_size)
     limits = (prefetch, int(zo.stage3_max_live_parameters))
     owner = {id(p): u for u in units for p in u.params}
-    # (enter?, the module's non-persistent units, its persistent ones)
-    events: list[tuple[bool, list[Any], list[Any]]] = []
+    # (enter?, the module's non-persistent units): persistent ones are resident, never fetched
+    events: list[tuple[bool, list[Any]]] = []
 
     def walk(m: nn.Module) -> None:
         # A module with parameters of its own fetches its children's with them: such a parent
@@ -41,15 +42,14 @@ def replay(model: nn.Module, units: list[Any], cfg: ZeroConfig) -> tuple[int, in
             if u is not None and u not in own:
                 own.append(u)
         sharded = [u for u in own if not u.persistent]
-        whole = [u for u in own if u.persistent]
-        events.append((True, sharded, whole))
+        events.append((True, sharded))
         for child in () if folded else m.children():
             walk(child)
-        events.append((False, sharded, whole))
+        events.append((False, sharded))
 
     walk(model)
-    back = [(not enter, own, whole) for enter, own, whole in reversed(events)]
-    back_seq = [u for enter, own, _ in back if enter for u in own]
+    back = [(not enter, own) for enter, own in reversed(events)]
+    back_seq = [u for enter, own in back if enter for u in own]
     head = head_units(back_seq, prefetch)
     peak_f, gathers_f = _pass(events, limits, int(zo.stage3_max_reuse_distance), set(), head)
     peak_b, gathers_b = _pass(back, limits, 0, {id(u) for u in head}, [], pin=True)
@@ -57,34 +57,24 @@ def replay(model: nn.Module, units: list[Any], cfg: ZeroConfig) -> tuple[int, in
 
 
 def head_units(seq: list[Any], prefetch: int) -> list[Any]:
-    """The units backward starts with, kept gathered at the end of forward (the first one
-    whatever its size, then more up to one prefetch bucket)."""
-    keep: list[Any] = []
-    budget = 0
-    for u in seq:
-        if u in keep:
-            continue
-        if keep and budget + u.numel > prefetch:
-            break
-        keep.append(u)
-        budget += u.numel
-    return keep
+    """The units backward starts with, kept gathered at the end of forward: the engine's
+    rule (stage3/prefetch.py) on this replayed order."""
+    uniq = list(dict.fromkeys(seq))
+    pos = {id(u): i for i, u in enumerate(uniq)}
+    return [uniq[i] for i in backward_head([pos[id(u)] for u in seq], uniq, prefetch)]
 
 
 def _pass(
-    events: list[tuple[bool, list[Any], list[Any]]], limits: tuple[int, int], reuse: int,
+    events: list[tuple[bool, list[Any]]], limits: tuple[int, int], reuse: int,
     start: set[int], head: list[Any], pin: bool = False,
 ) -> tuple[int, int]:
     """One pass of module enter/exit events: (peak elements gathered, elements gathered).
     `pin` (backward): a unit stays gathered until its last use of the pass, when all of its
     gradients are in (a tied embedding: from the head's backward to the embedding's).
-
-    As in the engine, persistent units not in use count against the prefetch budget."""
+    Persistent units are resident: like the engine, they take none of the prefetch budget."""
     prefetch, max_live = limits
-    seq = [u for enter, own, _ in events if enter for u in own]
+    seq = [u for enter, own in events if enter for u in own]
     size = {id(u): u.numel for u in seq}
-    whole = {id(u): u.numel for _, _, w in events for u in w}
-    whole_users: dict[int, int] = {}
     gathered: set[int] = set(start)
     users: dict[int, int] = {}
     retained: set[int] = set()
@@ -96,17 +86,13 @@ def _pass(
             gathered.add(i)
             gathers += size[i]
 
-    for enter, own, persistent in events:
-        if not pin:  # forward: a running module's persistent units are in use
-            for u in persistent:
-                whole_users[id(u)] = whole_users.get(id(u), 0) + (1 if enter else -1)
+    for enter, own in events:
         if enter:
             for u in own:
                 pos += 1
                 retained.discard(id(u))
                 pending = sum(size[i] for i in gathered
                               if not users.get(i) and i not in retained)
-                pending += sum(n for i, n in whole.items() if not whole_users.get(i))
                 live = sum(size[i] for i in gathered)
                 for nxt in seq[pos:]:
                     i = id(nxt)

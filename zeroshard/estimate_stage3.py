@@ -29,8 +29,7 @@ from .config import ZeroConfig
 from .config_seams import stage3_bucket_numel
 from .estimate_replay import replay
 from .stage3 import registry
-from .stage3.build import build_units
-from .stage3.engine import Stage3Engine
+from .stage3.build import build_units, make_engine
 from .stage3.unit import GatherTracker
 
 ELEM = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
@@ -134,13 +133,7 @@ def _trace(
 ) -> tuple[int, int]:
     """(peak gathered bytes, bytes sent in forward and backward) of the engine's steady
     schedule: the largest over the passes after the first, stopping once two agree."""
-    zo = cfg.zero_optimization
-    engine = Stage3Engine(
-        model, units, comm, cfg.reduce_dtype,
-        prefetch_numel=int(zo.stage3_prefetch_bucket_size),
-        max_live_numel=int(zo.stage3_max_live_parameters),
-        max_reuse_numel=int(zo.stage3_max_reuse_distance), tracker=tracker,
-    )  # fmt: skip
+    engine = make_engine(model, units, comm, cfg, tracker)
     device = next((u.device for u in units), torch.device("meta"))
     args, kwargs = _inputs(example, device, cfg.compute_dtype)
     seen: list[tuple[int, int]] = []

@@ -134,12 +134,12 @@ def broadcast_from_rank0(comm: Any, tensors: Iterable[Tensor]) -> None:
 
 
 def broadcast_module_state(
-    comm: Any, model: nn.Module, partitioned: Callable[[Tensor], bool] | None = None
+    comm: Any, model: nn.Module, skip: Callable[[Tensor], bool] | None = None
 ) -> None:
-    """Rank 0's parameters and floating buffers, to every rank. `partitioned(p)` marks
-    parameters already sharded (stage 3's `zeroshard.Init`: broadcast when partitioned)."""
+    """Rank 0's parameters and floating buffers, to every rank. `skip(p)` marks parameters
+    broadcast elsewhere (sharded by `zeroshard.Init`, or an optimizer's flat buffer)."""
     check_params(model.parameters())
-    params = [p for p in model.parameters() if partitioned is None or not partitioned(p)]
+    params = [p for p in model.parameters() if skip is None or not skip(p)]
     broadcast_from_rank0(comm, list(dict.fromkeys(params)) + list(model.buffers()))
 
 

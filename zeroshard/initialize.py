@@ -48,7 +48,10 @@ def initialize(
     else:
         if cfg.precision != "fp32":
             model.to(cfg.compute_dtype)
-        guards.broadcast_module_state(Comm(process_group), model)  # issue 8: rank 0's weights
+        # issue 8: rank 0's weights. The optimizer broadcasts the parameters it trains with
+        # their flat buffer; here the rest (frozen parameters, buffers), not those twice.
+        trained = {id(p) for p in _params_of(params)}
+        guards.broadcast_module_state(Comm(process_group), model, lambda p: id(p) in trained)
         rule, hp = cfg.optimizer_spec()
         zo = cfg.zero_optimization
         optimizer = ZeroOptimizer(
@@ -89,3 +92,12 @@ def initialize_stage3(
     return initialize(
         model, cfg, model_parameters=model_parameters, process_group=process_group
     )
+
+
+def _params_of(params: list) -> list:
+    """The tensors of a list of params or param-group dicts."""
+    out: list = []
+    for item in params:
+        out.extend(item["params"] if isinstance(item, dict) else [item])
+    return out
+

@@ -3,8 +3,8 @@
 The optimizer calls `apply_update` on flat 1-D fp32 master pieces and never learns which backend
 ran: fused Triton kernels (`zeroshard_kernels`) on CUDA tensors, torch's own fused CPU kernels
 (`torch._fused_adamw_`, `_fused_adam_`, `_fused_sgd_`) elsewhere. Those run at memory bandwidth
-on CPU; the foreach path is 6-8x slower. Lion has no torch fused kernel, so its torch path runs
-eager ops over cache-sized chunks (one trip to DRAM per tensor instead of one per op).
+on CPU; the foreach path is 6-8x slower. Lion has no torch fused kernel: its torch path is in
+update_lion.py.
 
 Grads are inputs only, but the torch backend may overwrite fp32 grads with their scaled value
 (torch's fused kernels write the unscaled grad back); callers must treat grads as consumed.
@@ -13,12 +13,14 @@ Grads are inputs only, but the torch backend may overwrite fp32 grads with their
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
+
+from .update_buffers import scalar, scratch
+from .update_lion import torch_lion
 
 RULES = ("adamw", "adam", "sgd", "lion")
 BACKENDS = ("auto", "triton", "torch")
@@ -27,12 +29,6 @@ Backend = Literal["auto", "triton", "torch"]
 # Low-precision grads are upcast through a reused scratch buffer in chunks of this many elements
 # (4 MB fp32: stays in L3 between the upcast and the fused kernel, no shard-sized allocation).
 _UPCAST_CHUNK = 1 << 20
-# Lion's eager CPU path works on chunks small enough that its 5 ops hit L2, not DRAM.
-_LION_CHUNK = 1 << 16
-# From this many elements on, CPU Lion runs a torch.compile'd one-pass kernel (2.4x faster than
-# the chunked eager ops here) when compilation works; its one-off compile (~3-30 s) would
-# dominate small pieces. ZEROSHARD_NO_COMPILE=1 disables it.
-_LION_COMPILE_MIN = 1 << 22
 
 __all__ = ["RULES", "BACKENDS", "Backend", "init_state", "apply_update", "grad_stats"]
 
@@ -63,34 +59,6 @@ def init_state(
         name: [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
         for name in _state_names(rule, hp)
     }
-
-
-# --------------------------------------------------------------------------------------------
-# cached device scalars: lr/step/scale live in 0-d tensors rewritten only when they change, so
-# neither a scheduler nor a new step forces a recompile, an allocation or a host sync.
-
-_SCALARS: dict[tuple[torch.device, str], list[Any]] = {}
-_SCRATCH: dict[torch.device, Tensor] = {}
-
-
-def _scalar(device: torch.device, name: str, value: float) -> Tensor:
-    entry = _SCALARS.get((device, name))
-    if entry is None:
-        t = torch.full((), value, dtype=torch.float32, device=device)
-        _SCALARS[(device, name)] = [t, value]
-        return t
-    if entry[1] != value:
-        entry[0].fill_(value)
-        entry[1] = value
-    return entry[0]
-
-
-def _scratch(device: torch.device, numel: int) -> Tensor:
-    buf = _SCRATCH.get(device)
-    if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=torch.float32, device=device)
-        _SCRATCH[device] = buf
-    return buf[:numel]
 
 
 def _triton_available() -> bool:
@@ -186,7 +154,7 @@ def apply_update(
         scale = float(grad_scale)
 
     if rule == "lion":
-        _torch_lion(params, grads, state["exp_avg"], lr=lr, hp=hp, scale=scale,
+        torch_lion(params, grads, state["exp_avg"], lr=lr, hp=hp, scale=scale,
                     found_inf=found_inf)
     else:
         # torch's fused kernels divide by grad_scale: hand them the reciprocal.
@@ -195,7 +163,7 @@ def apply_update(
         elif isinstance(scale, Tensor):
             inv = torch.reciprocal(scale)
         else:
-            inv = _scalar(device, "inv_scale", 1.0 / scale)
+            inv = scalar(device, "inv_scale", 1.0 / scale)
         if rule in ("adamw", "adam"):
             _torch_adam(rule, params, grads, state, names, lr=lr, step=step, hp=hp,
                         inv=inv, found_inf=found_inf)
@@ -265,19 +233,19 @@ def _triton_update(
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise RuntimeError("backend='triton' needs triton and the zeroshard_kernels package") from e
     device = params[0].device
-    lr_t = _scalar(device, "lr", float(lr))
+    lr_t = scalar(device, "lr", float(lr))
     if isinstance(grad_scale, Tensor):
         scale_t: Tensor | None = grad_scale.to(device=device, dtype=torch.float32)
     elif grad_scale is None or float(grad_scale) == 1.0:
         scale_t = None
     else:
-        scale_t = _scalar(device, "scale", float(grad_scale))
+        scale_t = scalar(device, "scale", float(grad_scale))
     copies: Sequence[Tensor | None] = (
         [c.view(-1) for c in model_copies] if model_copies is not None else [None] * len(params)
     )
     common = dict(lr=lr_t, grad_scale=scale_t, found_inf=found_inf)
     if rule in ("adamw", "adam"):
-        step_t = _scalar(device, "step", float(step))
+        step_t = scalar(device, "step", float(step))
         beta1, beta2 = hp["betas"]
         amsgrad = bool(hp["amsgrad"])
         for i, (p, g) in enumerate(zip(params, grads)):
@@ -287,7 +255,7 @@ def _triton_update(
                           weight_decay=float(hp["weight_decay"]), decoupled=rule == "adamw",
                           maximize=bool(hp["maximize"]), model_copy=copies[i], **common)
     elif rule == "sgd":
-        step_t = _scalar(device, "step", float(step))
+        step_t = scalar(device, "step", float(step))
         momentum = float(hp["momentum"])
         for i, (p, g) in enumerate(zip(params, grads)):
             K.sgd_update(p, g.view(-1), state["momentum_buffer"][i] if momentum != 0 else None,
@@ -323,7 +291,7 @@ def _run_fused(
             continue
         g = g.reshape(-1)
         n = p.numel()
-        buf = _scratch(p.device, min(n, _UPCAST_CHUNK))
+        buf = scratch(p.device, min(n, _UPCAST_CHUNK))
         for lo in range(0, n, _UPCAST_CHUNK):
             hi = min(lo + _UPCAST_CHUNK, n)
             gs = buf[: hi - lo]
@@ -347,7 +315,7 @@ def _torch_adam(
     fn = torch._fused_adamw_ if rule == "adamw" else torch._fused_adam_
     beta1, beta2 = hp["betas"]
     amsgrad = bool(hp["amsgrad"])
-    step_t = _scalar(params[0].device, "step", float(step))
+    step_t = scalar(params[0].device, "step", float(step))
 
     def launch(p: list[Tensor], g: list[Tensor], s: list[list[Tensor]]) -> None:
         fn(p, g, s[0], s[1], s[2] if amsgrad else [], [step_t] * len(p), lr=lr,
@@ -381,81 +349,3 @@ def _torch_sgd(
                           is_first_step=step == 1, grad_scale=inv, found_inf=found_inf)
 
     _run_fused(params, grads, [state[k] for k in names], launch)
-
-
-def _torch_lion(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    *,
-    lr: float,
-    hp: Mapping[str, Any],
-    scale: float | Tensor | None,
-    found_inf: Tensor | None,
-) -> None:
-    beta1, beta2 = (float(b) for b in hp["betas"])
-    decay = 1.0 - lr * float(hp["weight_decay"])
-    for p, g, m in zip(params, grads, exp_avgs):
-        g = g.reshape(-1)
-        n = p.numel()
-        if found_inf is None and p.device.type == "cpu" and n >= _LION_COMPILE_MIN:
-            fn = _compiled_lion()
-            if fn is not None:
-                dev = p.device
-                sc = scale if isinstance(scale, Tensor) else _scalar(
-                    dev, "lion_scale", 1.0 if scale is None else scale)
-                fn(p, g, m, _scalar(dev, "lr", lr), _scalar(dev, "lion_decay", decay),
-                   _scalar(dev, "lion_b1", beta1), _scalar(dev, "lion_b2", beta2), sc)
-                continue
-        if found_inf is not None:  # off-CPU only: keep the old values where the flag is set
-            p_old, m_old = p.clone(), m.clone()
-        chunk = _LION_CHUNK if p.device.type == "cpu" else max(n, 1)
-        buf = _scratch(p.device, 2 * min(n, chunk))
-        for lo in range(0, n, chunk):
-            hi = min(lo + chunk, n)
-            gc, mc, pc = g[lo:hi], m[lo:hi], p[lo:hi]
-            c, gs = buf[: hi - lo], buf[hi - lo : 2 * (hi - lo)]
-            if scale is not None:
-                torch.mul(gc, scale, out=gs)
-                gc = gs
-            elif gc.dtype != torch.float32:
-                gs.copy_(gc)
-                gc = gs
-            torch.lerp(mc, gc, 1.0 - beta1, out=c)  # b1*m + (1-b1)*g
-            c.sign_()
-            if decay != 1.0:
-                pc.mul_(decay)
-            pc.sub_(c, alpha=lr)
-            mc.lerp_(gc, 1.0 - beta2)  # b2*m + (1-b2)*g
-        if found_inf is not None:
-            skip = found_inf != 0
-            p.copy_(torch.where(skip, p_old, p))
-            m.copy_(torch.where(skip, m_old, m))
-
-
-def _lion_flat(p: Tensor, g: Tensor, m: Tensor, lr: Tensor, decay: Tensor, beta1: Tensor,
-               beta2: Tensor, scale: Tensor) -> None:
-    """Lion on one flat piece; compiled into a single pass (scalars are 0-d tensors so that
-    lr schedules and new pieces' sizes do not recompile)."""
-    g = g.float() * scale
-    c = (m * beta1 + g * (1 - beta1)).sign()
-    p.copy_(p * decay - lr * c)
-    m.copy_(m * beta2 + g * (1 - beta2))
-
-
-_LION_FN: list[Any] = []  # [] untried; [fn] compiled; [None] unavailable
-
-
-def _compiled_lion() -> Any:
-    if not _LION_FN:
-        fn = None
-        if os.environ.get("ZEROSHARD_NO_COMPILE", "0") != "1":
-            try:
-                fn = torch.compile(_lion_flat, dynamic=True)
-                z = torch.zeros(8)
-                one = torch.ones(())
-                fn(z.clone(), z.clone(), z.clone(), one, one, one, one, one)  # compile now
-            except Exception:  # no compiler toolchain, unsupported platform: eager chunks
-                fn = None
-        _LION_FN.append(fn)
-    return _LION_FN[0]

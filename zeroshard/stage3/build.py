@@ -86,6 +86,21 @@ def build_units(
     return units
 
 
+def make_engine(
+    model: nn.Module, units: list[ShardedUnit], comm: Comm, cfg: ZeroConfig,
+    tracker: GatherTracker,
+) -> Stage3Engine:
+    """The engine with the config's prefetch, live and reuse limits (training and the
+    estimator's meta-device run build it the same way)."""
+    zo = cfg.zero_optimization
+    return Stage3Engine(
+        model, units, comm, cfg.reduce_dtype,
+        prefetch_numel=int(zo.stage3_prefetch_bucket_size),
+        max_live_numel=int(zo.stage3_max_live_parameters),
+        max_reuse_numel=int(zo.stage3_max_reuse_distance), tracker=tracker,
+    )  # fmt: skip
+
+
 def build_stage3(
     model: nn.Module,
     cfg: ZeroConfig,
@@ -114,12 +129,7 @@ def build_stage3(
         persistence_threshold=int(zo.stage3_param_persistence_threshold), tracker=tracker,
         group_of=_group_index(params),
     )  # fmt: skip
-    engine = Stage3Engine(
-        model, units, comm, cfg.reduce_dtype,
-        prefetch_numel=int(zo.stage3_prefetch_bucket_size),
-        max_live_numel=int(zo.stage3_max_live_parameters),
-        max_reuse_numel=int(zo.stage3_max_reuse_distance), tracker=tracker,
-    )  # fmt: skip
+    engine = make_engine(model, units, comm, cfg, tracker)
     rule, hp = cfg.optimizer_spec()
     scaler = LossScaler.from_fp16_config(cfg.fp16) if cfg.precision == "fp16" else None
     opt = Stage3Optimizer(

@@ -18,9 +18,11 @@ def to_prefetch(order: Sequence[int], cursor: int, units: Sequence[Any], prefetc
                 max_live_numel: int) -> list[int]:  # fmt: skip
     """Units to start gathering now: the next ones in `order` after `cursor` that are
     released, while gathered-but-unused elements stay within `prefetch_numel` and everything
-    gathered within `max_live_numel`."""
+    gathered within `max_live_numel`. Persistent units are always resident and never fetched,
+    so they count against neither (as in DeepSpeed, whose prefetch budget counts only
+    parameters in flight)."""
     live = sum(x.numel for x in units if x.state != RELEASED and not x.persistent)
-    pending = sum(x.numel for x in units if x.state != RELEASED and x.idle)
+    pending = sum(x.numel for x in units if x.state != RELEASED and x.idle and not x.persistent)
     out: list[int] = []
     for i in order[cursor:]:
         nxt = units[i]
