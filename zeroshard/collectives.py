@@ -25,6 +25,8 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather", "broadcast")
+# bytes a rank sends per byte of the counted tensor, times (N-1)/N (see the module docstring)
+_RING_FACTOR = {"all_reduce": 2, "reduce_scatter": 1, "all_gather": 1, "broadcast": 1}
 
 
 class _DoneWork:
@@ -78,11 +80,16 @@ class Comm:
     def _ring_fraction(self) -> float:
         return (self.world_size - 1) / self.world_size
 
+    def record(self, kind: str, tensor: Tensor) -> None:
+        """Count what collective `kind` on `tensor` sends from this rank (`tensor`: the input
+        of a reduce-scatter, the output of an all-gather)."""
+        self.counter.add(kind, _RING_FACTOR[kind] * _nbytes(tensor) * self._ring_fraction())
+
     def all_reduce(self, tensor: Tensor, op: str = "avg", async_op: bool = False):
         """In-place all-reduce; `op` is "avg", "sum" or "max"."""
         if not self.active:
             return DONE if async_op else None
-        self.counter.add("all_reduce", 2 * _nbytes(tensor) * self._ring_fraction())
+        self.record("all_reduce", tensor)
         return dist.all_reduce(tensor, op=_reduce_op(op), group=self.group, async_op=async_op)
 
     def reduce_scatter(
@@ -94,7 +101,7 @@ class Comm:
             if output.data_ptr() != input.data_ptr() or output.numel() != input.numel():
                 output.copy_(input)
             return DONE if async_op else None
-        self.counter.add("reduce_scatter", _nbytes(input) * self._ring_fraction())
+        self.record("reduce_scatter", input)
         if self.list_forms:
             chunks = list(input.chunk(self.world_size))
             return dist.reduce_scatter(
@@ -111,7 +118,7 @@ class Comm:
             if output.data_ptr() != input.data_ptr():
                 output.copy_(input)
             return DONE if async_op else None
-        self.counter.add("all_gather", _nbytes(output) * self._ring_fraction())
+        self.record("all_gather", output)
         if self.list_forms:
             chunks = list(output.chunk(self.world_size))
             return dist.all_gather(chunks, input, group=self.group, async_op=async_op)
@@ -121,7 +128,7 @@ class Comm:
         """Broadcast from group rank `src` (a group-local rank, like every rank here)."""
         if not self.active:
             return
-        self.counter.add("broadcast", _nbytes(tensor) * self._ring_fraction())
+        self.record("broadcast", tensor)
         global_src = dist.get_global_rank(self.group, src) if self.group is not None else src
         dist.broadcast(tensor, src=global_src, group=self.group)
 

@@ -24,12 +24,11 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from . import update
-from .collectives import DONE, Comm, CommCounter, _nbytes
+from .collectives import DONE, Comm, CommCounter
 from .config import ZeroConfig
-from .config_seams import stage3_bucket_numel
 from .estimate_replay import replay
 from .stage3 import registry
-from .stage3.build import build_units, make_engine
+from .stage3.build import make_engine, make_units
 from .stage3.unit import GatherTracker
 
 ELEM = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
@@ -50,20 +49,20 @@ class MetaComm(Comm):
         self.list_forms = False
 
     def all_reduce(self, tensor: Tensor, op: str = "avg", async_op: bool = False):
-        self.counter.add("all_reduce", 2 * _nbytes(tensor) * self._ring_fraction())
+        self.record("all_reduce", tensor)
         return DONE if async_op else None
 
     def reduce_scatter(self, output: Tensor, input: Tensor, op: str = "avg",
                        async_op: bool = False):  # fmt: skip
-        self.counter.add("reduce_scatter", _nbytes(input) * self._ring_fraction())
+        self.record("reduce_scatter", input)
         return DONE if async_op else None
 
     def all_gather(self, output: Tensor, input: Tensor, async_op: bool = False):
-        self.counter.add("all_gather", _nbytes(output) * self._ring_fraction())
+        self.record("all_gather", output)
         return DONE if async_op else None
 
     def broadcast(self, tensor: Tensor, src: int = 0) -> None:
-        self.counter.add("broadcast", _nbytes(tensor) * self._ring_fraction())
+        self.record("broadcast", tensor)
 
 
 @dataclass
@@ -158,7 +157,6 @@ def stage3(
     """Per-rank bytes, gathered peak and bytes sent at stage 3. Without layers (`Numel`)
     every parameter is taken as gathered once in forward and once in backward, the paper's
     3Ψ per step."""
-    zo = cfg.zero_optimization
     elem, red = ELEM[cfg.compute_dtype], ELEM[cfg.reduce_dtype]
     states = state_tensors(cfg)
     shapes = {id(p): (p.shape, p.dtype) for p in model.parameters()}
@@ -169,11 +167,7 @@ def stage3(
         if rank != ranks[0]:
             _forget_units(model, shapes)
         comm = MetaComm(world, rank)
-        units = build_units(
-            model, comm, dtype=cfg.compute_dtype, bucket_numel=stage3_bucket_numel(zo),
-            persistence_threshold=int(zo.stage3_param_persistence_threshold),
-            tracker=tracker, group_of=group_of,
-        )  # fmt: skip
+        units = make_units(model, comm, cfg, tracker, group_of)
         pieces = sum(_unit_pieces(u) for u in units if u.trainable)
         per_rank.append({
             "params": sum(u.full_bytes if u.persistent else u.shard_numel * elem for u in units),

@@ -20,7 +20,7 @@ from .collectives import Comm
 from .config import ZeroConfig
 from .optimizer import ZeroOptimizer
 from .precision import LossScaler
-from .prepare import ParamsArg, resolve_config, trainable_params
+from .prepare import ParamsArg, group_index, resolve_config, trainable_params
 from .schedulers import build_scheduler
 from .stage3.build import build_stage3
 
@@ -50,7 +50,7 @@ def initialize(
             model.to(cfg.compute_dtype)
         # issue 8: rank 0's weights. The optimizer broadcasts the parameters it trains with
         # their flat buffer; here the rest (frozen parameters, buffers), not those twice.
-        trained = {id(p) for p in _params_of(params)}
+        trained = group_index(params)
         guards.broadcast_module_state(Comm(process_group), model, lambda p: id(p) in trained)
         rule, hp = cfg.optimizer_spec()
         zo = cfg.zero_optimization
@@ -92,12 +92,4 @@ def initialize_stage3(
     return initialize(
         model, cfg, model_parameters=model_parameters, process_group=process_group
     )
-
-
-def _params_of(params: list) -> list:
-    """The tensors of a list of params or param-group dicts."""
-    out: list = []
-    for item in params:
-        out.extend(item["params"] if isinstance(item, dict) else [item])
-    return out
 

@@ -75,3 +75,17 @@ def trainable_params(model: nn.Module, model_parameters: ParamsArg) -> list:
     if isinstance(model_parameters, torch.Tensor):
         return [model_parameters]
     return list(model_parameters)
+
+
+def group_index(params: list) -> dict[int, int]:
+    """id(param) -> position of its param group (0 for a plain list), first group wins: the
+    parameters an optimizer built from `params` will train, and stage 3's unit order."""
+    out: dict[int, int] = {}
+    if params and isinstance(params[0], dict):
+        for gi, g in enumerate(params):
+            for p in g["params"]:
+                out.setdefault(id(p), gi)
+    else:
+        for p in params:
+            out.setdefault(id(p), 0)
+    return out

@@ -18,24 +18,12 @@ from ..collectives import Comm
 from ..config import ZeroConfig
 from ..config_seams import stage3_bucket_numel
 from ..precision import LossScaler
+from ..prepare import group_index
 from . import registry
 from .engine import Stage3Engine
 from .optimizer import Stage3Optimizer
 from .state_dict import install_state_dict_hooks
 from .unit import GatherTracker, ShardedUnit
-
-
-def _group_index(items: list) -> dict[int, int]:
-    """id(param) -> param group position (for ordering parameters inside units)."""
-    out: dict[int, int] = {}
-    if items and isinstance(items[0], dict):
-        for gi, g in enumerate(items):
-            for p in g["params"]:
-                out.setdefault(id(p), gi)
-    else:
-        for p in items:
-            out.setdefault(id(p), 0)
-    return out
 
 
 def build_units(
@@ -86,6 +74,20 @@ def build_units(
     return units
 
 
+def make_units(
+    model: nn.Module, comm: Comm, cfg: ZeroConfig, tracker: GatherTracker,
+    group_of: dict[int, int] | None,
+) -> list[ShardedUnit]:
+    """The units with the config's bucket and persistence sizes (training and the
+    estimator's meta-device run build them the same way)."""
+    zo = cfg.zero_optimization
+    return build_units(
+        model, comm, dtype=cfg.compute_dtype, bucket_numel=stage3_bucket_numel(zo),  # + reduce
+        persistence_threshold=int(zo.stage3_param_persistence_threshold), tracker=tracker,
+        group_of=group_of,
+    )  # fmt: skip
+
+
 def make_engine(
     model: nn.Module, units: list[ShardedUnit], comm: Comm, cfg: ZeroConfig,
     tracker: GatherTracker,
@@ -112,7 +114,6 @@ def build_stage3(
     `params`: parameters or param-group dicts (a list: `zeroshard.initialize` materialises
     whatever iterable the user gave). Hyperparameters come from the config's optimizer section.
     """
-    zo = cfg.zero_optimization
     if registry.engine_of(model) is not None:
         raise ValueError("this model is already a stage-3 model (initialize it once)")
     comm = Comm(process_group)
@@ -124,11 +125,7 @@ def build_stage3(
         for b in model.buffers():
             if b.is_floating_point() and b.dtype != dtype:
                 b.data = b.data.to(dtype)
-    units = build_units(
-        model, comm, dtype=dtype, bucket_numel=stage3_bucket_numel(zo),  # issue 8: + reduce
-        persistence_threshold=int(zo.stage3_param_persistence_threshold), tracker=tracker,
-        group_of=_group_index(params),
-    )  # fmt: skip
+    units = make_units(model, comm, cfg, tracker, group_index(params))
     engine = make_engine(model, units, comm, cfg, tracker)
     rule, hp = cfg.optimizer_spec()
     scaler = LossScaler.from_fp16_config(cfg.fp16) if cfg.precision == "fp16" else None
