@@ -217,15 +217,23 @@ def relink_moved(optimizer: Any) -> None:
             view = flat.param_view(flat.flat, s)
             if p.data.data_ptr() == view.data_ptr() and p.data.is_contiguous():
                 continue
-            check_same_kind(p, view)
-            new = p.data.reshape(-1)
-            if not torch.equal(new, view):
-                view.copy_(new)
-                changed = True
-            p.data = view.view_as(p)
+            changed |= relink(p, view, p.shape)
         if changed and entry.master_shard is not None:
             for m, c in zip(entry.master, entry.model_copies):
                 m.copy_(c)  # the new values become the fp32 master
+
+
+@torch.no_grad()
+def relink(p: Tensor, view: Tensor, shape: torch.Size) -> bool:
+    """Make a moved `p` a view of `view` (its slice of a flat buffer) again, keeping its
+    current values: True if they differ from what the buffer held."""
+    check_same_kind(p, view)
+    new = p.data.reshape(-1)
+    changed = not torch.equal(new, view)
+    if changed:
+        view.copy_(new)
+    p.data = view.view(shape)
+    return changed
 
 
 def check_same_kind(p: Tensor, view: Tensor) -> None:

@@ -33,12 +33,7 @@ def relink_moved_stage3(optimizer: Any) -> None:
             view = u.full[s.offset : s.offset + s.numel]
             if p.data.data_ptr() == view.data_ptr() or p.numel() != s.numel:
                 continue
-            guards.check_same_kind(p, view)
-            new = p.data.reshape(-1)
-            if not torch.equal(new, view):
-                view.copy_(new)
-                changed = True
-            p.data = view.view(s.shape)
+            changed |= guards.relink(p, view, s.shape)
         if changed and u.persistent:  # the shard pieces are views of `full`: masters follow
             u.notify_rewritten()
 
