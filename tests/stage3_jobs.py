@@ -66,7 +66,7 @@ def train_stage3(model_name: str, rule: str, precision: str = "fp32", steps: int
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    engine = opt.engine
+    engine = opt.sharding.engine
     leaked = engine.tracker.current
     sd = model.state_dict()
     names = dict(model.named_parameters())

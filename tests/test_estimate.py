@@ -77,12 +77,12 @@ def measure_job() -> dict:
                     n = GLOBAL_BATCH // world
                     x, y = x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n]
                     if stage == 3:
-                        opt.engine.tracker.reset_peak()
+                        opt.sharding.engine.tracker.reset_peak()
                     opt.backward(loss_fn(model, x, y))
                     opt.step()
                     opt.zero_grad()
                     if stage == 3:
-                        peak = opt.engine.tracker.peak
+                        peak = opt.sharding.engine.tracker.peak
                 out[name, precision, stage] = {
                     "memory": opt.memory_report(), "comm": opt.comm_report(), "peak": peak,
                 }  # fmt: skip

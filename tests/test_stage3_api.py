@@ -30,7 +30,7 @@ def _setup(precision: str = "fp32"):
 def loops_job() -> dict:
     """Train a step, then eval + no_grad forwards and a greedy generate loop."""
     model, opt = _setup()
-    engine = opt.engine
+    engine = opt.sharding.engine
     x, y = local_batch(0)
     opt.backward(loss_fn(model, x, y))
     opt.step()
@@ -94,7 +94,7 @@ def gathered_job(precision: str) -> dict:
     stepped = model.state_dict()["blocks.0.mlp.0.weight"].float()
     return {
         "shape": full_shape, "after": after, "stepped": stepped,
-        "leaked": opt.engine.tracker.current, "numel_outside": w.numel(),
+        "leaked": opt.sharding.engine.tracker.current, "numel_outside": w.numel(),
     }  # fmt: skip
 
 
@@ -125,7 +125,7 @@ def state_dict_job() -> dict:
         "rank0_keys": len(rank0),
         "reloaded": all(torch.equal(reloaded[k], v) for k, v in other.items()),
         "forward_after_load": (model(x) - model2(x)).abs().max().item(),
-        "leaked": opt.engine.tracker.current,
+        "leaked": opt.sharding.engine.tracker.current,
     }
 
 
@@ -230,7 +230,7 @@ def fp16_job() -> dict:
     return {
         "scales": scales, "skipped": opt.skipped_steps,
         "unchanged": all(torch.equal(before[k], after[k]) for k in before),
-        "dtype": str(before["embed.weight"].dtype), "leaked": opt.engine.tracker.current,
+        "dtype": str(before["embed.weight"].dtype), "leaked": opt.sharding.engine.tracker.current,
     }  # fmt: skip
 
 

@@ -81,7 +81,7 @@ def memory_job(precision: str, reuse: int = 0) -> dict:
     model = make_model()
     psi = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model, opt = initialize_stage3(model, cfg, param_groups(model))
-    engine = opt.engine
+    engine = opt.sharding.engine
     out: dict = {"psi": psi, "rank": rank}
     for step in range(3):
         x, y = local_batch(step)

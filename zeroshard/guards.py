@@ -36,7 +36,6 @@ _HOOKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 # optimizers already scanned for a DistributedDataParallel wrapper (no attribute set on them)
 _DDP_CHECKED: weakref.WeakSet = weakref.WeakSet()
 # stage -> how moved parameters are re-linked (stage 3 registers its own: stage3/relink.py)
-RELINKERS: dict[int, Callable[[Any], None]] = {}
 
 
 def _rank() -> int:
@@ -61,12 +60,13 @@ def on_param_group(optimizer: Any, params: list[Tensor]) -> None:
     trainable = [p for p in params if p.requires_grad]
     check_params(params)
     claim(optimizer, trainable)
-    broadcast_from_rank0(optimizer.comm, [p for p in params if not p.requires_grad])
+    if optimizer.stage != 3:  # stage 3 broadcast the whole module when it sharded it
+        broadcast_from_rank0(optimizer.comm, [p for p in params if not p.requires_grad])
 
 
 def check_trainable(optimizer: Any) -> None:
     """An optimizer whose parameters are all frozen would fail at its first step."""
-    if optimizer._entries:
+    if next(optimizer.trainable_params(), None) is not None:
         return
     n = sum(len(g["params"]) for g in optimizer.param_groups)
     raise ValueError(
@@ -201,26 +201,7 @@ def before_step(optimizer: Any) -> None:
     """The checks `step()` runs before it reads gradients."""
     check_process_group(optimizer.comm)
     check_ddp_once(optimizer)
-    RELINKERS.get(optimizer.stage, relink_moved)(optimizer)
-
-
-@torch.no_grad()
-def relink_moved(optimizer: Any) -> None:
-    """Stages 0-2: a parameter whose storage was replaced after construction (`model.to()`
-    copies, `p.data = ...`) is no longer a view of the flat buffer, so the update would miss
-    it. Copy its current values into the buffer and make it a view again."""
-    for entry in optimizer._entries:
-        flat = entry.flat
-        changed = False
-        for s in flat.slots:
-            p = s.param
-            view = flat.param_view(flat.flat, s)
-            if p.data.data_ptr() == view.data_ptr() and p.data.is_contiguous():
-                continue
-            changed |= relink(p, view, p.shape)
-        if changed and entry.master_shard is not None:
-            for m, c in zip(entry.master, entry.model_copies):
-                m.copy_(c)  # the new values become the fp32 master
+    optimizer.sharding.relink_moved()
 
 
 @torch.no_grad()

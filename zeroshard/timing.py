@@ -11,8 +11,9 @@ mean milliseconds per step over those steps; the last line's numbers stay in `.l
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -23,7 +24,10 @@ PHASES = ("forward", "backward", "reduce", "step")
 
 
 class WallClockBreakdown:
-    """Accumulates phase times of one model + optimizer and prints them periodically."""
+    """Accumulates phase times of one model + optimizer and prints them periodically.
+
+    Forward is timed by module hooks on the model; backward, reduce and step by the
+    optimizer, which enters `phase(name)` around each (`optimizer.timer`)."""
 
     def __init__(self, model: nn.Module, optimizer: Any, steps_per_print: int) -> None:
         self.steps_per_print = int(steps_per_print)
@@ -32,12 +36,11 @@ class WallClockBreakdown:
         self.steps = 0
         self._cuda = any(p.is_cuda for p in model.parameters())
         self._fwd_start: float | None = None
-        model.register_forward_pre_hook(self._forward_start)
-        model.register_forward_hook(self._forward_end)
-        optimizer.backward = self._timed(optimizer.backward, "backward")
-        reducer = optimizer._reducer
-        reducer.finish = self._timed(reducer.finish, "reduce")
-        optimizer.step = self._timed_step(optimizer.step)
+        self._handles = [
+            model.register_forward_pre_hook(self._forward_start),
+            model.register_forward_hook(self._forward_end, always_call=True),
+        ]
+        optimizer.timer = self
 
     def _now(self) -> float:
         if self._cuda:
@@ -52,32 +55,23 @@ class WallClockBreakdown:
             self.totals["forward"] += self._now() - self._fwd_start
             self._fwd_start = None
 
-    def _timed(self, fn: Any, phase: str) -> Any:
-        @functools.wraps(fn)
-        def run(*args: Any, **kwargs: Any) -> Any:
-            t0 = self._now()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.totals[phase] += self._now() - t0
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time the body as `name`; a phase nested in another is subtracted from it (the
+        gradient reduction that `step` finishes counts as reduce, not step)."""
+        t0 = self._now()
+        outer = dict(self.totals)
+        try:
+            yield
+        finally:
+            elapsed = self._now() - t0
+            nested = sum(self.totals[k] - outer[k] for k in PHASES if k != name)
+            self.totals[name] += elapsed - nested
 
-        return run
-
-    def _timed_step(self, step: Any) -> Any:
-        @functools.wraps(step)
-        def run(*args: Any, **kwargs: Any) -> Any:
-            reduce_before = self.totals["reduce"]
-            t0 = self._now()
-            try:
-                return step(*args, **kwargs)
-            finally:
-                elapsed = self._now() - t0
-                self.totals["step"] += elapsed - (self.totals["reduce"] - reduce_before)
-                self.steps += 1
-                if self.steps % self.steps_per_print == 0:
-                    self._report()
-
-        return run
+    def end_step(self) -> None:
+        self.steps += 1
+        if self.steps % self.steps_per_print == 0:
+            self._report()
 
     def _report(self) -> None:
         n = self.steps_per_print
@@ -89,6 +83,10 @@ class WallClockBreakdown:
         print(
             f"zeroshard step {self.steps}: time (ms, mean of {n} steps) | {parts}", flush=True
         )
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
 
 
 def install(model: nn.Module, optimizer: Any, cfg: Any) -> None:

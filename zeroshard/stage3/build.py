@@ -17,11 +17,12 @@ from .. import guards
 from ..collectives import Comm
 from ..config import ZeroConfig
 from ..config_seams import stage3_bucket_numel
+from ..optimizer import ZeroOptimizer
 from ..precision import LossScaler
 from ..prepare import group_index
 from . import registry
 from .engine import Stage3Engine
-from .optimizer import Stage3Optimizer
+from .sharding import UnitSharding
 from .state_dict import install_state_dict_hooks
 from .unit import GatherTracker, ShardedUnit
 
@@ -108,7 +109,7 @@ def build_stage3(
     cfg: ZeroConfig,
     params: list,
     process_group: dist.ProcessGroup | None = None,
-) -> Stage3Optimizer:
+) -> ZeroOptimizer:
     """Shard `model` over `process_group` for ZeRO stage 3 and build its optimizer.
 
     `params`: parameters or param-group dicts (a list: `zeroshard.initialize` materialises
@@ -129,8 +130,8 @@ def build_stage3(
     engine = make_engine(model, units, comm, cfg, tracker)
     rule, hp = cfg.optimizer_spec()
     scaler = LossScaler.from_fp16_config(cfg.fp16) if cfg.precision == "fp16" else None
-    opt = Stage3Optimizer(
-        engine, params, rule, process_group=process_group,
+    opt = ZeroOptimizer(
+        params, rule, sharding=UnitSharding(engine),
         gradient_clipping=cfg.gradient_clipping,
         gradient_accumulation_steps=int(cfg.gradient_accumulation_steps or 1),
         reduce_dtype=cfg.reduce_dtype, loss_scaler=scaler, kernel=cfg.effective_kernel, **hp,
