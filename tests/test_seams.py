@@ -199,10 +199,11 @@ def test_9_config_keys_not_honoured_are_rejected_by_name(zo, message):
 
 def test_9_stage3_reduce_bucket_size_bounds_each_reduce_scatter():
     from tests.models import make_model
-    from zeroshard.stage3 import initialize_stage3, registry
+    from zeroshard import initialize
+    from zeroshard.stage3 import registry
 
     def largest(zo: dict) -> int:
-        model, _ = initialize_stage3(make_model(), {"zero_optimization": {"stage": 3, **zo}})
+        model, _ = initialize(make_model(), {"zero_optimization": {"stage": 3, **zo}})
         units = {registry.unit_of(p) for p in model.parameters()}
         return max(b.numel for u in units for b in u.buckets if len(b.slots) > 1)
 

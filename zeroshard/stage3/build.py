@@ -20,6 +20,7 @@ from ..config_seams import stage3_bucket_numel
 from ..optimizer import ZeroOptimizer
 from ..precision import LossScaler
 from ..prepare import group_index
+from ..shard import FP32, ON_DEVICE, Placement, StateCodec
 from . import registry
 from .engine import Stage3Engine
 from .sharding import UnitSharding
@@ -109,6 +110,9 @@ def build_stage3(
     cfg: ZeroConfig,
     params: list,
     process_group: dist.ProcessGroup | None = None,
+    *,
+    codec: StateCodec = FP32,
+    placement: Placement = ON_DEVICE,
 ) -> ZeroOptimizer:
     """Shard `model` over `process_group` for ZeRO stage 3 and build its optimizer.
 
@@ -131,7 +135,7 @@ def build_stage3(
     rule, hp = cfg.optimizer_spec()
     scaler = LossScaler.from_fp16_config(cfg.fp16) if cfg.precision == "fp16" else None
     opt = ZeroOptimizer(
-        params, rule, sharding=UnitSharding(engine),
+        params, rule, sharding=UnitSharding(engine), codec=codec, placement=placement,
         gradient_clipping=cfg.gradient_clipping,
         gradient_accumulation_steps=int(cfg.gradient_accumulation_steps or 1),
         reduce_dtype=cfg.reduce_dtype, loss_scaler=scaler, kernel=cfg.effective_kernel, **hp,

@@ -73,7 +73,7 @@ class GatheredParameters:
         finally:
             for u in self.units:
                 u.drop_use()
-                u.release()
+                u.release_if_unused()
 
     def _publish(self, u: ShardedUnit) -> None:
         assert u.full is not None and self.modifier_rank is not None

@@ -12,7 +12,7 @@ the largest layer. Every rank must build the same model with the same random see
 values are the same as without Init). Code in a parent's `__init__` that touches children's
 parameters already partitioned (`self.apply(init_fn)`, `nn.init.*_(p)`) is caught by a
 TorchFunctionMode and runs on gathered full tensors, written back after each call.
-`initialize_stage3` later adopts these units.
+`zeroshard.initialize` later adopts these units.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class _PartitionedUseMode(TorchFunctionMode):
             for u in units:
                 guards.broadcast_from_rank0(u.comm, u.params)  # issue 8: rank 0's values
                 u.write_back()
-                u.release()
+                u.release_if_unused()
         finally:
             self.busy = False
         return out

@@ -54,7 +54,7 @@ def _make_save_hook(engine: Stage3Engine, module: nn.Module):
                     del state_dict[key]
         finally:
             for u in units:
-                u.release()
+                u.release_if_unused()
         if not keep:  # rank0_only: this rank keeps no buffers either
             for name, _ in module.named_buffers(recurse=False):
                 state_dict.pop(prefix + name, None)
@@ -78,7 +78,7 @@ def _make_load_post_hook(engine: Stage3Engine, module: nn.Module):
             u.write_back()
             u.notify_rewritten()
             u.drop_use()
-            u.release()
+            u.release_if_unused()
 
     return hook
 
