@@ -2,7 +2,7 @@
 
 One kernel per file with its launch wrapper. Each updates a flat fp32 master shard in one pass,
 folding in the gradient scale, the device-side inf/nan skip and the low-precision model copy.
-`zeroshard.update` dispatches to these on CUDA tensors (or on CPU under TRITON_INTERPRET=1).
+`zeroshard.update.apply` dispatches to these on CUDA tensors (or on CPU under TRITON_INTERPRET=1).
 """
 
 from ._common import INTERPRET, INTERPRET_BLOCK

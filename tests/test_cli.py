@@ -127,7 +127,7 @@ def test_estimate_from_a_factory_matches_the_library(capsys, tmp_path):
     traced on; without one (ReusedBlock's module has none) a note says the schedule was
     replayed on registration order."""
     from tests.models import example_input, make_model
-    from zeroshard.estimate import estimate
+    from zeroshard.estimate.model_states import estimate
 
     rc, out, _ = cli(capsys, "estimate", "--model", "tests.models:make_model", "--nodes", "2",
                      "--gpus-per-node", "2", "--config", "configs/zero3.json",
@@ -164,7 +164,7 @@ def test_estimate_from_a_factory_matches_the_library(capsys, tmp_path):
 
 
 def test_estimate_from_a_hugging_face_config(capsys, tmp_path):
-    from zeroshard.estimate import estimate
+    from zeroshard.estimate.model_states import estimate
 
     transformers = pytest.importorskip("transformers")
     cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=64)
@@ -295,7 +295,7 @@ def test_consolidate_writes_the_full_model(capsys, tmp_path):
 
 # -- env and help -------------------------------------------------------------------------------
 def test_env_reports_versions_and_kernel_choice(capsys):
-    from zeroshard import update
+    from zeroshard.update import apply as update
 
     rc, out, _ = cli(capsys, "env", "--json")
     assert rc == 0

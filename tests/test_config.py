@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from zeroshard.config import ConfigError, ZeroConfig, load_config
+from zeroshard.config.schema import ConfigError, ZeroConfig, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.json"))
 

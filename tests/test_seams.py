@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests import seams_jobs as jobs
-from zeroshard.config import ConfigError, load_config
+from zeroshard.config.schema import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from zeroshard.collectives import Comm
+from zeroshard.comm.collectives import Comm
 from zeroshard.stage3.prefetch import backward_head, next_use_within, to_prefetch
 from zeroshard.stage3.registry import unit_of
 from zeroshard.stage3.unit import GatherTracker, ShardedUnit, UnitState

@@ -5,13 +5,13 @@ Two ways in:
 - config-driven: `model, opt = zeroshard.initialize(model, "configs/zero2.json")`
 """
 
-from .checkpoint import CheckpointError, consolidate, load_checkpoint, save_checkpoint
-from .config import ConfigError, load_config
-from .initialize import initialize
-from .layout import ShardLayout, ShardState
-from .optimizer import ZeroOptimizer
-from .precision import LossScaler
-from .stage3 import GatheredParameters, Init
+from zeroshard.checkpoint import CheckpointError, consolidate, load_checkpoint, save_checkpoint
+from zeroshard.config.schema import ConfigError, load_config
+from zeroshard.initialize import initialize
+from zeroshard.optimizer import ZeroOptimizer
+from zeroshard.precision import LossScaler
+from zeroshard.shard.layout import ShardLayout, ShardState
+from zeroshard.stage3 import GatheredParameters, Init
 
 __all__ = [
     "CheckpointError",

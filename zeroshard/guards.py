@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import shutdown
+from zeroshard import shutdown
 
 # parameter -> weak reference to the optimizer managing it (keys by identity: tensors' `==`
 # is elementwise, so a plain WeakKeyDictionary cannot hold them)

@@ -15,15 +15,15 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
-from . import guards, timing
-from .collectives import Comm
-from .config import ZeroConfig
-from .optimizer import ZeroOptimizer
-from .precision import LossScaler
-from .prepare import ParamsArg, group_index, resolve_config, trainable_params
-from .schedulers import build_scheduler
-from .shard import FP32, ON_DEVICE, Placement, StateCodec
-from .stage3.build import build_stage3
+from zeroshard import guards, timing
+from zeroshard.comm.collectives import Comm
+from zeroshard.config.schema import ZeroConfig
+from zeroshard.optimizer import ZeroOptimizer
+from zeroshard.precision import LossScaler
+from zeroshard.prepare import ParamsArg, group_index, resolve_config, trainable_params
+from zeroshard.schedulers import build_scheduler
+from zeroshard.shard import FP32, ON_DEVICE, Placement, StateCodec
+from zeroshard.stage3.build import build_stage3
 
 
 def initialize(

@@ -22,17 +22,18 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import guards, torch_clip, update
-from .accounting import memory_report
-from .collectives import Comm
-from .layout import ParamLayout, ShardGroupLayout, ShardLayout, ShardState
-from .precision import LossScaler
-from .rules import RULE_DEFAULTS, resolve_rule
-from .shard.codec import FP32, StateCodec
-from .shard.flat import FlatSharding
-from .shard.group import ShardGroup
-from .shard.placement import ON_DEVICE, Placement
-from .shard.sharding import Sharding
+from zeroshard import guards, torch_clip
+from zeroshard.accounting import memory_report
+from zeroshard.comm.collectives import Comm
+from zeroshard.precision import LossScaler
+from zeroshard.shard.codec import FP32, StateCodec
+from zeroshard.shard.flat import FlatSharding
+from zeroshard.shard.group import ShardGroup
+from zeroshard.shard.layout import ParamLayout, ShardGroupLayout, ShardLayout, ShardState
+from zeroshard.shard.placement import ON_DEVICE, Placement
+from zeroshard.shard.sharding import Sharding
+from zeroshard.update import apply as update
+from zeroshard.update.rules import RULE_DEFAULTS, resolve_rule
 
 log = logging.getLogger("zeroshard")
 
@@ -328,11 +329,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     # -- checkpoints (same world size) ------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        from .checkpoint.optimizer_state import optimizer_state_dict
+        from zeroshard.checkpoint.optimizer_state import optimizer_state_dict
 
         return optimizer_state_dict(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        from .checkpoint.optimizer_state import load_optimizer_state_dict
+        from zeroshard.checkpoint.optimizer_state import load_optimizer_state_dict
 
         load_optimizer_state_dict(self, state_dict)

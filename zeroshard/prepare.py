@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import ConfigError, ZeroConfig, load_config
+from zeroshard.config.schema import ConfigError, ZeroConfig, load_config
 
 ParamsArg = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | None
 

@@ -25,8 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import dist_util
-from .st_stream import fsync_dir
+from zeroshard.checkpoint import dist_util
+from zeroshard.checkpoint.st_stream import fsync_dir
 
 LATEST = "latest"
 MANIFEST = "manifest.json"

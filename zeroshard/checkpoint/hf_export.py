@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from . import commit, manifest
-from .load import _Index, _verify_files, resolve
-from .st_stream import ByteCounter, Entry, write_file
+from zeroshard.checkpoint import commit, manifest
+from zeroshard.checkpoint.load import _Index, _verify_files, resolve
+from zeroshard.checkpoint.st_stream import ByteCounter, Entry, write_file
 
 LAST_CONSOLIDATE_STATS: dict[str, int] = {}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

@@ -20,11 +20,11 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from . import _layout_compat as L
-from . import async_save as background
-from . import commit, dist_util, manifest
-from .save import _persistent_buffers, shard_slice
-from .st_stream import sha256_file
+from zeroshard.checkpoint import async_save as background
+from zeroshard.checkpoint import commit, dist_util, manifest
+from zeroshard.checkpoint import optimizer_view as L
+from zeroshard.checkpoint.save import _persistent_buffers, shard_slice
+from zeroshard.checkpoint.st_stream import sha256_file
 
 
 @dataclass
@@ -195,7 +195,7 @@ def load_checkpoint(
     try:
         folder = resolve(root, tag)
         if not (folder / commit.MANIFEST).exists() and _looks_deepspeed(folder):
-            from .deepspeed_in import load_deepspeed
+            from zeroshard.checkpoint.deepspeed_in import load_deepspeed
 
             return load_deepspeed(folder, model, optimizer, pg)
         body = manifest.parse(folder / commit.MANIFEST)

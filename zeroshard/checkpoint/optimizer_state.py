@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from ..optimizer import ZeroOptimizer
+    from zeroshard.optimizer import ZeroOptimizer
 
 FORMAT_VERSION = 1
 

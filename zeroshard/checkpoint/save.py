@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _layout_compat as L
-from . import async_save as background
-from . import commit, dist_util, manifest
-from .st_stream import ByteCounter, Entry, write_file
+from zeroshard.checkpoint import async_save as background
+from zeroshard.checkpoint import commit, dist_util, manifest
+from zeroshard.checkpoint import optimizer_view as L
+from zeroshard.checkpoint.st_stream import ByteCounter, Entry, write_file
 
 LAST_SAVE_STATS: dict[str, int] = {}  # bytes a save materialised (peak), for tests/bench
 

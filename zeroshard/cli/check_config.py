@@ -12,7 +12,7 @@ import json
 import re
 from typing import Any
 
-from .common import CliError
+from zeroshard.cli.common import CliError
 
 EPILOG = """examples:
   zeroshard check-config configs/zero3.json --world-size 8
@@ -118,7 +118,7 @@ def _auto(key: str, cfg: Any, hidden: int | None) -> str:
 def handle(args: argparse.Namespace) -> int:
     import os
 
-    from zeroshard.config import ConfigError, load_config
+    from zeroshard.config.schema import ConfigError, load_config
     from zeroshard.prepare import check_supported
 
     problems: list[str] = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import CliError
+from zeroshard.cli.common import CliError
 
 EPILOG = """example:
   zeroshard consolidate checkpoints/step_1000 out/model --dtype bf16 --max-shard-size 5GB"""

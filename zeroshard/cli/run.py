@@ -13,7 +13,7 @@ import argparse
 import os
 from typing import Any
 
-from .common import CliError, fail
+from zeroshard.cli.common import CliError, fail
 
 CONFIG_ENV = "ZEROSHARD_CONFIG"
 
@@ -124,7 +124,7 @@ def main(parser: argparse.ArgumentParser, argv: list[str]) -> int:
         return fail("run", "--config CFG is required (a zeroshard/DeepSpeed JSON config)")
     if not rest:
         return fail("run", "no training script given (zeroshard run --config CFG script.py)")
-    from zeroshard.config import ConfigError, load_config
+    from zeroshard.config.schema import ConfigError, load_config
 
     path = os.path.abspath(mine["config"])
     try:

@@ -21,8 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import zeroshard
-
-from .hf_config import read_config
+from zeroshard.integrations.hf_config import read_config
 
 log = logging.getLogger(__name__)
 _ENGINE_KEY = "zeroshard_engine"

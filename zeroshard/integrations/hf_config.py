@@ -17,7 +17,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from ..config import ConfigError
+from zeroshard.config.schema import ConfigError
 
 log = logging.getLogger(__name__)
 

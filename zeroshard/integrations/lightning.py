@@ -26,8 +26,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
 import zeroshard
-
-from .hf_config import read_config
+from zeroshard.integrations.hf_config import read_config
 
 _TYPES = {torch.optim.AdamW: "AdamW", torch.optim.Adam: "Adam", torch.optim.SGD: "SGD"}
 _GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "momentum", "dampening", "nesterov")

@@ -26,9 +26,8 @@ import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
 import zeroshard
+from zeroshard.integrations.hf_config import HfAutoConfig, model_hidden_size
 from zeroshard.stage3.state_dict import full_state_dict
-
-from .hf_config import HfAutoConfig, model_hidden_size
 
 CHECKPOINT_SUBDIR = "zeroshard"
 

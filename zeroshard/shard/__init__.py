@@ -7,9 +7,9 @@
   (stage 3's builder is `zeroshard.stage3.sharding.UnitSharding`).
 """
 
-from .codec import FP32, Fp32States, StateCodec
-from .group import HeldParam, ShardGroup
-from .placement import ON_DEVICE, OnDevice, Placement
+from zeroshard.shard.codec import FP32, Fp32States, StateCodec
+from zeroshard.shard.group import HeldParam, ShardGroup
+from zeroshard.shard.placement import ON_DEVICE, OnDevice, Placement
 
 __all__ = [
     "FP32", "ON_DEVICE", "Fp32States", "HeldParam", "OnDevice", "Placement", "ShardGroup",

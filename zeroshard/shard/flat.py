@@ -12,13 +12,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import guards
-from ..collectives import Comm, wait_all
-from ..flat_buffer import FlatParams
-from ..grad_reducer import GradReducer
-from .codec import StateCodec
-from .group import HeldParam, ShardGroup
-from .placement import Placement
+from zeroshard import guards
+from zeroshard.comm.collectives import Comm, wait_all
+from zeroshard.shard.codec import StateCodec
+from zeroshard.shard.flat_buffer import FlatParams
+from zeroshard.shard.grad_reducer import GradReducer
+from zeroshard.shard.group import HeldParam, ShardGroup
+from zeroshard.shard.placement import Placement
 
 
 class FlatSharding:

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import update
-from ..layout import Piece
-from .codec import FP32, StateCodec, States
-from .placement import ON_DEVICE, Placement
+from zeroshard.shard.codec import FP32, StateCodec, States
+from zeroshard.shard.layout import Piece
+from zeroshard.shard.placement import ON_DEVICE, Placement
+from zeroshard.update import apply as update
 
 
 @dataclass(frozen=True)

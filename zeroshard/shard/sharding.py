@@ -12,11 +12,11 @@ from typing import Protocol
 
 from torch import Tensor, nn
 
-from ..collectives import Comm
-from ..grad_reducer import GradPath
-from .codec import StateCodec
-from .group import ShardGroup
-from .placement import Placement
+from zeroshard.comm.collectives import Comm
+from zeroshard.shard.codec import StateCodec
+from zeroshard.shard.grad_reducer import GradPath
+from zeroshard.shard.group import ShardGroup
+from zeroshard.shard.placement import Placement
 
 
 class Sharding(Protocol):

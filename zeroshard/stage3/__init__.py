@@ -11,8 +11,8 @@
 - registry.py: side tables parameter -> unit and model -> engine.
 """
 
-from .gathered import GatheredParameters
-from .partition_on_init import Init
-from .state_dict import full_state_dict
+from zeroshard.stage3.gathered import GatheredParameters
+from zeroshard.stage3.partition_on_init import Init
+from zeroshard.stage3.state_dict import full_state_dict
 
 __all__ = ["GatheredParameters", "Init", "full_state_dict"]

@@ -13,19 +13,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import guards
-from ..collectives import Comm
-from ..config import ZeroConfig
-from ..config_seams import stage3_bucket_numel
-from ..optimizer import ZeroOptimizer
-from ..precision import LossScaler
-from ..prepare import group_index
-from ..shard import FP32, ON_DEVICE, Placement, StateCodec
-from . import registry
-from .engine import Stage3Engine
-from .sharding import UnitSharding
-from .state_dict import install_state_dict_hooks
-from .unit import GatherTracker, ShardedUnit
+from zeroshard import guards
+from zeroshard.comm.collectives import Comm
+from zeroshard.config.honoured import stage3_bucket_numel
+from zeroshard.config.schema import ZeroConfig
+from zeroshard.optimizer import ZeroOptimizer
+from zeroshard.precision import LossScaler
+from zeroshard.prepare import group_index
+from zeroshard.shard import FP32, ON_DEVICE, Placement, StateCodec
+from zeroshard.stage3 import registry
+from zeroshard.stage3.engine import Stage3Engine
+from zeroshard.stage3.sharding import UnitSharding
+from zeroshard.stage3.state_dict import install_state_dict_hooks
+from zeroshard.stage3.unit import GatherTracker, ShardedUnit
 
 
 def build_units(

@@ -37,11 +37,11 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from .. import guards
-from ..collectives import Comm
-from ..inflight import MAX_IN_FLIGHT, InFlight
-from .prefetch import backward_head, next_use_within, to_prefetch
-from .unit import GATHERED, RELEASED, GatherTracker, ShardedUnit
+from zeroshard import guards
+from zeroshard.comm.collectives import Comm
+from zeroshard.comm.inflight import MAX_IN_FLIGHT, InFlight
+from zeroshard.stage3.prefetch import backward_head, next_use_within, to_prefetch
+from zeroshard.stage3.unit import GATHERED, RELEASED, GatherTracker, ShardedUnit
 
 # Metadata reads that need no parameter values: a released placeholder answers them right.
 _METADATA = frozenset(

@@ -19,8 +19,8 @@ from types import TracebackType
 import torch
 from torch import Tensor
 
-from . import registry
-from .unit import ShardedUnit
+from zeroshard.stage3 import registry
+from zeroshard.stage3.unit import ShardedUnit
 
 
 class GatheredParameters:

@@ -26,11 +26,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .. import guards
-from ..collectives import Comm
-from ..config import ZeroConfig, load_config
-from . import registry
-from .unit import RELEASED, GatherTracker, ShardedUnit
+from zeroshard import guards
+from zeroshard.comm.collectives import Comm
+from zeroshard.config.schema import ZeroConfig, load_config
+from zeroshard.stage3 import registry
+from zeroshard.stage3.unit import RELEASED, GatherTracker, ShardedUnit
 
 # Metadata reads that need no parameter values.
 _METADATA = frozenset(

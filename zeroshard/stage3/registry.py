@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 if TYPE_CHECKING:
-    from .engine import Stage3Engine
-    from .unit import ShardedUnit
+    from zeroshard.stage3.engine import Stage3Engine
+    from zeroshard.stage3.unit import ShardedUnit
 
 # Keyed by id(param) (a tensor cannot key a WeakKeyDictionary: weakref equality falls back to
 # the tensors' elementwise ==); a finalizer drops the entry when the parameter dies.

@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import guards
-from ..layout import Piece
-from ..shard.codec import StateCodec
-from ..shard.group import HeldParam, ShardGroup
-from ..shard.placement import Placement
-from .engine import Stage3Engine
-from .unit import ShardedUnit
+from zeroshard import guards
+from zeroshard.shard.codec import StateCodec
+from zeroshard.shard.group import HeldParam, ShardGroup
+from zeroshard.shard.layout import Piece
+from zeroshard.shard.placement import Placement
+from zeroshard.stage3.engine import Stage3Engine
+from zeroshard.stage3.unit import ShardedUnit
 
 Span = tuple[ShardedUnit, int, int]  # a unit and a flat range [lo, hi) of its parameters
 

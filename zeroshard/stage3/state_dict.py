@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from . import registry
+from zeroshard.stage3 import registry
 
 if TYPE_CHECKING:
-    from .engine import Stage3Engine
+    from zeroshard.stage3.engine import Stage3Engine
 
 
 def install_state_dict_hooks(model: nn.Module, engine: Stage3Engine, rank0_only: bool) -> None:

@@ -26,9 +26,9 @@ from enum import Enum
 import torch
 from torch import Tensor, nn
 
-from ..collectives import Comm
-from ..layout import BucketPlan, plan_buckets
-from . import registry
+from zeroshard.comm.collectives import Comm
+from zeroshard.shard.layout import BucketPlan, plan_buckets
+from zeroshard.stage3 import registry
 
 
 class UnitState(Enum):

@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .collectives import Comm
-from .flat_buffer import Bucket, FlatParams, Slot
-from .inflight import MAX_IN_FLIGHT, InFlight
+from zeroshard.comm.collectives import Comm
+from zeroshard.comm.inflight import MAX_IN_FLIGHT, InFlight
+from zeroshard.shard.flat_buffer import Bucket, FlatParams, Slot
 
 
 class BucketState:

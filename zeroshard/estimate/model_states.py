@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ConfigError, ZeroConfig, load_config
-from .estimate_stage3 import ELEM, stage3, state_tensors
-from .flat_buffer import FlatParams
-from .prepare import hidden_size_of
+from zeroshard.config.schema import ConfigError, ZeroConfig, load_config
+from zeroshard.estimate.stage3 import ELEM, stage3, state_tensors
+from zeroshard.prepare import hidden_size_of
+from zeroshard.shard.flat_buffer import FlatParams
 
 CATEGORIES = ("params", "grads", "master", "optimizer_states", "comm_buffers")
 _OPTIMIZER_SECTIONS = {

@@ -1,7 +1,7 @@
 """Section models of the zeroshard config (optimizer, scheduler, precision, ZeRO).
 
-Split from :mod:`zeroshard.config` (which holds the top-level model and loading) to keep each
-file readable; import these names from :mod:`zeroshard.config`.
+Split from :mod:`zeroshard.config.schema` (which holds the top-level model and loading) to keep each
+file readable; import these names from :mod:`zeroshard.config.schema`.
 """
 
 # pydantic evaluates field annotations at runtime, and `X | Y` fails there on Python 3.9
@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from . import config_seams as _seams
+from zeroshard.config import honoured as _seams
 
 Auto = Literal["auto"]
 _AUTO_HELP = (

@@ -29,8 +29,8 @@ from pydantic import (
     model_validator,
 )
 
-from zeroshard.config_errors import ConfigError, format_path, translate_validation_error
-from zeroshard.config_sections import (
+from zeroshard.config.errors import ConfigError, format_path, translate_validation_error
+from zeroshard.config.sections import (
     _OPTIMIZERS,
     _SCHEDULERS,
     AdamOptimizer,

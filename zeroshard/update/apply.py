@@ -19,8 +19,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .update_buffers import scalar, scratch
-from .update_lion import torch_lion
+from zeroshard.update.buffers import scalar, scratch
+from zeroshard.update.lion import torch_lion
 
 RULES = ("adamw", "adam", "sgd", "lion")
 BACKENDS = ("auto", "triton", "torch")

@@ -17,8 +17,8 @@ from typing import Any
 
 from torch import nn
 
-from .config import ZeroConfig
-from .stage3.prefetch import backward_head
+from zeroshard.config.schema import ZeroConfig
+from zeroshard.stage3.prefetch import backward_head
 
 
 def replay(model: nn.Module, units: list[Any], cfg: ZeroConfig) -> tuple[int, int]:

@@ -34,12 +34,12 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from . import guards
-from .collectives import Comm
-from .flat_buffer import FlatParams, Slot
-from .grad_strategies import STRATEGIES, BucketState
-from .inflight import InFlight
-from .precision import default_reduce_dtype
+from zeroshard import guards
+from zeroshard.comm.collectives import Comm
+from zeroshard.comm.inflight import InFlight
+from zeroshard.precision import default_reduce_dtype
+from zeroshard.shard.flat_buffer import FlatParams, Slot
+from zeroshard.shard.grad_strategies import STRATEGIES, BucketState
 
 
 class GradPath(Protocol):
