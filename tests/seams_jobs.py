@@ -27,7 +27,7 @@ def rank_world() -> tuple[int, int]:
 
 
 def config(stage: int, **extra) -> dict:
-    zo = {"stage": stage, "allgather_bucket_size": 700}
+    zo = {"stage": stage, "reduce_bucket_size": 700, "allgather_bucket_size": 700}
     if stage < 3:
         zo["reduce_bucket_size"] = 700
     zo.update(extra.pop("zero", {}))

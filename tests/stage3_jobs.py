@@ -24,7 +24,7 @@ WD = {"adamw": 0.1, "sgd": 0.01}
 
 def stage3_config(rule: str = "adamw", precision: str = "fp32", **zero) -> dict:
     zo = {
-        "stage": 3, "allgather_bucket_size": 700, "stage3_prefetch_bucket_size": 2500,
+        "stage": 3, "reduce_bucket_size": 700, "stage3_prefetch_bucket_size": 2500,
         "stage3_param_persistence_threshold": 0, **zero,
     }  # fmt: skip
     cfg = {"zero_optimization": zo, "optimizer": OPT[rule][0]}

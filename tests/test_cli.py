@@ -146,7 +146,7 @@ def test_estimate_from_a_factory_matches_the_library(capsys, tmp_path):
     # a config where blocks are sharded: the reused block's peak is traced with the input
     cfg = tmp_path / "z3.json"
     cfg.write_text(json.dumps({"zero_optimization": {
-        "stage": 3, "stage3_param_persistence_threshold": 300, "allgather_bucket_size": 700,
+        "stage": 3, "stage3_param_persistence_threshold": 300, "reduce_bucket_size": 700,
         "stage3_prefetch_bucket_size": 2500}}))
     argv = ["estimate", "--model", "tests.models_stage3:ReusedBlock", "--world-size", "2",
             "--config", str(cfg), "--stage", "3"]  # fmt: skip

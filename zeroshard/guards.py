@@ -1,4 +1,4 @@
-"""Guards at the seams: what ordinary user habits do to a zeroshard optimizer (issue 8).
+"""Guards at the seams: what ordinary user habits do to a zeroshard optimizer.
 
 Inside its own loop zeroshard matches torch.optim; these checks cover what happens around it,
 so that a habit from DDP, DeepSpeed or the Hugging Face Trainer gives the right result or a

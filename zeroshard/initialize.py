@@ -44,7 +44,7 @@ def initialize(
     path in $ZEROSHARD_CONFIG, which `zeroshard run --config CFG` sets. `codec` and
     `placement` choose how and where every shard group keeps its state (`zeroshard.shard`).
     """
-    guards.check_not_ddp(model)  # issue 8: zeroshard replaces DDP
+    guards.check_not_ddp(model)  # zeroshard replaces DDP: a wrapped model is an error
     cfg = resolve_config(model, config, process_group)
     params = trainable_params(model, model_parameters)
     if cfg.zero_optimization.stage == 3:
@@ -54,8 +54,8 @@ def initialize(
     else:
         if cfg.precision != "fp32":
             model.to(cfg.compute_dtype)
-        # issue 8: rank 0's weights. The optimizer broadcasts the parameters it trains with
-        # their flat buffer; here the rest (frozen parameters, buffers), not those twice.
+        # every rank starts from rank 0's weights. The optimizer broadcasts the parameters it
+        # trains with their flat buffer; here the rest (frozen parameters, buffers), once.
         trained = group_index(params)
         guards.broadcast_module_state(Comm(process_group), model, lambda p: id(p) in trained)
         rule, hp = cfg.optimizer_spec()
@@ -80,5 +80,5 @@ def initialize(
         )
     optimizer.lr_scheduler = build_scheduler(cfg.scheduler, optimizer)
     optimizer.config = cfg
-    timing.install(model, optimizer, cfg)  # issue 8: wall_clock_breakdown
+    timing.install(model, optimizer, cfg)  # wall_clock_breakdown
     return model, optimizer

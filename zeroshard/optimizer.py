@@ -30,6 +30,7 @@ from zeroshard.shard.codec import FP32, StateCodec
 from zeroshard.shard.flat import FlatSharding
 from zeroshard.shard.group import ShardGroup
 from zeroshard.shard.layout import ParamLayout, ShardGroupLayout, ShardLayout, ShardState
+from zeroshard.shard.optimizer_state import load_optimizer_state_dict, optimizer_state_dict
 from zeroshard.shard.placement import ON_DEVICE, Placement
 from zeroshard.shard.sharding import Sharding
 from zeroshard.update import apply as update
@@ -329,11 +330,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     # -- checkpoints (same world size) ------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        from zeroshard.checkpoint.optimizer_state import optimizer_state_dict
-
         return optimizer_state_dict(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        from zeroshard.checkpoint.optimizer_state import load_optimizer_state_dict
-
         load_optimizer_state_dict(self, state_dict)

@@ -25,6 +25,7 @@ from zeroshard.checkpoint import commit, dist_util, manifest
 from zeroshard.checkpoint import optimizer_view as L
 from zeroshard.checkpoint.save import _persistent_buffers, shard_slice
 from zeroshard.checkpoint.st_stream import sha256_file
+from zeroshard.shard.optimizer_state import restore_optimizer
 
 
 @dataclass
@@ -164,16 +165,9 @@ def _apply(folder: Path, body: dict[str, Any], reads: list[Read], model: nn.Modu
         L.after_model_write(model)
         return
     lay = L.layout(opt, model)
-    for g in lay.groups:
-        L.set_step(opt, g.index, int(body["steps"].get(str(g.group), 0)))
-    for group, saved in zip(opt.param_groups, body["param_groups"]):
-        for k, v in saved.items():
-            group[k] = tuple(v) if isinstance(group.get(k), tuple) else v
-    if opt.loss_scaler is not None and body.get("loss_scaler"):
-        opt.loss_scaler.load_state_dict(body["loss_scaler"])
-    if opt.lr_scheduler is not None and body.get("lr_scheduler"):
-        opt.lr_scheduler.load_state_dict(body["lr_scheduler"])
-    L.sync_params_from_master(opt)
+    steps = {g.index: int(body["steps"].get(str(g.group), 0)) for g in lay.groups}
+    restore_optimizer(opt, body["param_groups"], steps, body.get("loss_scaler"),
+                      body.get("lr_scheduler"))  # fmt: skip
 
 
 def load_checkpoint(

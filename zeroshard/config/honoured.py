@@ -1,5 +1,5 @@
 """ZeRO config keys zeroshard cannot honour as DeepSpeed defines them are rejected by name
-(issue 8: nothing accepted and silently ignored), and DeepSpeed's / HF's spelling of "no
+(nothing is accepted and silently ignored), and DeepSpeed's / HF's spelling of "no
 offload" (`{"device": "none"}`) is accepted as what it says."""
 
 from __future__ import annotations
@@ -51,9 +51,7 @@ def check_honoured(zo: Any) -> Any:
 
 
 def stage3_bucket_numel(zo: Any) -> int:
-    """Stage 3 cuts each unit into buckets that are both its all-gathers and its
-    reduce-scatters: a `reduce_bucket_size` given in the config bounds them too."""
-    numel = int(zo.allgather_bucket_size)
-    if "reduce_bucket_size" in zo.model_fields_set and isinstance(zo.reduce_bucket_size, int):
-        numel = min(numel, zo.reduce_bucket_size)
-    return numel
+    """Stage 3 cuts each unit into buckets of at most `reduce_bucket_size` elements, the
+    key's meaning at every stage: the most gradient elements one reduction covers (a stage-3
+    bucket is also the unit of its parameters' all-gather)."""
+    return int(zo.reduce_bucket_size)

@@ -273,7 +273,6 @@ class ZeroConfig(_Section):
         }
         new = self.model_copy(deep=True)
         new.zero_optimization = zo.model_copy(update={k: rules[k] for k in autos})
-        new._world_size = self._world_size
         return new
 
 

@@ -52,7 +52,7 @@ class _Section(BaseModel):
         field = cls.model_fields.get(name)
         if isinstance(value, bool) and field is not None and not _accepts_bool(field.annotation):
             if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-                # `"fp16": true` (issue 8): a section, not a switch
+                # `"fp16": true`: a section, not a switch (DeepSpeed accepts both)
                 flag = "true" if value else "false"
                 raise ValueError(f'must be an object like {{"enabled": {flag}}}, not a boolean')
             raise ValueError("must be a number, not a boolean")
@@ -304,6 +304,6 @@ class ZeroOptimizationConfig(_Section):
     stage3_gather_16bit_weights_on_model_save: bool = False
     load_from_fp32_weights: bool = True
 
-    # issue 8: every key honoured as DeepSpeed defines it, or rejected by name
+    # every key honoured as DeepSpeed defines it, or rejected by name: never silently ignored
     _no_offload = model_validator(mode="before")(_seams.drop_no_offload)
     _honoured = model_validator(mode="after")(_seams.check_honoured)

@@ -97,7 +97,7 @@ class GradReducer:
             handle = slot.param.register_post_accumulate_grad_hook(
                 lambda p, _fi=fi, _slot=slot, _st=state: self._on_grad(p, _fi, _slot, _st)
             )
-            guards.track_hook(slot.param, handle)  # issue 8: removed if the optimizer dies
+            guards.track_hook(slot.param, handle)  # removed if the optimizer dies
         self._order = None  # a new set of buckets: record the launch order again
         self._completed.clear()
 

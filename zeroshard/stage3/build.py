@@ -84,7 +84,7 @@ def make_units(
     estimator's meta-device run build them the same way)."""
     zo = cfg.zero_optimization
     return build_units(
-        model, comm, dtype=cfg.compute_dtype, bucket_numel=stage3_bucket_numel(zo),  # + reduce
+        model, comm, dtype=cfg.compute_dtype, bucket_numel=stage3_bucket_numel(zo),
         persistence_threshold=int(zo.stage3_param_persistence_threshold), tracker=tracker,
         group_of=group_of,
     )  # fmt: skip
@@ -122,8 +122,9 @@ def build_stage3(
     if registry.engine_of(model) is not None:
         raise ValueError("this model is already a stage-3 model (initialize it once)")
     comm = Comm(process_group)
-    guards.check_params(model.parameters())  # issue 8: no meta-device model
-    guards.broadcast_module_state(comm, model, registry.unit_of)  # issue 8: rank 0's weights
+    guards.check_params(model.parameters())  # a meta-device model has no values to shard
+    # every rank starts from rank 0's weights
+    guards.broadcast_module_state(comm, model, registry.unit_of)
     tracker = GatherTracker()
     dtype = cfg.compute_dtype
     with torch.no_grad():

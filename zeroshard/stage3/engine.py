@@ -59,7 +59,7 @@ class TrainingState(Enum):
     BACKWARD = "backward"
 
 
-class _ExternalParamMode(TorchFunctionMode):
+class ExternalParamMode(TorchFunctionMode):
     """Gathers a released sharded parameter the moment any torch function receives it."""
 
     def __init__(self, engine: Stage3Engine) -> None:
@@ -143,7 +143,7 @@ class Stage3Engine:
             self.module_units[m] = own
         self.external: dict[nn.Module, list[ShardedUnit]] = {}
         self._frames: list[tuple[nn.Module, list[ShardedUnit]]] = []
-        self._mode: _ExternalParamMode | None = None
+        self._mode: ExternalParamMode | None = None
         self.training_state = TrainingState.IDLE
         self.busy = False  # inside a hook: torch calls made here are not parameter uses
         self._orders: dict[str, list[int]] = {}  # last pass's fetch order, per pass kind
@@ -197,7 +197,7 @@ class Stage3Engine:
         self._start_pass("forward" if torch.is_grad_enabled() else "forward_nograd")
         # an exception already being handled around this forward is not this forward's
         self._ambient_error = sys.exc_info()[1]
-        self._mode = _ExternalParamMode(self)
+        self._mode = ExternalParamMode(self)
         self._mode.__enter__()
         self._pre_forward(self.model, args)
 
