@@ -39,9 +39,8 @@ def _quantize(x, mid_ptr):
     """#{k : mid[k] < x} over the 256 sorted midpoints (mid[255] = +inf): branchless search."""
     code = tl.zeros(x.shape, dtype=tl.int32)
     for k in tl.static_range(8):
-        half: tl.constexpr = 128 >> k
-        probe = tl.load(mid_ptr + (code + (half - 1)))
-        code = tl.where(probe < x, code + half, code)
+        probe = tl.load(mid_ptr + (code + ((128 >> k) - 1)))
+        code = tl.where(probe < x, code + (128 >> k), code)
     return code
 
 
