@@ -117,6 +117,29 @@ def test_sizes_and_fallback_rule() -> None:
     assert torch.all(Q.dequantize_blockwise(st["exp_avg_codes"], st["exp_avg_absmax"], True) == 0)
     with pytest.raises(ValueError, match="power of two"):
         Q.init_state8(10, block_size=100)
+    assert Q.block_slice(512, 300) == slice(2, 4) and Q.block_slice(0, 256) == slice(0, 1)
+    with pytest.raises(ValueError, match="not a multiple"):
+        Q.block_slice(100, 300)
+
+
+def test_pieces_step_like_the_whole() -> None:
+    """A parameter split into block-aligned pieces (any world size) steps to the same bits as
+    the whole: codes and absmax of the pieces are slices of the whole's."""
+    n, torch_gen = 5000, torch.Generator().manual_seed(9)
+    p0 = torch.randn(n, generator=torch_gen)
+    grads = [torch.randn(n, generator=torch_gen) for _ in range(3)]
+    whole, st = p0.clone(), Q.init_state8(n)
+    for t, g in enumerate(grads, 1):
+        Q.adamw8bit_step_(whole, g, *st.values(), lr=1e-2, step=t)
+    for cuts in ([0, 2560, n], [0, 256, 1280, 4864, n]):
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            p, pst = p0[a:b].clone(), Q.init_state8(b - a)
+            for t, g in enumerate(grads, 1):
+                Q.adamw8bit_step_(p, g[a:b], *pst.values(), lr=1e-2, step=t)
+            blocks = Q.block_slice(a, b - a)
+            assert torch.equal(p, whole[a:b])
+            assert torch.equal(pst["exp_avg_codes"], st["exp_avg_codes"][a:b])
+            assert torch.equal(pst["exp_avg_sq_absmax"], st["exp_avg_sq_absmax"][blocks])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,3 +414,14 @@ def test_compiles_for_sm80_sm90_vectorised_without_fma() -> None:
         assert s["st_v4"] >= per_thread // 4, (key, s)
         assert s["fma"] == 0 and s["approx"] == 0, (key, s)
         assert s["div_rn"] > 0 and s["sqrt_rn"] > 0, (key, s)
+
+
+def test_sqrt_without_numpy_gives_the_same_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU path's fp64 sqrt (used where numpy is missing) is numpy's correctly rounded one."""
+    import zeroshard.quant8.step as step_mod
+
+    a = _run(5000, torch.float32, "torch", copy=False)
+    monkeypatch.setattr(step_mod, "_np", None)
+    b = _run(5000, torch.float32, "torch", copy=False)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1]["exp_avg_sq_codes"],
+                                                   b[1]["exp_avg_sq_codes"])
