@@ -22,7 +22,7 @@ The step (`adamw8bit_step_`): every operation in fp32, each rounded once, in thi
 then m, v are requantized with new absmax = max |.| per block. The parameter sees the fp32
 m and v of this step (as bitsandbytes does); scalars are fp64 on the host, rounded to fp32 once
 (`hyper_params`). No fused multiply-add anywhere: the Triton kernel is compiled without fp
-fusion. sqrt is the correctly rounded one (the CPU path takes it in fp64: torch's is not).
+fusion. sqrt is the correctly rounded one (on CPU numpy's, or fp64's: torch's fp32 one is not).
 """
 
 from .format import (

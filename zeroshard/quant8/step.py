@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover - numpy ships with the triton/dev extras
 # Elements per pass of the CPU step: large enough that per-op overhead is small, small enough
 # that the scratch buffers stay in the last-level cache between the ops of one pass.
 _CHUNK = 1 << 17
+_HYPER: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
 
 def hyper_params(*, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
@@ -126,14 +127,28 @@ def adamw8bit_step_(
         from zeroshard_kernels import adamw8bit_update
 
         adamw8bit_update(param, grad, m_codes, m_absmax, v_codes, v_absmax,
-                         hyper=hyper.to(dev), tables=kernel_tables(dev), block_size=block_size,
-                         grad_scale=scale_t, found_inf=found_inf, model_copy=model_copy)
+                         hyper=_on_device(hyper, dev), tables=kernel_tables(dev),
+                         block_size=block_size, grad_scale=scale_t, found_inf=found_inf,
+                         model_copy=model_copy)
         return
     if found_inf is not None and float(found_inf) != 0.0:
         return
     scale = None if scale_t is None else float(scale_t)
     _torch_step(param, grad, m_codes, m_absmax, v_codes, v_absmax, hyper.tolist(), block_size,
                 scale, model_copy)
+
+
+def _on_device(hyper: Tensor, device: torch.device) -> Tensor:
+    """`hyper` in a per-device buffer, copied only when it changed (once per step, not once per
+    piece: a host-to-device copy from pageable memory can stall the host)."""
+    entry = _HYPER.get(device)
+    if entry is None or not torch.equal(entry[0], hyper):
+        buf = entry[1] if entry is not None else torch.empty(8, dtype=torch.float32,
+                                                               device=device)
+        buf.copy_(hyper)
+        entry = (hyper, buf)
+        _HYPER[device] = entry
+    return entry[1]
 
 
 def _sqrt_rn(x: Tensor, out: Tensor, f64: Tensor) -> None:
