@@ -358,7 +358,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     from triton.compiler import ASTSource
 
     out = {}
-    for gdt, arch, block, warps in json.loads(sys.argv[1]):
+    for gdt, arch, block, warps, qblock, flags in json.loads(sys.argv[1]):
         sig = {}
         for prm in K.adamw8bit_kernel.params:
             a = prm.name
@@ -376,14 +376,14 @@ _COMPILE_SCRIPT = textwrap.dedent("""
                 sig[a] = "i64"
         attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(sig)
                  if sig[a].startswith("*")}
-        consts = dict(HAS_SCALE=True, HAS_INF=True, HAS_COPY=True, QBLOCK=256, SIZE_CLASS=1,
-                      BLOCK=block)
+        consts = dict(HAS_SCALE=flags, HAS_INF=flags, HAS_COPY=flags, QBLOCK=qblock,
+                      SIZE_CLASS=1, BLOCK=block)
         src = ASTSource(fn=K.adamw8bit_kernel, signature=sig, constexprs=consts, attrs=attrs)
         # As launched on a GPU: no fp fusion, so no contracted multiply-add.
         ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                              options={"num_warps": warps, "enable_fp_fusion": False}).asm["ptx"]
         count = lambda pat: len(re.findall(pat, ptx))
-        out[f"{gdt}@{arch}"] = {
+        out[f"{gdt}@{arch}/{qblock}"] = {
             "ld_v4": count(r"ld\\.global[.\\w]*\\.v4"), "ld_v2": count(r"ld\\.global[.\\w]*\\.v2"),
             "st_v4": count(r"st\\.global[.\\w]*\\.v4"), "fma": count(r"\\bfma\\.[.\\w]*f32"),
             "div_rn": count(r"div\\.rn\\.f32"), "sqrt_rn": count(r"sqrt\\.rn\\.f32"),
@@ -391,9 +391,11 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         }
     print(json.dumps(out))
 """)
-# (grad dtype, arch, BLOCK, num_warps): both ends of the autotune space.
-_TARGETS = [("fp32", 80, 1024, 4), ("bf16", 80, 1024, 4), ("fp32", 90, 4096, 8),
-            ("bf16", 90, 4096, 8)]
+# (grad dtype, arch, BLOCK, num_warps, block_size, scale/inf/copy on): both ends of the
+# autotune space, and small / large quantization blocks.
+_TARGETS = [("fp32", 80, 1024, 4, 256, True), ("bf16", 80, 1024, 4, 256, True),
+            ("fp32", 90, 4096, 8, 256, True), ("bf16", 90, 4096, 8, 256, True),
+            ("fp16", 80, 1024, 4, 64, False), ("fp32", 90, 4096, 8, 4096, False)]
 
 
 def test_compiles_for_sm80_sm90_vectorised_without_fma() -> None:
@@ -403,8 +405,8 @@ def test_compiles_for_sm80_sm90_vectorised_without_fma() -> None:
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     stats = json.loads(proc.stdout.strip().splitlines()[-1])
-    for gdt, arch, block, warps in _TARGETS:
-        key = f"{gdt}@{arch}"
+    for gdt, arch, block, warps, qblock, _ in _TARGETS:
+        key = f"{gdt}@{arch}/{qblock}"
         s = stats[key]
         per_thread = block // (32 * warps)  # elements of each stream a thread owns
         # Full tiles: p (and fp32 g) in 16-byte loads, p stored in 16-byte stores; the two
