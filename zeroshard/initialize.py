@@ -20,7 +20,13 @@ from zeroshard.comm.collectives import Comm
 from zeroshard.config.schema import ZeroConfig
 from zeroshard.optimizer import ZeroOptimizer
 from zeroshard.precision import LossScaler
-from zeroshard.prepare import ParamsArg, group_index, resolve_config, trainable_params
+from zeroshard.prepare import (
+    ParamsArg,
+    group_index,
+    placement_for,
+    resolve_config,
+    trainable_params,
+)
 from zeroshard.schedulers import build_scheduler
 from zeroshard.shard import FP32, ON_DEVICE, Placement, StateCodec
 from zeroshard.stage3.build import build_stage3
@@ -42,11 +48,13 @@ def initialize(
     is cast to bf16/fp16 when the config enables it (the optimizer keeps fp32 master weights).
     `process_group` is the set of ranks to shard over, at every stage. `config` defaults to the
     path in $ZEROSHARD_CONFIG, which `zeroshard run --config CFG` sets. `codec` and
-    `placement` choose how and where every shard group keeps its state (`zeroshard.shard`).
+    `placement` choose how and where every shard group keeps its state (`zeroshard.shard`);
+    the config's `offload_optimizer` chooses host memory (`zeroshard.shard.offload`).
     """
     guards.check_not_ddp(model)  # zeroshard replaces DDP: a wrapped model is an error
     cfg = resolve_config(model, config, process_group)
     params = trainable_params(model, model_parameters)
+    placement = placement_for(cfg, placement)  # offload_optimizer: master and state on the host
     if cfg.zero_optimization.stage == 3:
         optimizer = build_stage3(
             model, cfg, params, process_group, codec=codec, placement=placement

@@ -30,6 +30,7 @@ from zeroshard.shard.codec import FP32, StateCodec
 from zeroshard.shard.flat import FlatSharding
 from zeroshard.shard.group import ShardGroup
 from zeroshard.shard.layout import ParamLayout, ShardGroupLayout, ShardLayout, ShardState
+from zeroshard.shard.offload import HostOffload
 from zeroshard.shard.optimizer_state import load_optimizer_state_dict, optimizer_state_dict
 from zeroshard.shard.placement import ON_DEVICE, Placement
 from zeroshard.shard.sharding import Sharding
@@ -314,15 +315,23 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.sharding.gather_params()
 
     # -- accounting -----------------------------------------------------------------------
-    def memory_report(self) -> dict[str, int]:
-        """Bytes held on this rank: params, grads, master, optimizer_states, comm_buffers."""
+    def memory_report(self, memory: str = "all") -> dict[str, int]:
+        """Bytes held on this rank: params, grads, master, optimizer_states, comm_buffers,
+        `total`, and how much of it is `device` and `host` memory (offload). `memory` =
+        "device" or "host" reports only that memory, per category."""
+        held = self.sharding.held_tensors()
+        master = [m for g in self.shard_groups for m in g.master]
+        states = [t for g in self.shard_groups for t in g.stored_tensors()]
+        host = list(held.get("host", []))  # offloaded stage-3 parameter shards
+        staged: list[Tensor] = []
+        if isinstance(self.placement, HostOffload):  # master, state and staged gradients
+            host += [*master, *states]
+            staged = self.placement.staging_buffers()
         return memory_report(
-            {
-                **self.sharding.held_tensors(),
-                "master": [m for g in self.shard_groups for m in g.master],
-                "optimizer_states": [t for g in self.shard_groups for t in g.stored_tensors()],
-            }
-        )
+            {**held, "grads": [*held.get("grads", []), *staged], "master": master,
+             "optimizer_states": states},
+            host=[*host, *staged], memory=memory,
+        )  # fmt: skip
 
     def comm_report(self) -> dict[str, int]:
         """Bytes this rank sent during the last step, per collective, and `total`."""

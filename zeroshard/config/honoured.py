@@ -1,6 +1,7 @@
 """ZeRO config keys zeroshard cannot honour as DeepSpeed defines them are rejected by name
 (nothing is accepted and silently ignored), and DeepSpeed's / HF's spelling of "no
-offload" (`{"device": "none"}`) is accepted as what it says."""
+offload" (`{"device": "none"}`) is accepted as what it says; offload to the host is checked
+against the stage here, and NVMe is refused by name."""
 
 from __future__ import annotations
 
@@ -31,7 +32,24 @@ def drop_no_offload(data: Any) -> Any:
     for key in _OFFLOAD_KEYS:
         value = data.get(key)
         if isinstance(value, Mapping) and value.get("device") == "none":
-            del data[key]  # any other value is rejected by name as an unsupported option
+            del data[key]  # "cpu" offloads; anything else fails validation with the key path
+    return data
+
+
+def check_offload_device(key: str, data: Any) -> Any:
+    """Before an offload section is read: its device is "cpu" ("none" was dropped already);
+    NVMe is named, whatever other keys came with it."""
+    device = data.get("device") if isinstance(data, Mapping) else None
+    if device == "nvme":
+        raise ValueError(
+            f'`zero_optimization.{key}.device` = "nvme" is not supported by zeroshard yet '
+            '(offload to NVMe is not built); use "cpu", or "none" for no offload'
+        )
+    if isinstance(data, Mapping) and "device" in data and device != "cpu":
+        raise ValueError(
+            f"`zero_optimization.{key}.device` = {json.dumps(device)}: must be "
+            '"cpu" (host memory) or "none" (no offload)'
+        )
     return data
 
 
@@ -45,9 +63,32 @@ def check_honoured(zo: Any) -> Any:
                 f"`zero_optimization.{key}` = {json.dumps(bad)} is not supported: {why}; "
                 "remove the key or set it to true"
             )
+    problems += _offload_problems(zo)
     if problems:
         raise ValueError("; ".join(problems))
     return zo
+
+
+def _offload_problems(zo: Any) -> list[str]:
+    """Offload to the host at the stages it is built for; NVMe is refused by name."""
+    out = []
+    if zo.offload_optimizer is not None and zo.stage == 0:
+        out.append(
+            "`zero_optimization.offload_optimizer` needs stage 1, 2 or 3 (stage is 0: "
+            "nothing is sharded); raise the stage or remove the key"
+        )
+    if zo.offload_param is not None:
+        if zo.stage != 3:
+            out.append(
+                f"`zero_optimization.offload_param` is a stage-3 option (stage is {zo.stage}): "
+                "only stage 3 partitions parameters; remove the key or use stage 3"
+            )
+        elif zo.offload_optimizer is None:
+            out.append(
+                "`zero_optimization.offload_param` needs `zero_optimization.offload_optimizer` "
+                '= {"device": "cpu"} too: the update runs where the parameter shards live'
+            )
+    return out
 
 
 def stage3_bucket_numel(zo: Any) -> int:

@@ -42,6 +42,8 @@ from zeroshard.config.sections import (
     FP16Config,
     LionOptimizer,
     LionParams,
+    OffloadOptimizerConfig,
+    OffloadParamConfig,
     OptimizerConfig,
     PositiveInt,
     SchedulerConfig,
@@ -298,6 +300,9 @@ def _section_keys() -> tuple[dict[tuple, list[str]], dict[str, frozenset[str]]]:
             else (FP16Config if name == "fp16" else BF16Config)
         )
         allowed[(name,)] = keys(model)
+    for name, model in (("offload_optimizer", OffloadOptimizerConfig),
+                        ("offload_param", OffloadParamConfig)):  # fmt: skip
+        allowed[("zero_optimization", name)] = keys(model)
     for section, table in (("optimizer", _OPTIMIZERS), ("scheduler", _SCHEDULERS)):
         for tag, model in table.items():
             allowed[(section, tag)] = keys(model)

@@ -283,6 +283,30 @@ class BF16Config(_Section):
 PositiveInt = Annotated[int, Field(ge=1)]
 
 
+class _Offload(_Section):
+    _key: ClassVar[str] = ""
+    device: Literal["cpu"]
+    pin_memory: bool = False
+
+    _devices = model_validator(mode="before")(
+        lambda cls, data: _seams.check_offload_device(cls._key, data)
+    )
+
+
+class OffloadOptimizerConfig(_Offload):
+    """`zero_optimization.offload_optimizer`: fp32 master and optimizer state in host memory,
+    the update on the host. `threads` (zeroshard's) sizes torch's CPU thread pool for it."""
+
+    _key: ClassVar[str] = "offload_optimizer"
+    threads: Optional[PositiveInt] = None
+
+
+class OffloadParamConfig(_Offload):
+    """`zero_optimization.offload_param` (stage 3): parameter shards in host memory."""
+
+    _key: ClassVar[str] = "offload_param"
+
+
 class ZeroOptimizationConfig(_Section):
     """DeepSpeed's `zero_optimization` section. Sizes are element counts, as in DeepSpeed."""
 
@@ -303,6 +327,8 @@ class ZeroOptimizationConfig(_Section):
     stage3_max_reuse_distance: Annotated[int, Field(ge=0)] = 1_000_000_000
     stage3_gather_16bit_weights_on_model_save: bool = False
     load_from_fp32_weights: bool = True
+    offload_optimizer: Optional[OffloadOptimizerConfig] = None
+    offload_param: Optional[OffloadParamConfig] = None
 
     # every key honoured as DeepSpeed defines it, or rejected by name: never silently ignored
     _no_offload = model_validator(mode="before")(_seams.drop_no_offload)

@@ -134,13 +134,18 @@ class ShardGroup:
             self._generic_update(options, grads, grad_scale)
             return
         working = self.codec.decode(self.stored)
+        # A master next to the parameters: the update kernel writes their rounded copies in
+        # its own pass. A master elsewhere: the placement copies it over afterwards.
+        fused = self.placement.shares_params(torch.float32)
         update.apply_update(
             rule, self.master, grads, working, lr=float(options["lr"]), step=self.step, hp=hp,
             grad_scale=grad_scale if grad_scale != 1.0 else None,
-            model_copies=self.model_copies, backend=backend,
+            model_copies=self.model_copies if fused else None, backend=backend,
         )  # fmt: skip
         self.codec.encode(working, self.stored)
         self._decoded = None
+        if not fused:
+            self.write_params()
 
     def _generic_update(self, options: dict[str, Any], grads: list[Tensor], scale: float) -> None:
         inner = self.generic.param_groups[0]
@@ -158,8 +163,7 @@ class ShardGroup:
     def write_params(self) -> None:
         """The parameters' shard takes the master's values (rounded when low precision)."""
         if self.model_copies is not None:
-            for c, m in zip(self.model_copies, self.master):
-                c.copy_(m)
+            self.placement.write_params(self.master, self.model_copies)
 
     @torch.no_grad()
     def refresh_master(self, pieces: list[int] | None = None) -> None:

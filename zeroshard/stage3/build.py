@@ -132,6 +132,10 @@ def build_stage3(
             if b.is_floating_point() and b.dtype != dtype:
                 b.data = b.data.to(dtype)
     units = make_units(model, comm, cfg, tracker, group_index(params))
+    off = cfg.zero_optimization.offload_param
+    if off is not None:  # before the optimizer takes views of the shards
+        for u in units:
+            u.offload_shard(off.pin_memory)
     engine = make_engine(model, units, comm, cfg, tracker)
     rule, hp = cfg.optimizer_spec()
     scaler = LossScaler.from_fp16_config(cfg.fp16) if cfg.precision == "fp16" else None
