@@ -1,0 +1,82 @@
+"""CPU offload (`offload_optimizer`, `offload_param`): the same trajectory as without offload
+(2 gloo ranks, 20 steps, clipping active), master and state counted in host memory and not on
+the device, every copy in and out made, and bad settings refused on every rank by key path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.offload_jobs import config_error as _config_error
+from tests.offload_jobs import train
+
+STEPS = 20
+
+
+@pytest.mark.parametrize(
+    "stage, offload_param, dtype",
+    [(1, False, "fp32"), (2, False, "fp32"), (2, False, "bf16"), (3, True, "fp32")],
+)
+def test_offload_trains_exactly_as_without(dist_run, stage, offload_param, dtype):
+    plain = dist_run(2, train, stage, False, False, dtype, STEPS)
+    off = dist_run(2, train, stage, True, offload_param, dtype, STEPS)
+    for r in range(2):
+        p, o = plain[r], off[r]
+        assert len(o["losses"]) == STEPS
+        np.testing.assert_allclose(o["losses"], p["losses"], rtol=1e-6, atol=0)
+        for k in p["params"]:
+            torch.testing.assert_close(o["params"][k], p["params"][k], rtol=1e-6, atol=0)
+        n = o["shard_numel"]
+        # master (fp32) and Adam's two fp32 moments live in host memory, none on the device
+        assert o["host"]["master"] == 4 * n and o["host"]["optimizer_states"] == 2 * 4 * n
+        assert o["device"]["master"] == 0 and o["device"]["optimizer_states"] == 0
+        # the reduced gradients were staged in a host fp32 buffer of the shard's size
+        assert o["host"]["grads"] == 4 * n
+        assert o["device"]["grads"] == p["memory"]["grads"]
+        assert o["memory"]["host"] == o["host"]["total"] > 0
+        assert o["memory"]["device"] == o["device"]["total"]
+        assert p["memory"]["host"] == 0 and p["memory"]["device"] == p["memory"]["total"]
+        # separate buffers: the master never shares the parameters' storage
+        assert o["master_apart"] and o["master_device"] == ["cpu"]
+        # every gradient piece in and every master piece out, once per step
+        assert o["copies"] == (STEPS * o["pieces"], STEPS * o["pieces"]) and o["pieces"] > 0
+        if offload_param:
+            # the parameter shards live in host memory; nothing is left on the device
+            assert o["host"]["params"] == p["memory"]["params"] > 0
+            assert o["device"]["params"] == 0
+        else:
+            assert o["host"]["params"] == 0
+
+
+BAD = [
+    ({"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": "/local_nvme"}},
+     '`zero_optimization.offload_optimizer.device` = "nvme" is not supported by zeroshard yet '
+     '(offload to NVMe is not built); use "cpu", or "none" for no offload'),
+    ({"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "nvme"}},
+     '`zero_optimization.offload_param.device` = "nvme" is not supported by zeroshard yet '
+     '(offload to NVMe is not built); use "cpu", or "none" for no offload'),
+    ({"stage": 2, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}},
+     "`zero_optimization.offload_param` is a stage-3 option (stage is 2): only stage 3 "
+     "partitions parameters; remove the key or use stage 3"),
+    ({"stage": 3, "offload_param": {"device": "cpu"}},
+     "`zero_optimization.offload_param` needs `zero_optimization.offload_optimizer` = "
+     '{"device": "cpu"} too: the update runs where the parameter shards live'),
+    ({"stage": 2, "offload_optimizer": {"device": "gpu"}},
+     '`zero_optimization.offload_optimizer.device` = "gpu": must be "cpu" (host memory) or '
+     '"none" (no offload)'),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("zo, message", BAD)
+def test_bad_offload_settings_fail_on_every_rank_by_key_path(dist_run, zo, message):
+    got = dist_run(2, _config_error, zo)
+    assert got == [f"invalid zeroshard config: {message}"] * 2
+
+
+def test_offload_and_a_placement_argument_are_refused_together():
+    zo = {"stage": 2, "offload_optimizer": {"device": "cpu"}}
+    assert _config_error(zo, placement=True) == (
+        "zero_optimization.offload_optimizer is set and a placement was passed to "
+        "initialize(): give one or the other"
+    )
