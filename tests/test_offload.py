@@ -4,12 +4,17 @@ the device, every copy in and out made, and bad settings refused on every rank b
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
+from tests.models import make_model, param_groups
+from tests.offload_jobs import config, train
 from tests.offload_jobs import config_error as _config_error
-from tests.offload_jobs import train
+from zeroshard.cli.main import main
+from zeroshard.estimate.model_states import CATEGORIES, estimate
 
 STEPS = 20
 
@@ -47,6 +52,17 @@ def test_offload_trains_exactly_as_without(dist_run, stage, offload_param, dtype
             assert o["device"]["params"] == 0
         else:
             assert o["host"]["params"] == 0
+    # the estimator's offload rule gives exactly what memory_report() measured
+    for run, offload in ((plain, False), (off, True)):
+        with torch.device("meta"):
+            model = make_model()
+        cfg = config(stage, offload, offload and offload_param, dtype)
+        (est,) = estimate(model, world_size=2, config=cfg, stages=(stage,),
+                          model_parameters=param_groups(model))  # fmt: skip
+        for r in range(2):
+            want = est.per_rank[r if stage == 3 else 0]
+            for key in (*CATEGORIES, "total", "device", "host"):
+                assert want[key] == run[r]["memory"][key], (offload, r, key)
 
 
 BAD = [
@@ -80,3 +96,28 @@ def test_offload_and_a_placement_argument_are_refused_together():
         "zero_optimization.offload_optimizer is set and a placement was passed to "
         "initialize(): give one or the other"
     )
+
+
+def test_estimate_cli_shows_device_and_host_bytes(capsys, tmp_path):
+    """Ψ = 7e9, N = 8, fp16 Adam, HF's ZeRO-3 offload template: at stage 3 only the fp16
+    gradient shard stays on the device; the fp32 master, Adam's moments, the staged fp32
+    gradients and the fp16 parameter shard live in host memory."""
+    cfg = tmp_path / "offload.json"
+    cfg.write_text(json.dumps({"zero_optimization": {
+        "stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
+        "offload_param": {"device": "cpu", "pin_memory": True}}}))  # fmt: skip
+    argv = ["estimate", "--params", "7e9", "--world-size", "8", "--precision", "fp16",
+            "--optimizer", "adam", "--config", str(cfg), "--device-memory", "40GB"]  # fmt: skip
+    assert main([*argv, "--json"]) == 0
+    stages = json.loads(capsys.readouterr().out)["stages"]
+    gb = 1_000_000_000
+    # stage 0 has nothing to offload; stages 1-2 offload the optimizer, stage 3 the params too
+    assert [s["bytes"]["device"] for s in stages] == [112 * gb, 28 * gb, 15.75 * gb, 1.75 * gb]
+    assert [s["bytes"]["host"] for s in stages] == [0, 14 * gb, 14 * gb, 15.75 * gb]
+    assert [s["fits"] for s in stages] == [False, True, True, True]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    head = next(ln for ln in lines if ln.lstrip().startswith("stage"))
+    assert "device total      host  sent/step" in head
+    row3 = next(ln for ln in lines if ln.split()[:1] == ["3"])
+    assert "1.75 GB  15.75 GB" in row3

@@ -25,6 +25,7 @@ EPILOG = """examples:
 
 Bytes are decimal (1 GB = 1e9 B). "model states" are what the optimizer holds between steps
 (params, grads, fp32 master, optimizer states; communication buffers are 0 between steps);
+with offload in the config, a `host` column says how much of it lives in host memory;
 stage 3 adds the full parameters gathered at the peak of forward/backward. That peak and the
 bytes sent come from running the stage-3 engine on the meta device over an example input:
 for --hf-config, 8 token ids; for --model, what --example-input (or a callable named
@@ -156,19 +157,25 @@ def handle(args: argparse.Namespace) -> int:
                           "device_memory": memory, "stages": as_dict(ests)}, indent=2))
         return 0
     print(f"{numel:,} trainable parameters on {world} rank(s); bytes per rank (worst rank):")
-    head = ["stage", *CATS, "gathered peak", "total", "sent/step"]
+    offload = any(e.bytes["host"] for e in ests)  # then the device and host columns differ
+    totals = ["device total", "host"] if offload else ["total"]
+    head = ["stage", *CATS, "gathered peak", *totals, "sent/step"]
     if memory is not None:
         head.append(f"fits {human(memory)}")
     rows = [head]
     for e in ests:
+        host = [human(e.bytes["host"])] if offload else []
         row = [str(e.stage), *(human(e.bytes[c]) for c in CATS), human(e.gathered_peak),
-               human(e.peak_total), human(e.comm_bytes)]  # fmt: skip
+               human(e.peak_total), *host, human(e.comm_bytes)]  # fmt: skip
         if memory is not None:
             row.append("yes" if e.fits else "no")
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     for r in rows:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+    if offload:
+        print("offload: each category counts device and host bytes; `device total` is what "
+              "stays on the device (with the gathered peak), `host` what moved to host memory")
     if args.params is not None and any(e.stage == 3 for e in ests):
         print("stage 3 gathered peak needs the model's layers: use --hf-config or --model")
     elif any(e.schedule not in (None, "traced") for e in ests):

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from zeroshard.config.schema import ConfigError, ZeroConfig, load_config
+from zeroshard.estimate.offload import with_offload
 from zeroshard.estimate.stage3 import ELEM, stage3, state_tensors
 from zeroshard.prepare import hidden_size_of
 from zeroshard.shard.flat_buffer import FlatParams
@@ -48,9 +49,11 @@ class StageEstimate:
     gathered peak, and bytes it sends per step."""
 
     stage: int
-    bytes: dict[str, int]  # CATEGORIES + "total" (model states + comm buffers between steps)
+    # CATEGORIES + "total" (model states + comm buffers between steps), and how much of the
+    # total is "device" and "host" memory (offload), as `memory_report()` reports them
+    bytes: dict[str, int]
     gathered_peak: int | None  # stage 3: full parameters alive at the peak (forward/backward)
-    peak_total: int  # total + gathered_peak
+    peak_total: int  # device bytes + gathered_peak: what the device must hold
     comm_bytes: int  # bytes this rank sends per step
     per_rank: list[dict[str, int]] = field(default_factory=list)
     fits: bool | None = None
@@ -85,7 +88,12 @@ def zero_config(
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu",
                 "gradient_accumulation_steps"):  # fmt: skip
         raw.pop(key, None)
-    raw["zero_optimization"] = {**raw.get("zero_optimization", {}), "stage": stage}
+    zo = raw["zero_optimization"] = {**raw.get("zero_optimization", {}), "stage": stage}
+    # an offload the stage does not have (stage 0: nothing sharded; params below 3) is left out
+    if stage == 0:
+        zo.pop("offload_optimizer", None)
+    if stage < 3:
+        zo.pop("offload_param", None)
     if precision is not None:
         raw.pop("bfloat16", None)
         for name in ("bf16", "fp16"):
@@ -147,8 +155,10 @@ def _stage012(
     states = state_tensors(cfg)
     out = dict.fromkeys(CATEGORIES, 0)
     comm = 0.0
+    master_numel = 0
     for params in _entries(groups):
         flat = FlatParams(params, shards, 0, int(zo.reduce_bucket_size))
+        master_numel += flat.shard_numel
         out["params"] += flat.numel * elem
         out["grads"] += (flat.shard_numel if stage == 2 else flat.numel) * red
         out["master"] += 0 if elem == 4 else flat.shard_numel * 4
@@ -160,7 +170,7 @@ def _stage012(
                 comm += flat.numel * (red + elem) * _ring(world)
     if world > 1 and stage > 0:
         comm += 2 * 16 * _ring(world)  # the global grad-norm / inf check all-reduce
-    return out, int(round(comm))
+    return with_offload(out, cfg, master_numel, 0), int(round(comm))
 
 
 class Numel(nn.Module):
@@ -221,9 +231,11 @@ def estimate(
             per_rank, comm, schedule = s3.per_rank, s3.comm, s3.schedule
             peak = s3.peak if structured else None
         for r in per_rank:
+            host = r.pop("host")
             r["total"] = sum(r[c] for c in CATEGORIES)
+            r["device"], r["host"] = r["total"] - host, host
         worst = max(per_rank, key=lambda r: r["total"])
-        total = worst["total"] + (peak or 0)
+        total = worst["device"] + (peak or 0)
         fits = None if device_memory is None else total <= device_memory
         out.append(StageEstimate(stage, dict(worst), peak, total, comm, per_rank, fits, schedule))
     return out

@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from zeroshard.comm.meta import MetaComm
 from zeroshard.config.schema import ZeroConfig
+from zeroshard.estimate.offload import with_offload
 from zeroshard.estimate.replay import replay
 from zeroshard.stage3 import registry
 from zeroshard.stage3.build import make_engine, make_units
@@ -141,13 +142,14 @@ def stage3(
         comm = MetaComm(world, rank)
         units = make_units(model, comm, cfg, tracker, group_of)
         pieces = sum(_unit_pieces(u) for u in units if u.trainable)
-        per_rank.append({
+        shards = sum(u.shard_numel * elem for u in units if not u.persistent)
+        per_rank.append(with_offload({
             "params": sum(u.full_bytes if u.persistent else u.shard_numel * elem for u in units),
             "grads": sum(u.shard_numel * red for u in units if u.trainable),
             "master": 0 if elem == 4 else pieces * 4,
             "optimizer_states": states * pieces * 4,
             "comm_buffers": 0,
-        })  # fmt: skip
+        }, cfg, pieces, shards))  # fmt: skip
     ring = (world - 1) / world
     persistent = sum(u.numel for u in units if u.trainable and u.persistent)
     # the step's own: persistent units all-gathered after the update, the grad-norm all-reduce
