@@ -82,3 +82,53 @@ def config_error(zo: dict, placement: bool = False) -> str:
     except ValueError as e:
         return str(e)
     return "no error"
+
+
+def resume(stage: int, folder: str, offload_param: bool) -> dict:
+    """Train 6 steps with offload, save a universal checkpoint at step 3, load it into a run
+    without offload and into one with offload, and take the last 3 steps in each; the same
+    through the optimizer's state_dict, from an offloaded run and from one without offload:
+    every trajectory must be the straight one."""
+    rank, world = _rank_world()
+    n = GLOBAL_BATCH // world
+
+    def build(off: bool):
+        model = make_model()
+        cfg = config(stage, off, off and offload_param, "fp32")
+        return zeroshard.initialize(model, cfg, model_parameters=param_groups(model))
+
+    def steps(model, opt, first: int, last: int) -> list[float]:
+        out = []
+        for step in range(first, last):
+            x, y = batch(step, GLOBAL_BATCH)
+            loss = loss_fn(model, x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            out.append(loss.item())
+        return out
+
+    model, opt = build(True)
+    head = steps(model, opt, 0, 3)
+    zeroshard.save_checkpoint(folder, model, opt, tag="s3")
+    sd = opt.state_dict()
+    tails = {"straight": steps(model, opt, 3, 6)}
+    for name, off in (("into_plain", False), ("into_offload", True)):
+        m2, o2 = build(off)
+        zeroshard.load_checkpoint(folder, m2, o2, tag="s3")
+        tails[name] = steps(m2, o2, 3, 6)
+    m3, o3 = build(True)
+    o3.load_state_dict(sd)
+    # state_dict() holds optimizer state only: the parameters come from the checkpoint
+    zeroshard.load_checkpoint(folder, m3, None, tag="s3")
+    tails["state_dict"] = steps(m3, o3, 3, 6)
+    # torch's way from a run without offload: model weights, then the optimizer's state_dict
+    # (which has no master copy: the offloaded master is taken from the loaded parameters)
+    m4, o4 = build(False)
+    steps(m4, o4, 0, 3)
+    msd, osd = m4.state_dict(), o4.state_dict()
+    m5, o5 = build(True)
+    m5.load_state_dict(msd)
+    o5.load_state_dict(osd)
+    tails["plain_state_dict"] = steps(m5, o5, 3, 6)
+    return {"head": head, **tails}

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.models import make_model, param_groups
-from tests.offload_jobs import config, train
+from tests.offload_jobs import config, resume, train
 from tests.offload_jobs import config_error as _config_error
 from zeroshard.cli.main import main
 from zeroshard.estimate.model_states import CATEGORIES, estimate
@@ -63,6 +63,15 @@ def test_offload_trains_exactly_as_without(dist_run, stage, offload_param, dtype
             want = est.per_rank[r if stage == 3 else 0]
             for key in (*CATEGORIES, "total", "device", "host"):
                 assert want[key] == run[r]["memory"][key], (offload, r, key)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_offloaded_runs_resume_from_checkpoints_and_state_dicts(dist_run, tmp_path, stage):
+    got = dist_run(2, resume, stage, str(tmp_path / "ckpt"), stage == 3)
+    for r in got:
+        for name in ("into_plain", "into_offload", "state_dict", "plain_state_dict"):
+            assert r[name] == r["straight"], name  # bit for bit
+        assert len(r["straight"]) == 3
 
 
 BAD = [

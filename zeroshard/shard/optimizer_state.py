@@ -57,7 +57,7 @@ def optimizer_state_dict(opt: ZeroOptimizer) -> dict[str, Any]:
         else:
             for name, pieces in st.state.items():
                 s[name] = torch.cat([p.detach().reshape(-1) for p in pieces]).clone()
-        if g.dtype != torch.float32:  # the fp32 master is a copy, not the parameters
+        if not opt.placement.shares_params(g.dtype):  # the master is a copy (bf16, offload)
             s["master"] = torch.cat([m.detach().reshape(-1) for m in st.master]).clone()
         state[g.index] = s
     return {
@@ -116,8 +116,11 @@ def load_optimizer_state_dict(opt: ZeroOptimizer, sd: dict[str, Any]) -> None:
         else:
             for name, pieces in st.state.items():
                 _copy_into(pieces, s[name])
-        if g.dtype != torch.float32 and "master" in s:
-            _copy_into(st.master, s["master"])
+        if not opt.placement.shares_params(g.dtype):
+            if "master" in s:
+                _copy_into(st.master, s["master"])
+            else:  # saved where the master was the parameters: they hold its values
+                opt.shard_groups[i].refresh_master()
     restore_optimizer(opt, sd["param_groups"], steps, sd.get("loss_scaler"),
                       sd.get("lr_scheduler"))  # fmt: skip
 
