@@ -127,10 +127,9 @@ def broadcast_from_rank0(comm: Any, tensors: Iterable[Tensor]) -> None:
     Not counted in `comm_report()`: it is set-up, not a training step's traffic."""
     if not comm.active:
         return
-    src = dist.get_global_rank(comm.group, 0) if comm.group is not None else 0
     for t in tensors:
         if t.numel():
-            dist.broadcast(t.data, src=src, group=comm.group)
+            comm.broadcast(t.data, 0, counted=False)
 
 
 def broadcast_module_state(

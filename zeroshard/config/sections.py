@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from zeroshard.config import honoured as _seams
+from zeroshard.config import honoured
 
 Auto = Literal["auto"]
 _AUTO_HELP = (
@@ -305,5 +305,5 @@ class ZeroOptimizationConfig(_Section):
     load_from_fp32_weights: bool = True
 
     # every key honoured as DeepSpeed defines it, or rejected by name: never silently ignored
-    _no_offload = model_validator(mode="before")(_seams.drop_no_offload)
-    _honoured = model_validator(mode="after")(_seams.check_honoured)
+    _no_offload = model_validator(mode="before")(honoured.drop_no_offload)
+    _honoured = model_validator(mode="after")(honoured.check_honoured)

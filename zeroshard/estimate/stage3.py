@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from zeroshard.comm.meta import MetaComm
 from zeroshard.config.schema import ZeroConfig
 from zeroshard.estimate.replay import replay
+from zeroshard.shard.codec import FP32, StateCodec
 from zeroshard.stage3 import registry
 from zeroshard.stage3.build import make_engine, make_units
 from zeroshard.stage3.unit import GatherTracker
@@ -124,7 +125,7 @@ def _trace(
 
 def stage3(
     model: nn.Module, cfg: ZeroConfig, world: int, ranks: list[int], *, structured: bool,
-    group_of: dict[int, int] | None, example_input: Any = None,
+    group_of: dict[int, int] | None, example_input: Any = None, codec: StateCodec = FP32,
 ) -> Stage3Result:
     """Per-rank bytes, gathered peak and bytes sent at stage 3. Without layers (`Numel`)
     every parameter is taken as gathered once in forward and once in backward, the paper's
@@ -145,7 +146,7 @@ def stage3(
             "params": sum(u.full_bytes if u.persistent else u.shard_numel * elem for u in units),
             "grads": sum(u.shard_numel * red for u in units if u.trainable),
             "master": 0 if elem == 4 else pieces * 4,
-            "optimizer_states": states * pieces * 4,
+            "optimizer_states": states * codec.stored_bytes(pieces),
             "comm_buffers": 0,
         })  # fmt: skip
     ring = (world - 1) / world
