@@ -20,7 +20,13 @@ from .collectives import Comm
 from .config import ZeroConfig
 from .optimizer import ZeroOptimizer
 from .precision import LossScaler
-from .prepare import ParamsArg, group_index, resolve_config, trainable_params
+from .prepare import (
+    ParamsArg,
+    group_index,
+    resolve_config,
+    start_process_group,
+    trainable_params,
+)
 from .schedulers import build_scheduler
 from .stage3.build import build_stage3
 
@@ -38,9 +44,11 @@ def initialize(
     parameters of the model; the config's optimizer params are the group defaults. The model
     is cast to bf16/fp16 when the config enables it (the optimizer keeps fp32 master weights).
     `process_group` is the set of ranks to shard over, at every stage. `config` defaults to the
-    path in $ZEROSHARD_CONFIG, which `zeroshard run --config CFG` sets.
+    path in $ZEROSHARD_CONFIG, which `zeroshard run --config CFG` sets. Launched by torchrun
+    without a process group, it starts the default one from the launcher's environment.
     """
     guards.check_not_ddp(model)  # issue 8: zeroshard replaces DDP
+    start_process_group(model, process_group)  # under torchrun, never one rank alone
     cfg = resolve_config(model, config, process_group)
     params = trainable_params(model, model_parameters)
     if cfg.zero_optimization.stage == 3:

@@ -99,6 +99,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if gradient_accumulation_steps < 1:
             raise ValueError("gradient_accumulation_steps must be >= 1")
         self.rule, defaults, self._generic_cls = resolve_rule(optimizer, hyperparams)
+        guards.check_world_env(process_group)  # torchrun without a process group: not alone
         self.stage = stage
         self.comm = Comm(process_group)
         self.kernel = kernel
