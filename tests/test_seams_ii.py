@@ -70,3 +70,26 @@ def test_1_drop_in_optimizer_under_a_launcher_without_group_is_an_error(monkeypa
 def test_9_plain_run_prints_no_warning_of_ours(dist_run, stage):
     for seen in dist_run(2, jobs.warnings_of_a_plain_run, stage):
         assert seen == []
+
+
+# 6 -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("stage", [2, 3])
+def test_6_accelerate_documented_path_trains_like_torch(dist_run, stage):
+    pytest.importorskip("accelerate")
+    from tests.test_seams import assert_trains_like_torch
+
+    results = dist_run(2, jobs.accelerate_run, stage, "documented")
+    assert [r["world"] for r in results] == [2, 2]
+    assert_trains_like_torch(results)
+
+
+def test_6_accelerate_prepare_model_names_the_documented_path(dist_run):
+    pytest.importorskip("accelerate")
+    for r, err in enumerate(dist_run(2, jobs.accelerate_run, 2, "prepare_model")):
+        assert err.startswith(f"RuntimeError: rank {r}: a zeroshard model runs inside "
+                              "DistributedDataParallel: "), err
+        assert err.endswith(
+            "with Accelerate build model and optimizer with zeroshard.initialize(model, "
+            "config) and pass only the data loaders to accelerator.prepare "
+            "(docs/integrations.md)"
+        ), err

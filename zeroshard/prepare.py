@@ -18,20 +18,10 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import ConfigError, ZeroConfig, load_config
+from .config_seams import hidden_size_of
 from .guards import launched_world_size
 
 ParamsArg = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | None
-
-
-def hidden_size_of(model: nn.Module) -> int | None:
-    """The model's hidden size if it says so (HF `config.hidden_size`, GPT `n_embd`, ...):
-    what HF-style "auto" bucket sizes are derived from."""
-    for owner in (getattr(model, "config", None), model):
-        for name in ("hidden_size", "n_embd", "d_model", "dim"):
-            value = getattr(owner, name, None)
-            if isinstance(value, int) and value > 0:
-                return value
-    return None
 
 
 def start_process_group(model: nn.Module, process_group: dist.ProcessGroup | None) -> None:

@@ -18,6 +18,7 @@ What it changes in Trainer (v5), and why:
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,7 +29,8 @@ from transformers import Trainer, TrainerCallback
 import zeroshard
 from zeroshard.stage3.state_dict import full_state_dict
 
-from .hf_config import HfAutoConfig, model_hidden_size
+from ..config_seams import hidden_size_of
+from .hf_config import HfAutoConfig
 
 CHECKPOINT_SUBDIR = "zeroshard"
 
@@ -90,7 +92,9 @@ class ZeroShardTrainer(Trainer):
     def resolved_zeroshard_config(self) -> dict[str, Any]:
         """The config with every "auto" filled (needs the step count: call once training is
         being prepared)."""
-        self.zeroshard_config.finalize(self.args, model_hidden_size(self.model), self._zs_max_steps)
+        self.zeroshard_config.finalize(self.args, hidden_size_of(self.model), self._zs_max_steps)
+        if self.args.process_index == 0:  # where each setting came from, once
+            print(self.zeroshard_config.describe_sources(), file=sys.stderr, flush=True)
         return self.zeroshard_config.for_zeroshard()
 
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
