@@ -49,8 +49,10 @@ def test_mismatch_is_reported_like_hf():
     with pytest.raises(ConfigError) as e:
         resolve_hf_auto(cfg, _args(), hidden_size=32, num_training_steps=10)
     msg = str(e.value)
-    assert "- ds gradient_accumulation_steps=4 vs hf gradient_accumulation_steps=2" in msg
-    assert "- ds optimizer.params.lr=0.001 vs hf learning_rate=0.0003" in msg
+    assert "`gradient_accumulation_steps` = 4 in the config contradicts " \
+        "TrainingArguments.gradient_accumulation_steps = 2" in msg  # fmt: skip
+    assert "`optimizer.params.lr` = 0.001 in the config contradicts " \
+        "TrainingArguments.learning_rate = 0.0003" in msg  # fmt: skip
 
 
 def test_offload_to_cpu_is_kept_for_the_core_to_reject():

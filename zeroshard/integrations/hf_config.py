@@ -113,7 +113,11 @@ class HfAutoConfig:
         if present and node[leaf] != "auto":
             self.sources[key] = "config"
             if key not in TRAINER_FILL_ONLY and node[leaf] is not None and node[leaf] != value:
-                self.mismatches.append(f"- ds {key}={node[leaf]} vs hf {hf_name}={value}")
+                self.mismatches.append(
+                    f"`{key}` = {json.dumps(node[leaf])} in the config contradicts "
+                    f"TrainingArguments.{hf_name} = {json.dumps(value)}: set it to \"auto\" or "
+                    "leave it out (the Trainer fills it)"
+                )
             return
         if present or self._missing_filled(key):
             node, leaf = self._node(key, create=True)
@@ -149,10 +153,7 @@ class HfAutoConfig:
         for key in _AT_FINALIZE:
             self.settle(key, args, num_training_steps)
         if self.mismatches:
-            raise ConfigError(
-                ["config values that mismatch the training arguments (set them to \"auto\" "
-                 "or leave them out, and the Trainer fills them):"] + self.mismatches
-            )  # fmt: skip
+            raise ConfigError(self.mismatches)
 
     def describe_sources(self) -> str:
         """One line: which Trainer settings came from the arguments, which from the config."""
