@@ -93,3 +93,104 @@ def test_6_accelerate_prepare_model_names_the_documented_path(dist_run):
             "config) and pass only the data loaders to accelerator.prepare "
             "(docs/integrations.md)"
         ), err
+
+
+# 5 -------------------------------------------------------------------------------------------
+def _check_config(capsys, path, *extra: str) -> tuple[int, list[str]]:
+    from zeroshard.cli.main import main
+
+    rc = main(["check-config", str(path), *extra])
+    return rc, capsys.readouterr().out.splitlines()
+
+
+def _runtime_problems(cfg: dict) -> list[str]:
+    """What zeroshard.initialize itself raises for `cfg` (world size 1)."""
+    with pytest.raises(zeroshard.ConfigError) as e:
+        zeroshard.initialize(torch.nn.Linear(2, 2), cfg)
+    return e.value.problems
+
+
+BAD = {  # one problem each; together in one file, check-config must list all of them
+    "batch": {"train_batch_size": 7, "train_micro_batch_size_per_gpu": 2},
+    "bool": {"gradient_clipping": True},
+    "precision": {"fp16": {"enabled": True}, "bf16": {"enabled": True}},
+    "scatter": {"zero_optimization": {"reduce_scatter": False}},
+    "partitions": {"zero_optimization": {"allgather_partitions": False}},
+    "unknown": {"tensorboard": {"enabled": True}},
+}
+
+
+def test_5_check_config_lists_every_problem_at_once_as_the_runtime_words_it(capsys, tmp_path):
+    want, merged = [], {"zero_optimization": {"stage": 2}}
+    for cfg in BAD.values():
+        want += _runtime_problems({**cfg, "zero_optimization": {
+            "stage": 2, **cfg.get("zero_optimization", {})}})  # fmt: skip
+        for k, v in cfg.items():
+            merged[k] = {**merged[k], **v} if isinstance(v, dict) and k in merged else v
+    assert len(want) == len(BAD)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(merged))
+    rc, lines = _check_config(capsys, path)
+    refused = [ln.split("  ", 1)[1].strip() for ln in lines if ln.startswith("refused")]
+    assert rc == 1 and len(refused) == len(BAD), lines
+    for problem in want:  # one line per problem, in the runtime's words
+        assert sum(ln.endswith("  " + problem) for ln in refused) == 1, (problem, lines)
+    assert lines[-1] == f"{path}: NOT usable: {len(BAD)} problems (world size 1)"
+
+
+def test_5_check_config_agrees_with_the_runtime_on_no_effect_keys(capsys, tmp_path):
+    cfg = {"wall_clock_breakdown": True, "steps_per_print": 5,
+           "optimizer": {"type": "Adam", "params": {"adam_w_mode": False}},
+           "zero_optimization": {"stage": 3, "reduce_bucket_size": 100,
+                                 "contiguous_gradients": True}}  # fmt: skip
+    path = tmp_path / "ok.json"
+    path.write_text(json.dumps(cfg))
+    rc, lines = _check_config(capsys, path)
+    verdict = {ln[14:].split()[0]: ln[:12].strip() for ln in lines[:-1]}
+    assert rc == 0 and verdict == {
+        "wall_clock_breakdown": "used",  # the runtime prints the breakdown
+        "steps_per_print": "used",  # ... every 5 steps
+        "optimizer.type": "used",
+        "optimizer.params.adam_w_mode": "used",  # false: Adam with L2 decay ("adam")
+        "zero_optimization.stage": "used",
+        "zero_optimization.reduce_bucket_size": "used",  # bounds stage 3's buckets
+        "zero_optimization.contiguous_gradients": "no effect",
+    }, lines  # fmt: skip
+    runtime = zeroshard.load_config(cfg)
+    assert runtime.optimizer_spec()[0] == "adam"
+    from zeroshard.config_seams import stage3_bucket_numel
+
+    assert stage3_bucket_numel(runtime.zero_optimization) == 100
+
+
+def test_5_hf_templates_are_usable_and_say_what_the_trainer_fills(capsys):
+    path = ROOT / "tests" / "data" / "hf_ds_config_zero3.json"
+    rc, lines = _check_config(capsys, path, "--world-size", "2")
+    assert rc == 0, lines
+    assert lines[-1] == (f"{path}: usable with ZeroShardTrainer, which fills 13 values from "
+                         "TrainingArguments (world size 2)")  # fmt: skip
+    row = next(ln for ln in lines if " optimizer.params.lr " in ln)
+    assert row.split() == ["resolved", "optimizer.params.lr", '"auto"', "filled", "by", "the",
+                           "Trainer", "from", "TrainingArguments.learning_rate"]  # fmt: skip
+    sub = next(ln for ln in lines if "sub_group_size" in ln)
+    assert sub.startswith("no effect") and sub.endswith("ZeroShardTrainer drops this DeepSpeed "
+                                                        "knob")  # fmt: skip
+
+
+def test_5_auto_and_boolean_errors_are_worded_by_type():
+    with pytest.raises(zeroshard.ConfigError) as e:
+        zeroshard.load_config({
+            "optimizer": {"type": "AdamW", "params": {"betas": True, "amsgrad": "auto",
+                                                      "eps": "auto"}},
+            "bf16": {"enabled": "auto"}})  # fmt: skip
+    assert sorted(e.value.problems) == sorted([
+        "`optimizer.params.betas` = true: must be a list of numbers, not a boolean",
+        '`optimizer.params.amsgrad` = "auto": "auto" has no meaning for this key; give true or '
+        "false",
+        '`optimizer.params.eps` = "auto": is "auto", which only a Trainer fills (ZeroShardTrainer '
+        "and the Hugging Face Trainer fill it from their arguments; `zeroshard check-config "
+        "--hf` lists them); outside one, give a number",
+        '`bf16.enabled` = "auto": is "auto", which only a Trainer fills (ZeroShardTrainer and '
+        "the Hugging Face Trainer fill it from their arguments; `zeroshard check-config --hf` "
+        "lists them); outside one, give true or false",
+    ])  # fmt: skip

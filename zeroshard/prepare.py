@@ -48,15 +48,14 @@ def start_process_group(model: nn.Module, process_group: dist.ProcessGroup | Non
 
 def check_supported(cfg: ZeroConfig) -> None:
     zo = cfg.zero_optimization
-    for key in ("reduce_scatter", "allgather_partitions"):
-        if getattr(zo, key) is False:
-            raise ConfigError(
-                [
-                    f"zero_optimization.{key}: false is not supported by zeroshard yet "
-                    "(gradients are always reduce-scattered and partitions all-gathered); "
-                    "remove the key or set it to true"
-                ]
-            )
+    problems = [
+        f"zero_optimization.{key}: false is not supported by zeroshard yet (gradients are "
+        "always reduce-scattered and partitions all-gathered); remove the key or set it to true"
+        for key in ("reduce_scatter", "allgather_partitions")
+        if getattr(zo, key) is False
+    ]
+    if problems:  # all of them at once
+        raise ConfigError(problems)
 
 
 def resolve_config(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
 from .common import CliError, fail
@@ -130,8 +131,16 @@ def main(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     try:
         world = world_size(mine.get("nproc"), passed)
         load_config(path, world_size=world)
-    except (ConfigError, CliError) as e:
+    except CliError as e:
         return fail("run", str(e))
+    except ConfigError as e:  # one line per problem
+        if len(e.problems) == 1:
+            return fail("run", str(e))
+        print(f"zeroshard run: error: invalid zeroshard config in {e.source} "
+              f"({len(e.problems)} problems):", file=sys.stderr)  # fmt: skip
+        for problem in e.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 2
     os.environ[CONFIG_ENV] = path
     torchrun_argv = (["--nproc-per-node", mine["nproc"]] if "nproc" in mine else []) + passed
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

@@ -155,6 +155,13 @@ class HfAutoConfig:
         if self.mismatches:
             raise ConfigError(self.mismatches)
 
+    def preview(self, args: Any, num_training_steps: int) -> None:
+        """Both passes for `zeroshard check-config --hf`: fill every Trainer value (hidden-size
+        buckets stay "auto"), keeping the mismatches in `self.mismatches`."""
+        self.process(args)
+        for key in _AT_FINALIZE:
+            self.settle(key, args, num_training_steps)
+
     def describe_sources(self) -> str:
         """One line: which Trainer settings came from the arguments, which from the config."""
 
