@@ -194,3 +194,36 @@ def test_5_auto_and_boolean_errors_are_worded_by_type():
         "the Hugging Face Trainer fill it from their arguments; `zeroshard check-config --hf` "
         "lists them); outside one, give true or false",
     ])  # fmt: skip
+
+
+# 7 -------------------------------------------------------------------------------------------
+def test_7_consolidate_with_hf_config_loads_with_from_pretrained(capsys, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from zeroshard.cli.main import main
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=8)
+    model = transformers.GPT2LMHeadModel(cfg)
+    model, opt = zeroshard.initialize(model, {"zero_optimization": {"stage": 2}})
+    ids = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        opt.backward(model(input_ids=ids, labels=ids).loss)
+        opt.step()
+        opt.zero_grad()
+    ckpt = zeroshard.save_checkpoint(tmp_path / "ckpt", model, opt)
+    model.config.save_pretrained(tmp_path / "hf")  # what --hf-config points at
+    assert main(["consolidate", str(ckpt), str(tmp_path / "plain")]) == 0
+    assert not (tmp_path / "plain" / "config.json").exists()  # unknown: nothing invented
+    assert main(["consolidate", str(ckpt), str(tmp_path / "out"), "--hf-config",
+                 str(tmp_path / "hf")]) == 0  # fmt: skip
+    again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+    capsys.readouterr()
+    bad = main(["consolidate", str(ckpt), str(tmp_path / "x"), "--hf-config",
+                str(tmp_path / "nope")])  # fmt: skip
+    assert bad == 2
+    assert capsys.readouterr().err == (
+        f"zeroshard consolidate: error: hf_config: {tmp_path / 'nope'} does not exist\n"
+    )

@@ -1,7 +1,8 @@
 """ZeroShardTrainer takes every setting the config leaves out from TrainingArguments (lr,
 weight decay, betas, eps, scheduler and warmup, clipping, accumulation, micro-batch,
 bf16), errors on a contradiction listing every mismatch, and logs where each came from;
-a zeroshard optimizer in plain `Trainer(optimizers=...)` gets an error naming the way."""
+a zeroshard optimizer in plain `Trainer(optimizers=...)` gets an error naming the way;
+`zeroshard consolidate` of its checkpoint loads with from_pretrained; tied weights once."""
 
 import numpy as np
 
@@ -22,6 +23,12 @@ def test_trainer_settings_fill_what_the_config_leaves_out(tmp_path):
         assert z["lr"] == ddp["lr"]  # the Trainer's linear schedule with 3 warmup steps
         np.testing.assert_allclose(z["loss"], ddp["loss"], rtol=1e-5)
         np.testing.assert_allclose(z["grad_norm"], ddp["grad_norm"], rtol=1e-5)
+        # `zeroshard consolidate` of a ZeroShardTrainer checkpoint writes config.json:
+        # from_pretrained gives the trained model's logits exactly
+        assert z["consolidated_equal"] is True
+        # save_model writes the tied lm_head.weight once: the 28 tensors save_pretrained of
+        # the unsharded model writes (measured), not 29
+        assert z["saved_keys"] == 28
     assert r["bf16"] == {"precision": "bf16", "dtype": "torch.bfloat16"}
     assert r["mismatch"] == (
         "ConfigError: invalid zeroshard config (2 problems):\n"

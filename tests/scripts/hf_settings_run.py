@@ -9,9 +9,11 @@ import sys
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 import zeroshard
+from zeroshard.cli.main import main as cli_main
 from zeroshard.integrations.transformers import ZeroShardTrainer
 
 torch.set_num_threads(1)
@@ -69,8 +71,9 @@ t.train()
 results["ddp"] = history(t)
 for stage in (2, 3):
     cfg = {"zero_optimization": {"stage": stage}, "kernel": "torch"}
-    t = ZeroShardTrainer(model=model(), args=args(f"z{stage}"), train_dataset=Tokens(),
-                         zeroshard_config=cfg)
+    t = ZeroShardTrainer(model=model(), args=args(f"z{stage}", save_strategy="steps",
+                                                  save_steps=8),
+                         train_dataset=Tokens(), zeroshard_config=cfg)
     t.train()
     g = t.optimizer.param_groups[0]
     results[f"z{stage}"] = {**history(t), "betas": list(g["betas"]), "eps": g["eps"],
@@ -78,6 +81,23 @@ for stage in (2, 3):
                             "clip": t.optimizer.config.gradient_clipping,
                             "gas": t.optimizer.config.gradient_accumulation_steps,
                             "micro": t.optimizer.config.train_micro_batch_size_per_gpu}
+    # consolidate the last checkpoint: config.json comes with it; logits as trained
+    ids = Tokens().ids[:2]
+    t.model.eval()
+    with torch.no_grad():
+        trained = t.model(input_ids=ids).logits  # every rank (stage 3 gathers)
+    final = os.path.join(WORK, f"z{stage}", "final")
+    t.save_model(final)
+    if dist.get_rank() == 0:
+        out = os.path.join(WORK, f"z{stage}", "consolidated")
+        ckpt = os.path.join(WORK, f"z{stage}", "checkpoint-8", "zeroshard")
+        rc = cli_main(["consolidate", ckpt, out])
+        again = GPT2LMHeadModel.from_pretrained(out).eval()
+        with torch.no_grad():
+            results[f"z{stage}"]["consolidated_equal"] = torch.equal(again(input_ids=ids).logits,
+                                                                     trained)
+        with safe_open(os.path.join(final, "model.safetensors"), "pt") as f:
+            results[f"z{stage}"]["saved_keys"] = len(list(f.keys()))
 t = ZeroShardTrainer(model=model(), args=args("bf16", bf16=True, max_steps=1),
                      train_dataset=Tokens(), zeroshard_config=STAGE_ONLY)
 t.train()

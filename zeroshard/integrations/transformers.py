@@ -17,6 +17,7 @@ What it changes in Trainer (v5), and why:
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Mapping
@@ -27,6 +28,7 @@ import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
 import zeroshard
+from zeroshard.checkpoint.hf_export import HF_CONFIG_KEY
 from zeroshard.stage3.state_dict import full_state_dict
 
 from ..config_seams import hidden_size_of
@@ -151,6 +153,9 @@ class ZeroShardTrainer(Trainer):
     # -- checkpoints -----------------------------------------------------------------------
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         client = {"lr_scheduler": self.lr_scheduler.state_dict()} if self.lr_scheduler else {}
+        config = getattr(self.model, "config", None)
+        if hasattr(config, "to_dict"):  # so that `zeroshard consolidate` writes config.json
+            client[HF_CONFIG_KEY] = json.loads(config.to_json_string())
         zeroshard.save_checkpoint(
             os.path.join(output_dir, CHECKPOINT_SUBDIR), self.model, self.optimizer,
             tag="state", client_state=client,
