@@ -227,3 +227,25 @@ def test_7_consolidate_with_hf_config_loads_with_from_pretrained(capsys, tmp_pat
     assert capsys.readouterr().err == (
         f"zeroshard consolidate: error: hf_config: {tmp_path / 'nope'} does not exist\n"
     )
+
+
+# 10 ------------------------------------------------------------------------------------------
+def test_10_save_load_consolidate_estimate_show_progress_when_slow(capsys, tmp_path, monkeypatch):
+    from tests.models import make_model
+    from zeroshard.cli.main import main
+
+    def run_all() -> None:
+        model, opt = zeroshard.initialize(make_model(), {"zero_optimization": {"stage": 2}})
+        ckpt = zeroshard.save_checkpoint(tmp_path / "ckpt", model, opt, tag="t")
+        zeroshard.load_checkpoint(tmp_path / "ckpt", model, opt, tag="t")
+        zeroshard.consolidate(ckpt, tmp_path / "out")
+        assert main(["estimate", "--params", "7e9", "--world-size", "8"]) == 0
+
+    run_all()  # quick work: no bar at all
+    assert "zeroshard: " not in capsys.readouterr().err
+    monkeypatch.setenv("ZEROSHARD_PROGRESS_DELAY", "0")  # as if each had run for > 2 s
+    run_all()
+    err = capsys.readouterr().err
+    for what in ("saving t", "loading t", "consolidating model.safetensors",
+                 "estimating 8 ranks"):  # fmt: skip
+        assert f"zeroshard: {what}: 100%" in err, err

@@ -32,6 +32,7 @@ from .config import ConfigError, ZeroConfig, load_config
 from .estimate_stage3 import ELEM, stage3, state_tensors
 from .flat_buffer import FlatParams
 from .prepare import hidden_size_of
+from .timing import progress
 
 CATEGORIES = ("params", "grads", "master", "optimizer_states", "comm_buffers")
 _OPTIMIZER_SECTIONS = {
@@ -205,7 +206,7 @@ def estimate(
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     structured = not isinstance(model, Numel)
     out = []
-    for stage in stages:
+    for stage in progress(stages, f"estimating {world_size} ranks", unit="stage"):
         cfg = zero_config(config, stage=stage, world_size=world_size, precision=precision,
                           optimizer=optimizer)  # fmt: skip
         cfg = cfg.resolve_auto(hidden_size_of(model))

@@ -96,7 +96,8 @@ def consolidate(
         entries = [Entry(name, shape, dt, _maker(folder, index, handles, counter, name, shape,
                                                    dt, kind))
                    for name, shape, dt, kind in shard]  # fmt: skip
-        _, size = write_file(out / fname, entries, {"format": "pt"}, counter)
+        _, size = write_file(out / fname, entries, {"format": "pt"}, counter,
+                             desc=f"consolidating {fname}")  # fmt: skip
         total += size
         weight_map.update({name: fname for name, *_ in shard})
     if len(shards) > 1:

@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
+from ..timing import progress
 from . import _layout_compat as L
 from . import async_save as background
 from . import commit, dist_util, manifest
@@ -154,7 +155,7 @@ def _verify_files(folder: Path, body: dict[str, Any], files: set[str]) -> None:
 def _apply(folder: Path, body: dict[str, Any], reads: list[Read], model: nn.Module,
            opt: Any) -> None:  # fmt: skip
     handles: dict[str, Any] = {}
-    for r in reads:
+    for r in progress(reads, f"loading {folder.name}", unit="piece"):
         if r.file not in handles:
             handles[r.file] = safe_open(str(folder / r.file), framework="pt")
         f = handles[r.file]
