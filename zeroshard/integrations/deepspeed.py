@@ -34,14 +34,26 @@ log = logging.getLogger(__name__)
 _ENGINE_KEY = "zeroshard_engine"
 
 
-def init_distributed(dist_backend: str | None = None, **kwargs: Any) -> None:
-    """`deepspeed.init_distributed`: the default process group from torchrun's environment."""
-    if dist.is_initialized():
+def init_distributed(dist_backend: str | None = None, auto_mpi_discovery: bool = True,
+                     distributed_port: int | None = None, verbose: bool = True,
+                     timeout: Any = None, init_method: str | None = None,
+                     dist_init_required: bool | None = None, config: Any = None,
+                     rank: int = -1, world_size: int = -1) -> None:  # fmt: skip
+    """`deepspeed.init_distributed`: the default process group from torchrun's environment
+    (or `init_method`, `rank`, `world_size`, `timeout` when given)."""
+    if dist.is_initialized() or dist_init_required is False:
         return
     backend = dist_backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend)
+    if distributed_port is not None:
+        os.environ.setdefault("MASTER_PORT", str(distributed_port))
+    extra: dict[str, Any] = {"init_method": init_method}
+    if timeout is not None:
+        extra["timeout"] = timeout
+    if rank >= 0 and world_size > 0:
+        extra.update(rank=rank, world_size=world_size)
+    dist.init_process_group(backend, **extra)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -76,9 +88,7 @@ class _Comm(_Namespace):
     _name = "comm"
     ReduceOp = dist.ReduceOp
 
-    @staticmethod
-    def init_distributed(dist_backend: str | None = None, **kwargs: Any) -> None:
-        init_distributed(dist_backend, **kwargs)
+    init_distributed = staticmethod(init_distributed)
 
     @staticmethod
     def is_initialized() -> bool:

@@ -1,8 +1,12 @@
 """`ZeroShardTrainer`: a `transformers.Trainer` whose optimizer is zeroshard (stages 0-3).
 
 What it changes in Trainer (v5), and why:
-- the optimizer comes from `zeroshard.initialize` with the config's HF `"auto"` values filled
-  from `TrainingArguments` (as HF does for DeepSpeed), with HF's own weight-decay groups;
+- the optimizer comes from `zeroshard.initialize`, with HF's own weight-decay groups. Every
+  Trainer setting the config leaves out or sets to `"auto"` is taken from `TrainingArguments`
+  (lr, weight decay, betas, eps, warmup and total steps of a config scheduler, max_grad_norm,
+  accumulation, micro-batch, bf16/fp16; optimizer type from `optim`), as HF's DeepSpeed
+  integration and Accelerate do; a config value contradicting them is an error listing every
+  mismatch, and rank 0 prints one line saying where each setting came from;
 - the model is never wrapped in DDP or prepared by Accelerate: zeroshard reduces gradients
   itself, and a stage-3 model cannot run under DDP;
 - clipping goes through `optimizer.clip_grad_norm_` (gradients live in the optimizer's flat
@@ -70,9 +74,11 @@ def _collective_save_pretrained(model: Any) -> None:
 class ZeroShardTrainer(Trainer):
     """`Trainer(..., zeroshard_config=path_or_dict)`; everything else as in `Trainer`.
 
-    The config is a DeepSpeed-style config (HF's templates with `"auto"` work). Do not pass
+    The config is a DeepSpeed-style config (HF's templates with `"auto"` work; a config that
+    names only the stage trains with `TrainingArguments`' settings). Do not pass
     `optimizers=`: the optimizer is zeroshard's. A scheduler in the config is used (stepped by
     Trainer); without one Trainer builds its own (`lr_scheduler_type`) on zeroshard's optimizer.
+    Checkpoints carry the model's config, so `zeroshard consolidate` writes `config.json`.
     """
 
     def __init__(
