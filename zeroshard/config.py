@@ -30,7 +30,7 @@ from pydantic import (
 )
 
 from zeroshard.config_errors import ConfigError, format_path, translate_validation_error
-from zeroshard.config_seams import hidden_size_autos
+from zeroshard.config_seams import BATCH_AUTOS, hidden_size_autos
 from zeroshard.config_sections import (
     _OPTIMIZERS,
     _SCHEDULERS,
@@ -85,7 +85,7 @@ __all__ = [
 
 # --------------------------------------------------------------------------- top level
 
-_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+_BATCH_KEYS = BATCH_AUTOS  # "auto" batch sizes are derived from the others (config_seams)
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

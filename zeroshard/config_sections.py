@@ -302,8 +302,9 @@ PositiveInt = Annotated[int, Field(ge=1)]
 class ZeroOptimizationConfig(_Section):
     """DeepSpeed's `zero_optimization` section. Sizes are element counts, as in DeepSpeed."""
 
+    # "auto" here means "from the model's hidden size" (config_seams.HIDDEN_SIZE_AUTOS)
     _auto_ok: ClassVar[frozenset[str]] = frozenset(
-        {"reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"}
+        k.split(".", 1)[1] for k in _seams.HIDDEN_SIZE_AUTOS
     )
 
     stage: Literal[0, 1, 2, 3] = 0
