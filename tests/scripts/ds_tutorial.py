@@ -60,7 +60,7 @@ def mean_over_ranks(loss):
 
 def train(engine, loader, start, stop, ckpt):
     engine.train()
-    losses, boundaries = [], []
+    losses, boundaries, norms = [], [], []
     for i, (x, y) in enumerate(loader):
         if i < start:
             continue
@@ -70,15 +70,17 @@ def train(engine, loader, start, stop, ckpt):
         engine.backward(loss)
         boundaries.append(engine.is_gradient_accumulation_boundary())
         engine.step()
+        if boundaries[-1]:
+            norms.append(float(engine.get_global_grad_norm()))
         losses.append(mean_over_ranks(loss))
         if i + 1 == 8 and ckpt:
             engine.save_checkpoint(ckpt, client_state={"next": i + 1})
-    return losses, boundaries
+    return losses, boundaries, norms
 
 
 def run(args, work):
     engine, loader = build(args)
-    losses, boundaries = train(engine, loader, 0, 16, os.path.join(work, "ckpt"))
+    losses, boundaries, norms = train(engine, loader, 0, 16, os.path.join(work, "ckpt"))
     with deepspeed.zero.GatheredParameters(list(engine.module.head.parameters())):
         head = engine.module.head.weight.detach().double().sum().item()
     engine.eval()
@@ -89,15 +91,16 @@ def run(args, work):
     deepspeed.comm.barrier()
     saved = torch.load(os.path.join(work, "final", "pytorch_model.bin"), weights_only=True)
     out = {
-        "losses": losses, "boundaries": boundaries, "lr": engine.get_lr(), "head": head,
-        "eval": eval_loss, "steps": engine.global_steps, "local_rank": engine.local_rank,
-        "device": str(engine.device), "rank": deepspeed.comm.get_rank(),
+        "losses": losses, "boundaries": boundaries, "norms": norms, "lr": engine.get_lr(),
+        "head": head, "eval": eval_loss, "steps": engine.global_steps,
+        "local_rank": engine.local_rank, "device": str(engine.device),
+        "rank": deepspeed.comm.get_rank(),
         "local": deepspeed.comm.get_local_rank(),
         "saved": {k: v.double().sum().item() for k, v in saved.items()},
     }  # fmt: skip
     engine, loader = build(args)
     _, client = engine.load_checkpoint(os.path.join(work, "ckpt"))
-    out["resumed"], _ = train(engine, loader, client["next"], 16, None)
+    out["resumed"], _, _ = train(engine, loader, client["next"], 16, None)
     ranks = [torch.zeros(1) for _ in range(deepspeed.comm.get_world_size())]
     deepspeed.comm.all_gather(ranks, torch.tensor([float(deepspeed.comm.get_rank())]))
     flag = torch.tensor([7.0 if deepspeed.comm.get_rank() == 0 else 0.0])
