@@ -56,7 +56,8 @@ def test_1_drop_in_optimizer_under_a_launcher_without_group_is_an_error(monkeypa
         "torch.distributed process group exists, so this rank would train alone: call "
         "torch.distributed.init_process_group() before building the optimizer, or use "
         "zeroshard.initialize(model, config), which starts the process group from the "
-        "launcher's environment"
+        "launcher's environment (TrainingArguments and Accelerator() start it too: create them "
+        "before the optimizer)"
     )
     with pytest.raises(RuntimeError, match="WORLD_SIZE=2 is set"):
         zeroshard.Init({"zero_optimization": {"stage": 3}})

@@ -63,7 +63,8 @@ def check_world_env(process_group: Any) -> None:
             "torchrun or `zeroshard run`) but no torch.distributed process group exists, so "
             "this rank would train alone: call torch.distributed.init_process_group() before "
             "building the optimizer, or use zeroshard.initialize(model, config), which starts "
-            "the process group from the launcher's environment"
+            "the process group from the launcher's environment (TrainingArguments and "
+            "Accelerator() start it too: create them before the optimizer)"
         )
 
 

@@ -43,7 +43,7 @@ def main() -> None:
         json.dump({
             "rank": rank, "world": world, "stage": opt.config.zero_optimization.stage,
             "config": os.environ["ZEROSHARD_CONFIG"], "losses": losses,
-            "param_sum": sum(float(p.double().sum()) for p in model.parameters()),
+            "param_sum": sum(float(p.detach().double().sum()) for p in model.parameters()),
         }, f)  # fmt: skip
     print(f"rank {rank}: final loss {losses[-1]:.4f}", flush=True)
     if dist.is_initialized():

@@ -31,6 +31,10 @@ NO_EFFECT = {
         "gradients always live in contiguous flat buffers in zeroshard",
     "zero_optimization.stage3_gather_16bit_weights_on_model_save":
         "zeroshard's model.state_dict() at stage 3 always returns full tensors",
+    "zero_optimization.load_from_fp32_weights":
+        "zeroshard always restores the fp32 master weights saved in its checkpoints",
+    "zero_optimization.reduce_scatter": "gradients are always reduce-scattered",
+    "zero_optimization.allgather_partitions": "updated partitions are always all-gathered",
 }  # fmt: skip
 _PASSES = 8  # re-validations with the refused keys left out, to find every problem at once
 
@@ -123,11 +127,14 @@ def _unused(key: str, cfg: Any) -> str:
         return NO_EFFECT[key]
     if stage < 3 and key.startswith("zero_optimization.stage3_"):
         return f"a stage-3 setting; this config trains at stage {stage}"
+    if stage == 0 and key == "zero_optimization.allgather_bucket_size":
+        return "stage 0 shards nothing, so there is nothing to all-gather"
     if key.startswith(("zero_optimization.offload_optimizer.",
                        "zero_optimization.offload_param.")):  # fmt: skip
         return 'offload `device` "none" means no offload (what zeroshard does)'
     if key == "steps_per_print" and not cfg.wall_clock_breakdown:
-        return "sets how often the wall_clock_breakdown line is printed, and that is off"
+        return ("the library prints only the wall_clock_breakdown line (off here) this often; "
+                "scripts may read it (the demo prints its loss line)")
     for section in ("fp16", "bf16", "bfloat16"):
         if key.startswith(section + ".") and key != f"{section}.enabled":
             if not getattr(cfg, "bf16" if section == "bfloat16" else section).enabled:
