@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import zeroshard.integrations.deepspeed as shim
 from tests.integrations.launch import SCRIPTS, free_port, read_json, require, run
@@ -77,5 +78,13 @@ def test_what_the_shim_lacks_is_an_error_naming_it():
     args = shim.add_config_arguments(argparse.ArgumentParser()).parse_args(
         ["--deepspeed", "--deepspeed_config", "ds.json"])
     assert (args.deepspeed, args.deepspeed_config) == (True, "ds.json")
+    with pytest.raises(ValueError, match=r"^initialize: a config was given both as config= and "
+                       r"as args.deepspeed_config \(ds.json\); give one of them$"):
+        shim.initialize(args=args, model=torch.nn.Linear(2, 2), config={})
+    engine, *_ = shim.initialize(model=torch.nn.Linear(2, 2), config={"kernel": "torch"})
+    assert engine.weight is engine.module.weight  # the module's own attributes pass through
+    with pytest.raises(AttributeError, match=r"^engine.monitor is not supported by zeroshard's "
+                       r"DeepSpeed shim"):
+        engine.monitor  # noqa: B018
     assert (shim.comm.get_rank(), shim.comm.get_world_size(), shim.comm.get_local_rank()) == \
         (0, 1, 0)  # fmt: skip

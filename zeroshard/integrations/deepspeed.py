@@ -43,6 +43,8 @@ def init_distributed(dist_backend: str | None = None, auto_mpi_discovery: bool =
     (or `init_method`, `rank`, `world_size`, `timeout` when given)."""
     if dist.is_initialized() or dist_init_required is False:
         return
+    if init_method is None and world_size < 0 and "WORLD_SIZE" not in os.environ:
+        return  # a plain single process: zeroshard needs no process group
     backend = dist_backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -254,6 +256,17 @@ class ZeroShardEngine(nn.Module):
         return (self.micro_steps + 1) % self._gas == 0
 
     # -- the training loop -----------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # submodules, parameters, buffers
+        except AttributeError:
+            pass
+        module = self._modules.get("module")
+        if module is not None and hasattr(module, name):  # as DeepSpeed's engine forwards
+            return getattr(module, name)
+        raise AttributeError(f"engine.{name} is not supported by zeroshard's DeepSpeed shim "
+                             "(zeroshard.integrations.deepspeed)")  # fmt: skip
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
 
@@ -387,8 +400,13 @@ def initialize(
             '"optimizer" section (zeroshard builds the sharded optimizer from it)'
         )
     config = config if config is not None else config_params
-    if config is None and args is not None:
-        config = getattr(args, "deepspeed_config", None)
+    from_args = getattr(args, "deepspeed_config", None) if args is not None else None
+    if config is not None and from_args is not None:
+        raise ValueError(  # DeepSpeed refuses this too: which one would win is a guess
+            "initialize: a config was given both as config= and as args.deepspeed_config "
+            f"({from_args}); give one of them"
+        )
+    config = config if config is not None else from_args
     if config is None:
         raise ValueError("initialize: give config= (a dict or a JSON path)")
     cfg = read_config(config)
