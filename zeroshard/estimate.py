@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from .config import ConfigError, ZeroConfig, load_config
+from .config_seams import hidden_size_of
 from .estimate_stage3 import ELEM, stage3, state_tensors
 from .flat_buffer import FlatParams
-from .prepare import hidden_size_of
 from .timing import progress
 
 CATEGORIES = ("params", "grads", "master", "optimizer_states", "comm_buffers")

@@ -22,7 +22,6 @@ from ..config_seams import (
     TRAINER_AUTOS,
     TRAINER_FILL_ONLY,
     hidden_size_autos,
-    hidden_size_of,
 )
 
 log = logging.getLogger(__name__)
@@ -30,7 +29,6 @@ log = logging.getLogger(__name__)
 # DeepSpeed knobs with no counterpart in zeroshard that HF's own templates set: dropped here
 # (only by the HF path, and logged) so those templates load; the core still rejects them.
 TEMPLATE_NOOPS = ("sub_group_size", "round_robin_gradients")
-model_hidden_size = hidden_size_of  # the one finder (config_seams), under its older name
 
 
 def read_config(config: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
