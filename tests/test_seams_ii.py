@@ -254,3 +254,22 @@ def test_10_save_load_consolidate_estimate_show_progress_when_slow(capsys, tmp_p
     for what in ("saving t", "loading t", "consolidating model.safetensors",
                  "estimating 8 ranks"):  # fmt: skip
         assert f"zeroshard: {what}: 100%" in err, err
+
+
+def test_5_run_lists_every_problem_check_config_finds(tmp_path):
+    from zeroshard.cli.check_config import config_problems
+
+    template = ROOT / "tests" / "data" / "hf_ds_config_zero3.json"
+    assert config_problems(str(template), 2) == []  # what ZeroShardTrainer accepts
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"tensorboard": {"enabled": True},
+                                "zero_optimization": {"stage": 2, "reduce_scatter": False}}))
+    p = _zs("run", "--nproc", "2", "--config", str(path), str(SCRIPT))
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.splitlines() == [
+        f"zeroshard run: error: invalid zeroshard config in {path} (2 problems):",
+        "  - `tensorboard` is a DeepSpeed option not supported by zeroshard yet",
+        "  - zero_optimization.reduce_scatter: false is not supported by zeroshard yet "
+        "(gradients are always reduce-scattered and partitions all-gathered); remove the key "
+        "or set it to true",
+    ]  # fmt: skip

@@ -230,6 +230,16 @@ def _wants_trainer(raw: dict) -> bool:
                 "gradient_accumulation_steps"))  # fmt: skip
 
 
+def config_problems(path: str, world_size: int) -> list[str]:
+    """Every problem of the config file at `path` for `world_size` ranks, as check-config
+    finds them (read as ZeroShardTrainer reads it when a Trainer value is "auto")."""
+    raw = _read_once(path)
+    if not isinstance(raw, dict):
+        return [f"the top level must be a JSON object, got {type(raw).__name__}"]
+    data = _trainer_view(raw, world_size)[0] if _wants_trainer(raw) else raw
+    return find_problems(data, world_size)[0]
+
+
 def handle(args: argparse.Namespace) -> int:
     from zeroshard.config import ConfigError, load_config
 
@@ -241,7 +251,7 @@ def handle(args: argparse.Namespace) -> int:
         try:
             load_config(args.config, world_size=1)
         except ConfigError as e:
-            if not _readable_json(args.config):
+            if not readable_json(args.config):
                 raise CliError(str(e)) from None  # missing file / malformed JSON: nothing to list
         raw = _read_once(args.config)
     if not isinstance(raw, dict):
@@ -268,7 +278,7 @@ def handle(args: argparse.Namespace) -> int:
     return 1 if n_ref else 0
 
 
-def _readable_json(path: str) -> bool:
+def readable_json(path: str) -> bool:
     try:
         with open(path, encoding="utf-8") as f:
             json.load(f)

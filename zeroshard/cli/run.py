@@ -127,18 +127,22 @@ def main(parser: argparse.ArgumentParser, argv: list[str]) -> int:
         return fail("run", "no training script given (zeroshard run --config CFG script.py)")
     from zeroshard.config import ConfigError, load_config
 
+    from .check_config import config_problems, readable_json
+
     path = os.path.abspath(mine["config"])
     try:
         world = world_size(mine.get("nproc"), passed)
-        load_config(path, world_size=world)
-    except CliError as e:
+        if not readable_json(path):
+            load_config(path)  # a missing file or malformed JSON: in load_config's words
+        problems = config_problems(path, world)
+    except (ConfigError, CliError) as e:
         return fail("run", str(e))
-    except ConfigError as e:  # one line per problem
-        if len(e.problems) == 1:
-            return fail("run", str(e))
-        print(f"zeroshard run: error: invalid zeroshard config in {e.source} "
-              f"({len(e.problems)} problems):", file=sys.stderr)  # fmt: skip
-        for problem in e.problems:
+    if problems:  # every problem, one line each, as check-config lists them
+        if len(problems) == 1:
+            return fail("run", f"invalid zeroshard config in {path}: {problems[0]}")
+        print(f"zeroshard run: error: invalid zeroshard config in {path} "
+              f"({len(problems)} problems):", file=sys.stderr)  # fmt: skip
+        for problem in problems:
             print(f"  - {problem}", file=sys.stderr)
         return 2
     os.environ[CONFIG_ENV] = path
