@@ -169,13 +169,12 @@ def classify(raw: dict, problems: list[str], cfg: Any, hidden: int | None,
         keys.add(key)
         shown = json.dumps(value)
         section = key.split(".")[0]
-        if trainer and section in ("fp16", "bf16") and leaves.get(f"{section}.enabled") == \
-                "auto" and key != f"{section}.enabled":  # fmt: skip
-            rows.append(("used", key, shown, f"when TrainingArguments.{section} is true"))
-            continue
         hits = [p for k, ps in by_key.items() if k == key or key.startswith(k + ".") for p in ps]
         if hits:
             rows += [("refused", key, shown, p) for p in hits]
+        elif trainer and section in ("fp16", "bf16") and key != f"{section}.enabled" and \
+                leaves.get(f"{section}.enabled") == "auto":  # fmt: skip
+            rows.append(("used", key, shown, f"when TrainingArguments.{section} is true"))
         elif key in trainer and value == "auto":
             rows.append(("resolved", key, shown, f"filled by the Trainer from {trainer[key]}"))
         elif key in trainer:
@@ -212,13 +211,20 @@ def _trainer_view(raw: dict, world_size: int) -> tuple[dict, dict[str, str]]:
 
     hf = HfAutoConfig(raw, fill_missing=True)
     hf.preview(SimpleNamespace(world_size=world_size, **_HF_DEFAULTS), num_training_steps=1000)
+    data = hf.for_zeroshard()
+    if "config" not in (hf.sources.get("train_micro_batch_size_per_gpu"),
+                        hf.sources.get("gradient_accumulation_steps")):  # fmt: skip
+        # a given train_batch_size is checked against the real TrainingArguments, not
+        # against the placeholders above
+        data.pop("train_batch_size", None)
+
     def source(key: str, src: str) -> str:
         if key not in TRAINER_AUTOS:
             return src
         name = TRAINER_AUTOS[key][0]
         return f"TrainingArguments.{name}" if name[0].isalpha() else f"{name}, as HF sets it"
 
-    return hf.for_zeroshard(), {k: source(k, src) for k, src in hf.sources.items()}
+    return data, {k: source(k, src) for k, src in hf.sources.items()}
 
 
 def _wants_trainer(raw: dict) -> bool:
