@@ -55,7 +55,7 @@ def test_tutorial_script_matches_deepspeed_with_only_the_import_changed(tmp_path
         assert shim["broadcast"] == ds["broadcast"] == 7.0
         assert len(shim["norms"]) == 8 and min(shim["norms"]) > 0.1  # clipping is active
         np.testing.assert_allclose(shim["norms"], ds["norms"], rtol=1e-4)
-        # measured: losses 1.1e-7, norms <1e-6 relative; resume exact for both
+        # measured: losses 1.1e-7, norms 9.6e-8 relative; resume exact for both
         np.testing.assert_allclose(shim["losses"], ds["losses"], rtol=1e-4)
         np.testing.assert_allclose(shim["resumed"], shim["losses"][8:], rtol=1e-6)
         np.testing.assert_allclose(ds["resumed"], ds["losses"][8:], rtol=1e-6)
