@@ -20,7 +20,13 @@ from zeroshard.comm.collectives import Comm
 from zeroshard.config.schema import ZeroConfig
 from zeroshard.optimizer import ZeroOptimizer
 from zeroshard.precision import LossScaler
-from zeroshard.prepare import ParamsArg, group_index, resolve_config, trainable_params
+from zeroshard.prepare import (
+    ParamsArg,
+    group_index,
+    resolve_config,
+    start_process_group,
+    trainable_params,
+)
 from zeroshard.schedulers import build_scheduler
 from zeroshard.shard import FP32, ON_DEVICE, Placement, StateCodec
 from zeroshard.stage3.build import build_stage3
@@ -41,10 +47,13 @@ def initialize(
     parameters of the model; the config's optimizer params are the group defaults. The model
     is cast to bf16/fp16 when the config enables it (the optimizer keeps fp32 master weights).
     `process_group` is the set of ranks to shard over, at every stage. `config` defaults to the
-    path in $ZEROSHARD_CONFIG, which `zeroshard run --config CFG` sets. `codec` and
-    `placement` choose how and where every shard group keeps its state (`zeroshard.shard`).
+    path in $ZEROSHARD_CONFIG, which `zeroshard run --config CFG` sets. Launched by torchrun
+    without a process group, it starts the default one from the launcher's environment.
+    `codec` and `placement` choose how and where every shard group keeps its state
+    (`zeroshard.shard`).
     """
     guards.check_not_ddp(model)  # zeroshard replaces DDP: a wrapped model is an error
+    start_process_group(model, process_group)  # under torchrun, never one rank alone
     cfg = resolve_config(model, config, process_group)
     params = trainable_params(model, model_parameters)
     if cfg.zero_optimization.stage == 3:

@@ -29,12 +29,13 @@ import torch
 from torch import Tensor, nn
 
 from zeroshard.comm.meta import MetaComm
+from zeroshard.config.honoured import hidden_size_of
 from zeroshard.config.schema import ConfigError, ZeroConfig, load_config
 from zeroshard.estimate.stage3 import stage3
-from zeroshard.prepare import hidden_size_of
 from zeroshard.shard.codec import FP32, StateCodec
 from zeroshard.shard.flat import FlatSharding
 from zeroshard.shard.placement import ON_DEVICE
+from zeroshard.timing import progress
 
 CATEGORIES = ("params", "grads", "master", "optimizer_states", "comm_buffers")
 _OPTIMIZER_SECTIONS = {
@@ -219,7 +220,7 @@ def estimate(
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     structured = not isinstance(model, Numel)
     out = []
-    for stage in stages:
+    for stage in progress(stages, f"estimating {world_size} ranks", unit="stage"):
         cfg = zero_config(config, stage=stage, world_size=world_size, precision=precision,
                           optimizer=optimizer)  # fmt: skip
         cfg = cfg.resolve_auto(hidden_size_of(model))

@@ -9,7 +9,7 @@ repeat (the first pass only records them, as the first training step does). The 
 order: modules called several times, parameters used outside their owner, skipped modules.
 
 Without an example input, or when the forward fails on the meta device (a data-dependent
-branch), the schedule is replayed on registration order instead (estimate_replay.py), which
+branch), the schedule is replayed on registration order instead (replay.py), which
 runs LOW for reused modules; the result says which one was used (`schedule`).
 """
 
