@@ -107,7 +107,11 @@ def test_6_drop_in_broadcasts_initial_weights(dist_run):
 DDP_HELP = (
     "zeroshard averages gradients itself, so DistributedDataParallel must not wrap the model "
     "(DDP would all-reduce gradients zeroshard already took: zeros at stages 0-2, an autograd "
-    "error at stage 3): pass the bare model (ddp_model.module) and drop the DDP wrapper"
+    "error at stage 3): pass the bare model (ddp_model.module) and drop the DDP wrapper. "
+    "With the Hugging Face Trainer use zeroshard.integrations.transformers.ZeroShardTrainer("
+    "zeroshard_config=...) instead of Trainer(optimizers=(zeroshard optimizer, ...)); with "
+    "Accelerate build model and optimizer with zeroshard.initialize(model, config) and pass "
+    "only the data loaders to accelerator.prepare (docs/integrations.md)"
 )
 
 

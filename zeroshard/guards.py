@@ -17,6 +17,7 @@ The core calls in here with one commented line per seam; the logic lives here.
 from __future__ import annotations
 
 import gc
+import os
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -43,6 +44,29 @@ def _rank() -> int:
 
 
 # -- construction ---------------------------------------------------------------------------
+def launched_world_size() -> int:
+    """WORLD_SIZE as torchrun (or `zeroshard run`) set it; 1 when not launched by one."""
+    text = os.environ.get("WORLD_SIZE", "1").strip()
+    return int(text) if text.isdigit() else 1
+
+
+def check_world_env(process_group: Any) -> None:
+    """Launched on several ranks (WORLD_SIZE > 1) but no process group: every rank would
+    train alone at world size 1, with nothing said. Refuse at construction instead."""
+    if process_group is not None or (dist.is_available() and dist.is_initialized()):
+        return
+    world = launched_world_size()
+    if world > 1:
+        raise RuntimeError(
+            f"rank {os.environ.get('RANK', '?')}: WORLD_SIZE={world} is set (launched by "
+            "torchrun or `zeroshard run`) but no torch.distributed process group exists, so "
+            "this rank would train alone: call torch.distributed.init_process_group() before "
+            "building the optimizer, or use zeroshard.initialize(model, config), which starts "
+            "the process group from the launcher's environment (TrainingArguments and "
+            "Accelerator() start it too: create them before the optimizer)"
+        )
+
+
 def check_params(params: Iterable[Tensor]) -> None:
     """Parameters must hold values: a meta-device model cannot be trained."""
     for p in params:
@@ -127,10 +151,9 @@ def broadcast_from_rank0(comm: Any, tensors: Iterable[Tensor]) -> None:
     Not counted in `comm_report()`: it is set-up, not a training step's traffic."""
     if not comm.active:
         return
-    src = dist.get_global_rank(comm.group, 0) if comm.group is not None else 0
     for t in tensors:
         if t.numel():
-            dist.broadcast(t.data, src=src, group=comm.group)
+            comm.broadcast(t.data, 0, counted=False)
 
 
 def broadcast_module_state(
@@ -162,7 +185,11 @@ def check_process_group(comm: Any) -> None:
 _DDP_HELP = (
     "zeroshard averages gradients itself, so DistributedDataParallel must not wrap the model "
     "(DDP would all-reduce gradients zeroshard already took: zeros at stages 0-2, an autograd "
-    "error at stage 3): pass the bare model (ddp_model.module) and drop the DDP wrapper"
+    "error at stage 3): pass the bare model (ddp_model.module) and drop the DDP wrapper. "
+    "With the Hugging Face Trainer use zeroshard.integrations.transformers.ZeroShardTrainer("
+    "zeroshard_config=...) instead of Trainer(optimizers=(zeroshard optimizer, ...)); with "
+    "Accelerate build model and optimizer with zeroshard.initialize(model, config) and pass "
+    "only the data loaders to accelerator.prepare (docs/integrations.md)"
 )
 
 
@@ -189,8 +216,11 @@ def check_ddp_once(optimizer: Any) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         return
     ours = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    ddp = nn.parallel.DistributedDataParallel
     for obj in gc.get_objects():
-        if isinstance(obj, nn.parallel.DistributedDataParallel):
+        # type(), not isinstance(): isinstance reads `__class__`, and deprecated objects such
+        # as torch.distributed.reduce_op warn on every attribute read
+        if issubclass(type(obj), ddp):
             if any(id(p) in ours for p in obj.module.parameters()):
                 raise RuntimeError(f"rank {_rank()}: the parameters of this zeroshard "
                                    "optimizer belong to a DistributedDataParallel model: "

@@ -25,6 +25,7 @@ from zeroshard.prepare import (
     group_index,
     placement_for,
     resolve_config,
+    start_process_group,
     trainable_params,
 )
 from zeroshard.schedulers import build_scheduler
@@ -47,11 +48,14 @@ def initialize(
     parameters of the model; the config's optimizer params are the group defaults. The model
     is cast to bf16/fp16 when the config enables it (the optimizer keeps fp32 master weights).
     `process_group` is the set of ranks to shard over, at every stage. `config` defaults to the
-    path in $ZEROSHARD_CONFIG, which `zeroshard run --config CFG` sets. `codec` and
-    `placement` choose how and where every shard group keeps its state (`zeroshard.shard`);
-    the config's `offload_optimizer` chooses host memory (`zeroshard.shard.offload`).
+    path in $ZEROSHARD_CONFIG, which `zeroshard run --config CFG` sets. Launched by torchrun
+    without a process group, it starts the default one from the launcher's environment.
+    `codec` and `placement` choose how and where every shard group keeps its state
+    (`zeroshard.shard`); the config's `offload_optimizer` chooses host memory
+    (`zeroshard.shard.offload`).
     """
     guards.check_not_ddp(model)  # zeroshard replaces DDP: a wrapped model is an error
+    start_process_group(model, process_group)  # under torchrun, never one rank alone
     cfg = resolve_config(model, config, process_group)
     params = trainable_params(model, model_parameters)
     placement = placement_for(cfg, placement)  # offload_optimizer: master and state on the host

@@ -94,6 +94,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
     ) -> None:
         if gradient_accumulation_steps < 1:
             raise ValueError("gradient_accumulation_steps must be >= 1")
+        guards.check_world_env(process_group)  # torchrun without a process group: not alone
         if sharding is None:
             if stage not in (0, 1, 2):
                 hint = " (stage 3 shards the model: use zeroshard.initialize)" if stage == 3 else ""

@@ -7,13 +7,18 @@ the forward is timed by a pre- and a post-forward hook on the model, the backwar
 finishing the gradient reduction (what backward did not overlap), and the step as the rest
 of `optimizer.step()`. Every `steps_per_print` optimizer steps rank 0 prints one line with the
 mean milliseconds per step over those steps; the last line's numbers stay in `.last`.
+
+`progress()`: the progress bar of work that can take long (save, load, consolidate,
+estimate), shown on rank 0 only and only once the work has run for `PROGRESS_DELAY_S`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -21,6 +26,20 @@ import torch.distributed as dist
 from torch import nn
 
 PHASES = ("forward", "backward", "reduce", "step")
+# a bar appears only for work that runs longer than this (ZEROSHARD_PROGRESS_DELAY overrides)
+PROGRESS_DELAY_S = 2.0
+
+
+def progress(items: Iterable[Any], desc: str, total: float | None = None,
+             unit: str = "it", **kwargs: Any) -> Any:  # fmt: skip
+    """`items` wrapped in a tqdm bar on rank 0 (stderr), shown once the work has run for
+    `PROGRESS_DELAY_S` seconds; other ranks, and quick work, print nothing."""
+    from tqdm.auto import tqdm
+
+    rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    delay = float(os.environ.get("ZEROSHARD_PROGRESS_DELAY", PROGRESS_DELAY_S))
+    return tqdm(items, desc=f"zeroshard: {desc}", total=total, unit=unit, delay=delay,
+                disable=not rank0, file=sys.stderr, dynamic_ncols=True, **kwargs)  # fmt: skip
 
 
 class WallClockBreakdown:

@@ -26,6 +26,7 @@ from zeroshard.checkpoint import optimizer_view as L
 from zeroshard.checkpoint.save import _persistent_buffers, shard_slice
 from zeroshard.checkpoint.st_stream import sha256_file
 from zeroshard.shard.optimizer_state import restore_optimizer
+from zeroshard.timing import progress
 
 
 @dataclass
@@ -155,7 +156,7 @@ def _verify_files(folder: Path, body: dict[str, Any], files: set[str]) -> None:
 def _apply(folder: Path, body: dict[str, Any], reads: list[Read], model: nn.Module,
            opt: Any) -> None:  # fmt: skip
     handles: dict[str, Any] = {}
-    for r in reads:
+    for r in progress(reads, f"loading {folder.name}", unit="piece"):
         if r.file not in handles:
             handles[r.file] = safe_open(str(folder / r.file), framework="pt")
         f = handles[r.file]

@@ -124,10 +124,10 @@ def _persistent_buffers(model: nn.Module) -> list[tuple[str, Tensor]]:
     return out
 
 
-def _write(plan: Plan, counter: ByteCounter, folder: Path) -> dict[str, Any]:
+def _write(plan: Plan, counter: ByteCounter, folder: Path, desc: str) -> dict[str, Any]:
     rank, _ = dist_util.rank_world()
     name = manifest.rank_file(rank)
-    sha, size = write_file(folder / name, plan.entries, {"format": "pt"}, counter)
+    sha, size = write_file(folder / name, plan.entries, {"format": "pt"}, counter, desc=desc)
     info = {"rank": rank, "size": size, "sha256": sha, "pieces": plan.pieces}
     return {"files": {name: info}, "meta": plan.meta if rank == 0 else None}
 
@@ -173,7 +173,8 @@ def save_checkpoint(
     assert tag is not None
 
     def run() -> Path:
-        out = commit.commit(root, tag, lambda d: _write(plan, counter, d), _manifest, pg)
+        write = lambda d: _write(plan, counter, d, f"saving {tag}")  # noqa: E731
+        out = commit.commit(root, tag, write, _manifest, pg)
         LAST_SAVE_STATS.update(peak_bytes=counter.peak)
         return out
 

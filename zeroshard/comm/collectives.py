@@ -90,7 +90,8 @@ class Collectives(Protocol):
                        codec: WireCodec | None = None) -> Any: ...  # fmt: skip
     def all_gather(self, output: Tensor, input: Tensor, async_op: bool = False,
                    codec: WireCodec | None = None) -> Any: ...  # fmt: skip
-    def broadcast(self, tensor: Tensor, src: int = 0, codec: WireCodec | None = None) -> None: ...
+    def broadcast(self, tensor: Tensor, src: int = 0, codec: WireCodec | None = None,
+                  counted: bool = True) -> None: ...  # fmt: skip
 
 
 def count(counter: CommCounter, kind: str, tensor: Tensor, world_size: int) -> None:
@@ -206,16 +207,19 @@ class Comm:
             return dist.all_gather(chunks, input, group=self.group, async_op=async_op)
         return _all_gather_single(output, input, group=self.group, async_op=async_op)
 
-    def broadcast(self, tensor: Tensor, src: int = 0, codec: WireCodec | None = None) -> None:
-        """Broadcast from group rank `src` (a group-local rank, like every rank here)."""
+    def broadcast(self, tensor: Tensor, src: int = 0, codec: WireCodec | None = None,
+                  counted: bool = True) -> None:  # fmt: skip
+        """Broadcast from group rank `src` (a group-local rank, like every rank here);
+        `counted=False` for set-up traffic that is no training step's (initial weights)."""
         if not self.active:
             return
         if codec is not None:
             wire = codec.encode(tensor)
-            self.broadcast(wire, src)
+            self.broadcast(wire, src, counted=counted)
             codec.decode(wire, tensor)
             return
-        self.record("broadcast", tensor)
+        if counted:
+            self.record("broadcast", tensor)
         global_src = dist.get_global_rank(self.group, src) if self.group is not None else src
         dist.broadcast(tensor, src=global_src, group=self.group)
 

@@ -46,5 +46,7 @@ class MetaComm:
         self._sent("all_gather", output, codec)
         return DONE if async_op else None
 
-    def broadcast(self, tensor: Tensor, src: int = 0, codec: WireCodec | None = None) -> None:
-        self._sent("broadcast", tensor, codec)
+    def broadcast(self, tensor: Tensor, src: int = 0, codec: WireCodec | None = None,
+                  counted: bool = True) -> None:  # fmt: skip
+        if counted:
+            self._sent("broadcast", tensor, codec)

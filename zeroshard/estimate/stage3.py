@@ -9,7 +9,7 @@ repeat (the first pass only records them, as the first training step does). The 
 order: modules called several times, parameters used outside their owner, skipped modules.
 
 Without an example input, or when the forward fails on the meta device (a data-dependent
-branch), the schedule is replayed on registration order instead (estimate_replay.py), which
+branch), the schedule is replayed on registration order instead (replay.py), which
 runs LOW for reused modules; the result says which one was used (`schedule`).
 """
 
@@ -27,6 +27,7 @@ from zeroshard.comm.meta import MetaComm
 from zeroshard.config.schema import ZeroConfig
 from zeroshard.estimate.offload import with_offload
 from zeroshard.estimate.replay import replay
+from zeroshard.shard.codec import FP32, StateCodec
 from zeroshard.stage3 import registry
 from zeroshard.stage3.build import make_engine, make_units
 from zeroshard.stage3.unit import GatherTracker
@@ -125,7 +126,7 @@ def _trace(
 
 def stage3(
     model: nn.Module, cfg: ZeroConfig, world: int, ranks: list[int], *, structured: bool,
-    group_of: dict[int, int] | None, example_input: Any = None,
+    group_of: dict[int, int] | None, example_input: Any = None, codec: StateCodec = FP32,
 ) -> Stage3Result:
     """Per-rank bytes, gathered peak and bytes sent at stage 3. Without layers (`Numel`)
     every parameter is taken as gathered once in forward and once in backward, the paper's
@@ -147,7 +148,7 @@ def stage3(
             "params": sum(u.full_bytes if u.persistent else u.shard_numel * elem for u in units),
             "grads": sum(u.shard_numel * red for u in units if u.trainable),
             "master": 0 if elem == 4 else pieces * 4,
-            "optimizer_states": states * pieces * 4,
+            "optimizer_states": states * codec.stored_bytes(pieces),
             "comm_buffers": 0,
         }, cfg, pieces, shards))  # fmt: skip
     ring = (world - 1) / world

@@ -72,6 +72,7 @@ class GradReducer:
         self.accumulation_steps = accumulation_steps
         self.flats: list[FlatParams] = []
         self.queue = InFlight()
+        self._handles: list = []
         self.strategy = STRATEGIES[stage](comm, self.queue, self.flats)
         self.sharded = self.strategy.sharded
         self._launches_in_backward = self.strategy.launches_in_backward(
@@ -98,8 +99,15 @@ class GradReducer:
                 lambda p, _fi=fi, _slot=slot, _st=state: self._on_grad(p, _fi, _slot, _st)
             )
             guards.track_hook(slot.param, handle)  # removed if the optimizer dies
+            self._handles.append(handle)
         self._order = None  # a new set of buckets: record the launch order again
         self._completed.clear()
+
+    def remove(self) -> None:
+        """Take the gradient hooks off the parameters (the estimator's planning run)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
 
     # -- backward -------------------------------------------------------------------------
     def _on_grad(self, param: Tensor, fi: int, slot: Slot, state: BucketState) -> None:

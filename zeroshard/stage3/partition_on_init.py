@@ -108,6 +108,8 @@ class Init:
         enabled: bool = True,
     ) -> None:
         self.enabled = enabled
+        if enabled:
+            guards.check_world_env(process_group)
         cfg = None if config is None else (
             config if isinstance(config, ZeroConfig) else load_config(config)
         )  # fmt: skip

@@ -95,4 +95,18 @@ def full_state_dict(model: nn.Module, rank0_only: bool = True) -> dict[str, torc
         sd = model.state_dict()
     finally:
         engine.state_dict_rank0_only = before
-    return sd if (not rank0_only or engine.comm.rank == 0) else {}
+    if rank0_only and engine.comm.rank != 0:
+        return {}
+    return tie_aliases(model, sd)
+
+
+def tie_aliases(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A parameter reachable under several names (tied embeddings) is gathered under each;
+    make every alias the first name's tensor, so writers (save_pretrained, safetensors,
+    torch.save) see one shared tensor and store it once, as for an unsharded model."""
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owner = first.setdefault(id(p), name)
+        if owner != name and owner in sd and name in sd:
+            sd[name] = sd[owner]
+    return sd
