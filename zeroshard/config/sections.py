@@ -305,7 +305,7 @@ class _Offload(_Section):
     pin_memory: bool = False
 
     _devices = model_validator(mode="before")(
-        lambda cls, data: _seams.check_offload_device(cls._key, data)
+        lambda cls, data: honoured.check_offload_device(cls._key, data)
     )
 
 
