@@ -64,7 +64,8 @@ class HostOffload:
         if on_cuda:  # the previous step's copies out of the master must be done
             torch.cuda.current_stream(grads[0].device).synchronize()
         for dst, g in zip(out, grads):
-            dst.copy_(g.reshape(-1), non_blocking=on_cuda)
+            # cast on the device, so the transfer is a plain asynchronous copy
+            dst.copy_(g.reshape(-1).float(), non_blocking=on_cuda)
         if on_cuda:
             torch.cuda.current_stream(grads[0].device).synchronize()
         self.copies_in += len(grads)
@@ -74,7 +75,10 @@ class HostOffload:
     def write_params(self, master: list[Tensor], params: list[Tensor]) -> None:
         """Each parameter piece takes its master piece, rounded to the parameters' dtype."""
         for p, m in zip(params, master):
-            p.view(-1).copy_(m, non_blocking=p.is_cuda)
+            if p.is_cuda and p.dtype != m.dtype:  # transfer fp32 asynchronously, round there
+                p.view(-1).copy_(m.to(p.device, non_blocking=True))
+            else:
+                p.view(-1).copy_(m, non_blocking=p.is_cuda)
         self.copies_out += len(params)
 
     def staging_buffers(self) -> list[Tensor]:
