@@ -11,7 +11,8 @@ Per step and shard group (`ShardGroup.update`):
    (`threads` sets its size once).
 3. `write_params`: the updated master goes back to the parameters piece by piece
    (`non_blocking` from pinned memory on CUDA; the next `stage_grads` waits for those copies
-   before the host overwrites the master).
+   before the host overwrites the master). Everything runs on the current stream: the copies
+   do not yet overlap compute or each other.
 
 On a machine without an accelerator the parameters are on the CPU too, and every one of these
 copies still happens between buffers of their own, so tests on CPU run the whole mechanism.
@@ -61,12 +62,10 @@ class HostOffload:
             buf = self._staging[key] = self._host_zeros(sum(g.numel() for g in grads), grads[0])
         out = list(buf.split([g.numel() for g in grads]))
         on_cuda = grads[0].is_cuda
-        if on_cuda:  # the previous step's copies out of the master must be done
-            torch.cuda.current_stream(grads[0].device).synchronize()
         for dst, g in zip(out, grads):
             # cast on the device, so the transfer is a plain asynchronous copy
             dst.copy_(g.reshape(-1).float(), non_blocking=on_cuda)
-        if on_cuda:
+        if on_cuda:  # one stream: this also waits for the last copies out of the master
             torch.cuda.current_stream(grads[0].device).synchronize()
         self.copies_in += len(grads)
         return out
