@@ -11,9 +11,12 @@ import torch
 import zeroshard
 from tests import adamw8bit_jobs as J
 from tests.ckpt_jobs import full_state, job_train_save
+from tests.models import example_input, make_model, param_groups
 from zeroshard import quant8 as Q
+from zeroshard.cli.main import main
 from zeroshard.config import ConfigError
 from zeroshard.config.schema import load_config
+from zeroshard.estimate.model_states import Numel, estimate
 from zeroshard.quant8.codec import Blockwise8bit
 
 STEPS = 8
@@ -138,3 +141,39 @@ def test_config_and_argument_errors():
     with pytest.raises(ValueError, match="differ from the codec passed"):
         zeroshard.ZeroOptimizer(lin.parameters(), "adamw8bit", stage=1, block_size=64,
                                 codec=Blockwise8bit(128))  # fmt: skip
+
+
+@pytest.mark.parametrize("stage,precision", [(1, "fp32"), (2, "fp32"), (3, "fp32"),
+                                             (1, "bf16"), (3, "bf16")])
+def test_estimate_equals_memory_report(dist_run, stage, precision):
+    got = _run(dist_run, 2, stage, precision)
+    with torch.device("meta"):
+        model = make_model()
+    (est,) = estimate(model, world_size=2, config=J.config(stage, precision), stages=(stage,),
+                      model_parameters=param_groups(model, J.WD), example_input=example_input())
+    for rank, r in enumerate(got):
+        want = est.per_rank[rank if stage == 3 else 0]
+        for cat in ("params", "grads", "master"):
+            assert want[cat] == r["memory"][cat], (rank, cat)
+        if stage == 3:
+            assert want["optimizer_states"] == r["memory"]["optimizer_states"]
+    # stages 1-2 report the worst rank: 8-bit state bytes differ between ranks
+    assert est.bytes["optimizer_states"] == max(r["memory"]["optimizer_states"] for r in got)
+
+
+def test_estimate_7b_on_8_ranks_shows_the_saving(capsys):
+    psi, n = 7_000_000_000, 8
+    q8 = estimate(Numel(psi), world_size=n, precision="bf16", optimizer="adamw8bit")
+    fp = estimate(Numel(psi), world_size=n, precision="bf16", optimizer="adamw")
+    whole = 2 * psi + 8 * Q.num_blocks(psi)  # both states of the one 7e9-element parameter
+    assert q8[0].bytes["optimizer_states"] == whole  # stage 0: every rank holds everything
+    for a, b in zip(q8[1:], fp[1:]):
+        assert a.bytes["optimizer_states"] == pytest.approx(whole / n, rel=1e-6)
+        assert b.bytes["optimizer_states"] == 8 * psi // n
+        saved = b.bytes["total"] - a.bytes["total"]
+        assert saved == pytest.approx(8 * psi / n - whole / n, rel=1e-6)  # 5.22 GB a rank
+    assert main(["estimate", "--params", "7e9", "--world-size", "8", "--precision", "bf16",
+                 "--optimizer", "adamw8bit", "--stage", "3"]) == 0
+    out = capsys.readouterr().out
+    assert ("stage 3: 8-bit states 1.78 GB vs fp32 AdamW 7.00 GB; total 10.53 GB vs 15.75 GB "
+            "(5.22 GB less per rank)") in out

@@ -29,8 +29,9 @@ import torch
 from torch import nn
 
 from zeroshard.config.schema import ConfigError, ZeroConfig, load_config
-from zeroshard.estimate.stage3 import ELEM, stage3, state_tensors
+from zeroshard.estimate.stage3 import ELEM, stage3, state_codec, state_tensors
 from zeroshard.prepare import hidden_size_of
+from zeroshard.shard.codec import alignment_of
 from zeroshard.shard.flat_buffer import FlatParams
 
 CATEGORIES = ("params", "grads", "master", "optimizer_states", "comm_buffers")
@@ -39,6 +40,7 @@ _OPTIMIZER_SECTIONS = {
     "adam": {"type": "Adam", "params": {"adam_w_mode": False}},
     "sgd": {"type": "SGD", "params": {"momentum": 0.9}},
     "lion": {"type": "Lion", "params": {}},
+    "adamw8bit": {"type": "AdamW8bit", "params": {}},
 }
 
 
@@ -145,14 +147,23 @@ def _stage012(
     red = ELEM[cfg.reduce_dtype]
     shards = 1 if stage == 0 else world
     states = state_tensors(cfg)
+    codec = state_codec(cfg)
+    coded = [0] * shards  # per rank: a piece codec's bytes differ between ranks
     out = dict.fromkeys(CATEGORIES, 0)
     comm = 0.0
     for params in _entries(groups):
-        flat = FlatParams(params, shards, 0, int(zo.reduce_bucket_size))
+        flat = FlatParams(params, shards, 0, int(zo.reduce_bucket_size),
+                          alignment_of(codec))  # fmt: skip
         out["params"] += flat.numel * elem
         out["grads"] += (flat.shard_numel if stage == 2 else flat.numel) * red
         out["master"] += 0 if elem == 4 else flat.shard_numel * 4
         out["optimizer_states"] += states * flat.shard_numel * 4
+        if codec is not None:
+            for sp in flat.plan.slots:
+                for q in flat.plan.pieces(sp):
+                    coded[q.rank] += codec.piece_bytes(sp.numel, q.numel)
+    if codec is not None:
+        out["optimizer_states"] = max(coded)
         if world > 1:
             if stage == 0:
                 comm += 2 * flat.numel * red * _ring(world)

@@ -64,6 +64,13 @@ class Blockwise8bit:
         """Bytes of ONE state (half of exp_avg + exp_avg_sq) of a whole parameter."""
         return state_bytes(numel, self.block_size, self.min_8bit_size) // 2
 
+    def piece_bytes(self, param_numel: int, numel: int) -> int:
+        """Bytes of both states of one piece of `numel` elements of a parameter of
+        `param_numel` (pieces start on blocks): what a rank stores for it."""
+        if not uses_8bit(param_numel, self.min_8bit_size):
+            return 8 * numel
+        return 2 * numel + 8 * (-(-numel // self.block_size))
+
     def bind(self, segments: list[Segment], master: list[Tensor]) -> BoundBlockwise8bit:
         return BoundBlockwise8bit(self, segments, master)
 
