@@ -190,3 +190,19 @@ def job_load_error(root: str, rule: str) -> str:
     except zeroshard.CheckpointError as e:
         return str(e)
     return ""
+
+
+def job_state_dict(stage: int) -> dict:
+    """`state_dict()` after 3 steps, loaded into a fresh optimizer (another init): both then
+    train 3 more steps. The stored codes must come back as they were."""
+    model, opt = build(stage)
+    train(model, opt, 0, 3)
+    sd = opt.state_dict()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    model2, opt2 = build(stage, seed=7)
+    model2.load_state_dict(weights)
+    opt2.load_state_dict(sd)
+    same = all(torch.equal(a, b) for g, h in zip(opt.shard_groups, opt2.shard_groups)
+               for a, b in zip(g.stored_tensors(), h.stored_tensors()))  # fmt: skip
+    return {"same": same, "a": train(model, opt, 3, 3), "b": train(model2, opt2, 3, 3),
+            "names": sorted(k for s in sd["state"].values() for k in s)}

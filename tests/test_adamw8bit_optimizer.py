@@ -177,3 +177,9 @@ def test_estimate_7b_on_8_ranks_shows_the_saving(capsys):
     out = capsys.readouterr().out
     assert ("stage 3: 8-bit states 1.78 GB vs fp32 AdamW 7.00 GB; total 10.53 GB vs 15.75 GB "
             "(5.22 GB less per rank)") in out
+
+
+def test_state_dict_keeps_the_codes(dist_run):
+    for r in dist_run(2, J.job_state_dict, 2):
+        assert r["same"] and r["a"] == r["b"]
+        assert "exp_avg_codes" in r["names"] and "exp_avg" in r["names"]
