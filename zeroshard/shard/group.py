@@ -81,6 +81,18 @@ class ShardGroup:
             self.master = list(self.master_buffer.split([t.numel() for t in shard]))
             self.model_copies = list(shard)
             self.refresh_master()
+        align = getattr(codec, "alignment", None)
+        if align is not None:  # every rank checks every rank's pieces: all raise or none
+            for h in self.held_params():
+                a = align(math.prod(h.shape))
+                bad = [q.start for q in h.pieces if q.start % a]
+                if bad:
+                    raise ValueError(
+                        f"a parameter of shape {h.shape} has pieces starting at elements "
+                        f"{bad[:3]}, not multiples of {a}, as the {codec.name!r} state codec "
+                        "needs: its layout was not planned with the codec (zeroshard.Init "
+                        "partitions before the optimizer exists; build the model without it)"
+                    )  # fmt: skip
         bind = getattr(codec, "bind", None)  # a codec that needs to know the parameters
         self.codec: StateCodec = bind(self.segments(), self.master) if bind else codec
 
