@@ -162,13 +162,13 @@ def _stage012(
             for sp in flat.plan.slots:
                 for q in flat.plan.pieces(sp):
                     coded[q.rank] += codec.piece_bytes(sp.numel, q.numel)
-    if codec is not None:
-        out["optimizer_states"] = max(coded)
         if world > 1:
             if stage == 0:
                 comm += 2 * flat.numel * red * _ring(world)
             else:  # reduce-scatter of the gradients, all-gather of the updated parameters
                 comm += flat.numel * (red + elem) * _ring(world)
+    if codec is not None:
+        out["optimizer_states"] = max(coded)
     if world > 1 and stage > 0:
         comm += 2 * 16 * _ring(world)  # the global grad-norm / inf check all-reduce
     return out, int(round(comm))
