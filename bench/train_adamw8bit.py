@@ -35,7 +35,8 @@ class MLP(nn.Module):
                                  nn.Linear(256, 1))  # fmt: skip
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return nn.functional.mse_loss(self.net(x), y)
+        dtype = self.net[0].weight.dtype  # bf16 runs: the batch follows the weights
+        return nn.functional.mse_loss(self.net(x.to(dtype)).float(), y)
 
 
 def gpt_data(steps: int, batch: int):

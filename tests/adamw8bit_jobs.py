@@ -206,3 +206,19 @@ def job_state_dict(stage: int) -> dict:
                for a, b in zip(g.stored_tensors(), h.stored_tensors()))  # fmt: skip
     return {"same": same, "a": train(model, opt, 3, 3), "b": train(model2, opt2, 3, 3),
             "names": sorted(k for s in sd["state"].values() for k in s)}
+
+
+def job_backends(kernel: str, steps: int = 2) -> dict:
+    """The 8-bit pieces' stored state after `steps` steps with update backend `kernel`."""
+    model = make_model()
+    opt = zeroshard.ZeroOptimizer(param_groups(model, weight_decay=WD), "adamw8bit", stage=1,
+                                  lr=LR, betas=BETAS, block_size=BLOCK, min_8bit_size=MIN8,
+                                  kernel=kernel)  # fmt: skip
+    train(model, opt, 0, steps)
+    out = {}
+    for g, st in enumerate(opt.shard_state(i) for i in range(len(opt.shard_groups))):
+        for p, pc in opt.layout().local_pieces():
+            if p.shard_group == g:
+                for k, (t, _) in st.pieces(pc.shard_offset, pc.numel).items():
+                    out[f"{k}/{p.index}"] = t.clone()
+    return out
