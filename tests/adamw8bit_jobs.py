@@ -222,3 +222,14 @@ def job_backends(kernel: str, steps: int = 2) -> dict:
                 for k, (t, _) in st.pieces(pc.shard_offset, pc.numel).items():
                     out[f"{k}/{p.index}"] = t.clone()
     return out
+
+
+def job_init_block_mismatch() -> str:
+    """Units partitioned by zeroshard.Init for block 64, an optimizer asking for block 128."""
+    with zeroshard.Init(config(3, block=64)):
+        model = make_model()
+    try:
+        zeroshard.initialize(model, config(3, block=128), model_parameters=param_groups(model))
+    except ValueError as e:
+        return str(e)
+    return ""

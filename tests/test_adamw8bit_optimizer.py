@@ -195,3 +195,9 @@ def test_triton_kernel_through_the_optimizer_gives_the_cpu_bits():
     assert sorted(tri) == sorted(cpu) and len(codes) == 4 * 9
     for k in codes:
         assert torch.equal(tri[k], cpu[k]), k
+
+
+def test_units_partitioned_for_another_block_size_are_refused_on_every_rank(dist_run):
+    msgs = dist_run(2, J.job_init_block_mismatch)
+    assert msgs[0] == msgs[1] and "not multiples of 128, as the 'blockwise8bit' state " \
+        "codec needs: its layout was not planned with the codec" in msgs[0]

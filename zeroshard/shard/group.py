@@ -91,7 +91,7 @@ class ShardGroup:
                         f"a parameter of shape {h.shape} has pieces starting at elements "
                         f"{bad[:3]}, not multiples of {a}, as the {codec.name!r} state codec "
                         "needs: its layout was not planned with the codec (zeroshard.Init "
-                        "partitions before the optimizer exists; build the model without it)"
+                        "given another optimizer config? give it the same config)"
                     )  # fmt: skip
         bind = getattr(codec, "bind", None)  # a codec that needs to know the parameters
         self.codec: StateCodec = bind(self.segments(), self.master) if bind else codec
