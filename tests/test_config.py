@@ -1,4 +1,4 @@
-"""zeroshard.config: shipped configs, defaults, batch derivation, "auto", and error messages."""
+"""The run configuration: shipped configs, defaults, batch derivation, "auto", error messages."""
 
 from __future__ import annotations
 

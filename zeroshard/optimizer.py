@@ -26,6 +26,7 @@ from zeroshard import guards, torch_clip
 from zeroshard.accounting import memory_report
 from zeroshard.comm.collectives import Comm
 from zeroshard.precision import LossScaler
+from zeroshard.quant8.codec import codec_for
 from zeroshard.shard.codec import FP32, StateCodec
 from zeroshard.shard.flat import FlatSharding
 from zeroshard.shard.group import ShardGroup
@@ -51,8 +52,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
     Args:
         params: parameters or param-group dicts, as for any torch optimizer. Parameters with
             `requires_grad=False` are left alone.
-        optimizer: "adamw", "adam", "sgd", "lion", or a `torch.optim.Optimizer` subclass
-            (run on this rank's flat shard; its state is sharded too).
+        optimizer: "adamw", "adam", "sgd", "lion", "adamw8bit" (AdamW with blockwise 8-bit
+            states: hyperparams block_size=256, min_8bit_size=4096), or a
+            `torch.optim.Optimizer` subclass (run on this rank's flat shard; its state is
+            sharded too).
         stage: 0 (replicated, DDP-like), 1 (optimizer state + fp32 master sharded) or 2
             (+ gradients reduce-scattered as backward runs); stage 3 comes from
             `zeroshard.initialize`, which passes its `sharding`.
@@ -104,6 +107,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 overlap_comm=overlap_comm, accumulation_steps=gradient_accumulation_steps,
                 bucket_numel=reduce_bucket_size, allgather_bucket_size=allgather_bucket_size,
             )  # fmt: skip
+        # "adamw8bit": block_size / min_8bit_size build its codec (quant8/codec.py)
+        codec, hyperparams = codec_for(optimizer, hyperparams, codec)
         self.rule, defaults, self._generic_cls = resolve_rule(optimizer, hyperparams)
         self.sharding = sharding
         self.stage = sharding.stage
@@ -301,6 +306,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """Live fp32 tensors of shard group i on this rank. Write into them to load, then call
         `sync_params_from_master()` (which also stores state a codec keeps in another form)."""
         g = self.shard_groups[i]
+        if g.coded:  # decoded only if read: checkpoints move the stored form as it is
+            return ShardState(list(g.master), g.lazy_state(), g.step, g.generic,
+                              g.piece_states, tuple(sorted(g.stored)))  # fmt: skip
         return ShardState(list(g.master), g.state(), g.step, g.generic)
 
     def set_step(self, i: int, step: int) -> None:

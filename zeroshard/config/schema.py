@@ -36,6 +36,8 @@ from zeroshard.config.sections import (
     _SCHEDULERS,
     AdamOptimizer,
     AdamParams,
+    AdamW8bitOptimizer,
+    AdamW8bitParams,
     AdamWOptimizer,
     AdamWParams,
     Auto,
@@ -70,6 +72,8 @@ __all__ = [
     "FP16Config",
     "LionOptimizer",
     "LionParams",
+    "AdamW8bitOptimizer",
+    "AdamW8bitParams",
     "OptimizerConfig",
     "SGDOptimizer",
     "SGDParams",
@@ -249,6 +253,12 @@ class ZeroConfig(_Section):
                 "weight_decay": p.weight_decay,
                 "maximize": False,
             }
+        if isinstance(p, AdamW8bitParams):
+            return "adamw8bit", {
+                "lr": p.lr, "betas": tuple(p.betas), "eps": p.eps,
+                "weight_decay": p.weight_decay, "block_size": p.block_size,
+                "min_8bit_size": p.min_8bit_size,
+            }  # fmt: skip
         assert isinstance(p, LionParams)
         return "lion", {"lr": p.lr, "betas": tuple(p.betas), "weight_decay": p.weight_decay}
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -32,7 +33,7 @@ from zeroshard.comm.meta import MetaComm
 from zeroshard.config.honoured import hidden_size_of
 from zeroshard.config.schema import ConfigError, ZeroConfig, load_config
 from zeroshard.estimate.offload import with_offload
-from zeroshard.estimate.stage3 import stage3
+from zeroshard.estimate.stage3 import stage3, state_codec
 from zeroshard.shard.codec import FP32, StateCodec
 from zeroshard.shard.flat import FlatSharding
 from zeroshard.shard.placement import ON_DEVICE
@@ -44,6 +45,7 @@ _OPTIMIZER_SECTIONS = {
     "adam": {"type": "Adam", "params": {"adam_w_mode": False}},
     "sgd": {"type": "SGD", "params": {"momentum": 0.9}},
     "lion": {"type": "Lion", "params": {}},
+    "adamw8bit": {"type": "AdamW8bit", "params": {}},
 }
 
 
@@ -145,6 +147,7 @@ def _stage012(
         bucket_numel=zo.reduce_bucket_size, allgather_bucket_size=zo.allgather_bucket_size,
     )  # fmt: skip
     rule, hp = cfg.optimizer_spec()
+    codec = state_codec(cfg) or codec  # a rule that stores its state per piece (AdamW8bit)
     built = []
     seen: set[int] = set()
     for gi, params in enumerate(groups):
@@ -160,6 +163,14 @@ def _stage012(
     out["grads"] = sum(_nbytes(t) for t in held["grads"])
     out["master"] = sum(_nbytes(g.master_buffer) for g in built if g.master_buffer is not None)
     out["optimizer_states"] = sum(_nbytes(t) for g in built for t in g.stored_tensors())
+    piece_bytes = getattr(codec, "piece_bytes", None)
+    if piece_bytes is not None:  # per-piece state differs between ranks: the worst one
+        per_rank = [0] * max(1, sharding.flats[0].num_shards if sharding.flats else 1)
+        for g in built:
+            for h in g.held_params():
+                for q in h.pieces:
+                    per_rank[q.rank] += piece_bytes(math.prod(h.shape), q.numel)
+        out["optimizer_states"] = max(per_rank)
     master_numel = sum(m.numel() for g in built for m in g.master)
     # per step: stage 0 all-reduces every gradient buffer; stages 1-2 reduce-scatter it and
     # all-gather the updated parameters, plus the global grad-norm / inf check all-reduce

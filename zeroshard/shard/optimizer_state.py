@@ -55,7 +55,7 @@ def optimizer_state_dict(opt: ZeroOptimizer) -> dict[str, Any]:
         if st.generic is not None:
             s["generic"] = st.generic.state_dict()
         else:
-            for name, pieces in st.state.items():
+            for name, pieces in _state_lists(opt, g.index, st).items():
                 s[name] = torch.cat([p.detach().reshape(-1) for p in pieces]).clone()
         if not opt.placement.shares_params(g.dtype):  # the master is a copy (bf16, offload)
             s["master"] = torch.cat([m.detach().reshape(-1) for m in st.master]).clone()
@@ -114,7 +114,7 @@ def load_optimizer_state_dict(opt: ZeroOptimizer, sd: dict[str, Any]) -> None:
         if st.generic is not None:
             st.generic.load_state_dict(s["generic"])
         else:
-            for name, pieces in st.state.items():
+            for name, pieces in _state_lists(opt, i, st).items():
                 _copy_into(pieces, s[name])
         if not opt.placement.shares_params(g.dtype):
             if "master" in s:
@@ -148,6 +148,20 @@ def restore_optimizer(
     if opt.lr_scheduler is not None and lr_scheduler:
         opt.lr_scheduler.load_state_dict(lr_scheduler)
     opt.sync_params_from_master()
+
+
+def _state_lists(opt: ZeroOptimizer, index: int, st: Any) -> Mapping[str, list[torch.Tensor]]:
+    """State tensors of shard group `index` by name: the fp32 pieces, or, when its codec
+    stores another form (8-bit blocks), the stored tensors of each parameter piece in shard
+    order (saved and restored as they are, never re-encoded)."""
+    if st.pieces is None:
+        return st.state
+    out: dict[str, list[torch.Tensor]] = {}
+    for p, pc in opt.layout().local_pieces():
+        if p.shard_group == index:
+            for name, (t, _) in sorted(st.pieces(pc.shard_offset, pc.numel).items()):
+                out.setdefault(name, []).append(t)
+    return out
 
 
 def _copy_into(pieces: list[torch.Tensor], src: torch.Tensor) -> None:

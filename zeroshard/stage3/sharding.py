@@ -95,7 +95,7 @@ class UnitSharding:
                 group=group_index, dtype=dtype, shard=shard, grads=lambda g=grads: g,
                 describe=lambda s=spans: self._describe(s),
                 shard_numel=sum(t.numel() for t in shard), num_shards=self.comm.world_size,
-                codec=codec, placement=placement,
+                codec=codec, placement=placement, shard_index=self.comm.rank,
             )  # fmt: skip
             self._groups.append((group, [u for u, _, _, _ in pieces]))
             out.append(group)

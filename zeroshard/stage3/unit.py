@@ -20,6 +20,7 @@ its shard pieces are views of it, and the optimizer all-gathers it after each up
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -93,6 +94,7 @@ class ShardedUnit:
         name: str = "",
         persistent: bool = False,
         tracker: GatherTracker | None = None,
+        align: Callable[[int], int] | None = None,
     ) -> None:
         if not params:
             raise ValueError("a sharded unit needs at least one parameter")
@@ -106,7 +108,7 @@ class ShardedUnit:
         self.persistent = persistent
         self.tracker = tracker or GatherTracker()
         self.num_shards, self.rank = comm.world_size, comm.rank
-        self._plan(params, max(int(bucket_numel), 1))
+        self._plan(params, max(int(bucket_numel), 1), align)
         self.trainable = any(p.requires_grad for p in params)
 
         self.state = RELEASED
@@ -128,9 +130,11 @@ class ShardedUnit:
             registry.set_unit(p, self)
 
     # -- layout ---------------------------------------------------------------------------
-    def _plan(self, params: list[nn.Parameter], bucket_numel: int) -> None:
+    def _plan(self, params: list[nn.Parameter], bucket_numel: int,
+              align: Callable[[int], int] | None) -> None:  # fmt: skip
+        # `align`: the optimizer state codec's per-parameter alignment (layout.plan_buckets)
         self.plan: BucketPlan = plan_buckets([p.numel() for p in params], self.num_shards,
-                                             bucket_numel)  # fmt: skip
+                                             bucket_numel, align)  # fmt: skip
         self.slots = [
             UnitSlot(weakref.ref(params[s.index]), s.offset, s.numel, params[s.index].shape,
                      s.bucket)
