@@ -35,11 +35,13 @@ def config(stage: int, offload_optimizer: bool, offload_param: bool, dtype: str)
 
 
 def train(stage: int, offload_optimizer: bool, offload_param: bool, dtype: str = "fp32",
-          steps: int = 20) -> dict:  # fmt: skip
+          steps: int = 20, optimizer: dict | None = None) -> dict:  # fmt: skip
     """One rank's run: losses, final parameters, the memory report split, copy counts."""
     rank, world = _rank_world()
     model = make_model()
     cfg = config(stage, offload_optimizer, offload_param, dtype)
+    if optimizer is not None:
+        cfg["optimizer"] = optimizer
     groups = param_groups(model, weight_decay=0.1)
     model, opt = zeroshard.initialize(model, cfg, model_parameters=groups)
     losses = []

@@ -65,6 +65,18 @@ def test_offload_trains_exactly_as_without(dist_run, stage, offload_param, dtype
                 assert want[key] == run[r]["memory"][key], (offload, r, key)
 
 
+def test_offload_with_8bit_states(dist_run):
+    """The AdamW8bit codec's fused step runs on the host pieces: same losses, codes and
+    absmax in host memory only."""
+    adam8 = {"type": "AdamW8bit", "params": {"lr": 3e-3, "block_size": 64, "min_8bit_size": 256}}
+    plain = dist_run(2, train, 2, False, False, "fp32", 8, adam8)
+    off = dist_run(2, train, 2, True, False, "fp32", 8, adam8)
+    for p, o in zip(plain, off):
+        assert o["losses"] == p["losses"]
+        assert o["host"]["optimizer_states"] == p["memory"]["optimizer_states"] > 0
+        assert o["device"]["optimizer_states"] == 0
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_offloaded_runs_resume_from_checkpoints_and_state_dicts(dist_run, tmp_path, stage):
     got = dist_run(2, resume, stage, str(tmp_path / "ckpt"), stage == 3)
