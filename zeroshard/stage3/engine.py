@@ -130,6 +130,7 @@ class Stage3Engine:
         self.prefetch_numel = int(prefetch_numel)
         self.max_live_numel = int(max_live_numel)
         self.max_reuse_numel = int(max_reuse_numel)
+        self.reduce_numel = int(reduce_numel)  # most elements one coalesced collective covers
         self.tracker = tracker
         self._index = {id(u): i for i, u in enumerate(units)}  # unit -> position
         self.state_dict_rank0_only = False  # state_dict.py: full tensors on rank 0 only
