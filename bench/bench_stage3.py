@@ -33,7 +33,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_train  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
 MODELS = {
     "compute": ["--layers", "4", "--dim", "256", "--seq", "128", "--micro-batch", "4"],
@@ -124,8 +123,7 @@ def main(argv: list[str] | None = None) -> None:
                                   str(a.steps), "--warmup", str(a.warmup), "--rounds",
                                   str(a.rounds), "--out", str(out / model)])  # fmt: skip
         before = os.getloadavg()[0]
-        mp.spawn(bench_train._worker, args=(2, bench_train._free_port(), args), nprocs=2,
-                 join=True)  # fmt: skip
+        bench_train.spawn(args)
         res = json.loads((out / model / "bench_train.json").read_text())
         res["load"] = [before, os.getloadavg()[0]]
         results[model] = res

@@ -721,9 +721,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse(argv)
+def spawn(args: argparse.Namespace) -> None:
+    """Run every system of `args` on 2 spawned gloo ranks; rank 0 writes the report."""
     mp.spawn(_worker, args=(2, _free_port(), args), nprocs=2, join=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    spawn(parse(argv))
 
 
 if __name__ == "__main__":
