@@ -22,6 +22,7 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 from enum import Enum
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -59,6 +60,13 @@ class GatherTracker:
 
     def reset_peak(self) -> None:
         self.peak = self.current
+
+
+class GatherSource(Protocol):
+    """A collective shared with other units (coalesce.SharedGather)."""
+
+    def fill(self, unit: ShardedUnit, full: Tensor) -> None: ...
+    def done(self, unit: ShardedUnit) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -112,7 +120,7 @@ class ShardedUnit:
         self.state = RELEASED
         self.full: Tensor | None = None
         self._works: list = []
-        self._shared = None  # a coalesced gather (coalesce.py) this unit takes its part from
+        self._shared: GatherSource | None = None  # a coalesced gather to take its part from
         # Only this class changes these three (through the methods below).
         self._users = 0  # forward calls (and GatheredParameters) using the unit right now
         self._pinned = False  # gathered for backward, until its gradients are in
@@ -257,7 +265,7 @@ class ShardedUnit:
         self.tracker.add(self.full_bytes)
         self.state = GATHERING
 
-    def gather_shared(self, shared) -> None:
+    def gather_shared(self, shared: GatherSource) -> None:
         """Gathered by a collective shared with other units: `shared.fill(self, full)` (a
         `coalesce.SharedGather`) copies this unit's part into its full buffer on `wait()`."""
         if self.state != RELEASED:
