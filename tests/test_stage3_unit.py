@@ -127,7 +127,7 @@ def test_a_shared_gather_fills_each_unit_and_frees_its_buffer_when_all_are_done(
                                                   nn.Parameter(torch.randn(2))]]  # fmt: skip
     values = [[p.detach().clone() for p in ps] for ps in params]
     units = [ShardedUnit(ps, Comm(), 10, tracker=tracker) for ps in params]
-    gather_coalesced(units, Comm(), tracker)
+    gather_coalesced(units, Comm(), tracker, limit=100)
     assert [u.state for u in units] == [UnitState.GATHERING] * 2
     buffer = sum(u.shard_numel for u in units) * 4
     assert tracker.current == buffer  # one rank-major buffer, no full buffers yet

@@ -101,10 +101,26 @@ class SharedGather:
             self.work = None
 
 
-def gather_coalesced(units: Sequence[ShardedUnit], comm: Collectives, tracker: GatherTracker
-                     ) -> None:  # fmt: skip
-    """Start gathering the released `units`: one collective per run of one dtype."""
-    for run in _same_kind([u for u in units if u.state is RELEASED and not u.persistent]):
+def _cut(units: Sequence[ShardedUnit], limit: int) -> list[list[ShardedUnit]]:
+    """Consecutive batches of at most `limit` elements (a larger unit alone)."""
+    batches: list[list[ShardedUnit]] = []
+    numel = 0
+    for u in units:
+        if batches and numel + u.numel <= limit:
+            batches[-1].append(u)
+            numel += u.numel
+        else:
+            batches.append([u])
+            numel = u.numel
+    return batches
+
+
+def gather_coalesced(units: Sequence[ShardedUnit], comm: Collectives, tracker: GatherTracker,
+                     limit: int) -> None:  # fmt: skip
+    """Start gathering the released `units`: one collective per run of one dtype and at
+    most `limit` elements (the prefetch bucket: what the shared buffer may add)."""
+    todo = [u for u in units if u.state is RELEASED and not u.persistent]
+    for run in (b for kind in _same_kind(todo) for b in _cut(kind, limit)):
         if len(run) == 1:
             run[0].gather()
             continue
@@ -117,18 +133,8 @@ def refresh_persistent(units: Sequence[ShardedUnit], comm: Collectives, bucket_n
                        ) -> None:  # fmt: skip
     """After the update: all-gather the persistent units' full parameters, coalesced in
     collectives of at most `bucket_numel` elements."""
-    batch: list[ShardedUnit] = []
-    numel = 0
-    batches = []
-    for u in units:
-        if batch and numel + u.numel > bucket_numel:
-            batches.append(batch)
-            batch, numel = [], 0
-        batch.append(u)
-        numel += u.numel
-    if batch:
-        batches.append(batch)
-    gathers = [(SharedGather(run, comm, None), run) for b in batches for run in _same_kind(b)]
+    runs = [b for kind in _same_kind(units) for b in _cut(kind, bucket_numel)]
+    gathers = [(SharedGather(run, comm, None), run) for run in runs]
     for shared, run in gathers:  # all launched first, then waited for
         for u in run:
             assert u.full is not None

@@ -319,7 +319,7 @@ class Stage3Engine:
                     head.append(u)
                 elif u.users == 0 and not u.pinned:
                     u.release_if_unused()
-            gather_coalesced(head, self.comm, self.tracker)
+            gather_coalesced(head, self.comm, self.tracker, self.prefetch_numel)
         finally:
             self.busy = False
 
@@ -353,7 +353,8 @@ class Stage3Engine:
     def _prefetch(self, order: list[int]) -> None:
         ahead = to_prefetch(order, self._cursor, self.units, self.prefetch_numel,
                             self.max_live_numel)  # fmt: skip
-        gather_coalesced([self.units[i] for i in ahead], self.comm, self.tracker)
+        gather_coalesced([self.units[i] for i in ahead], self.comm, self.tracker,
+                         self.prefetch_numel)
 
     # -- backward -------------------------------------------------------------------------------
     def _pre_backward(self, module: nn.Module, grad: Tensor) -> None:
