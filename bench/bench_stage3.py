@@ -58,6 +58,8 @@ def paired(rows: dict[str, Any], a: str, b: str) -> float | None:
 def check(results: dict[str, dict]) -> list[dict[str, Any]]:
     out = []
     for model, system, against, most in TARGETS:
+        if model not in results:
+            continue
         ratio = paired(results[model]["rows"], system, against)
         out.append({"model": model, "system": system, "against": against, "target": most,
                     "ratio": ratio, "ok": ratio is not None and ratio <= most})  # fmt: skip
@@ -114,6 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--systems", default=SYSTEMS)
     ap.add_argument("--models", default="compute,latency")
+    ap.add_argument("--interleave", action="store_true",
+                    help="alternate the systems step by step (ratios: per-step pairs)")
     ap.add_argument("--out", default=str(bench_train.ROOT / "bench" / "results" / "stage3"))
     a = ap.parse_args(argv)
     out = Path(a.out)
@@ -121,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     for model in a.models.split(","):
         args = bench_train.parse([*MODELS[model], "--systems", a.systems, "--steps",
                                   str(a.steps), "--warmup", str(a.warmup), "--rounds",
-                                  str(a.rounds), "--out", str(out / model)])  # fmt: skip
+                                  str(a.rounds), "--out", str(out / model)]
+                                 + (["--interleave"] if a.interleave else []))  # fmt: skip
         before = os.getloadavg()[0]
         bench_train.spawn(args)
         res = json.loads((out / model / "bench_train.json").read_text())

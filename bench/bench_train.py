@@ -467,6 +467,58 @@ def run_system(
     return out
 
 
+def run_interleaved(args: argparse.Namespace, batches: list[tuple[Tensor, Tensor]]
+                    ) -> dict[str, list[dict[str, Any]]]:  # fmt: skip
+    """Every system built at once and stepped in turn (step i of each, then step i+1), so a
+    load change on a shared machine hits all systems alike. Each timed step is reported as
+    its own round: the per-round ratios are per-step ratios of neighbouring steps."""
+    world = dist.get_world_size()
+    runners: dict[str, Runner] = {}
+    for s in args.systems:
+        try:
+            runners[s] = build(s, args)
+        except SkipSystem:
+            pass
+    n = args.warmup + args.steps
+    times = {s: torch.zeros(2, n, dtype=torch.float64) for s in runners}
+    losses = {s: torch.zeros(n, dtype=torch.float64) for s in runners}
+    held: dict[str, dict[str, int]] = {}
+    for i in range(n):
+        x, y = batches[i]
+        for s, runner in runners.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            loss = runner.forward_backward(x, y)
+            t1 = time.perf_counter()
+            if i == n - 1:
+                held[s] = _as_bytes(runner.held())
+            t2 = time.perf_counter()
+            runner.step()
+            times[s][0, i], times[s][1, i] = t1 - t0, time.perf_counter() - t2
+            losses[s][i] = loss.detach().float().item()
+    out: dict[str, list[dict[str, Any]]] = {}
+    for s, runner in runners.items():
+        counter = CollectiveCount()
+        x, y = batches[-1]
+        dist.barrier()
+        with counter.mode:
+            runner.forward_backward(x, y)
+            runner.step()
+        dist.all_reduce(times[s], op=dist.ReduceOp.MAX)
+        dist.all_reduce(losses[s], op=dist.ReduceOp.SUM)
+        info = {k: v for k, v in runner.info.items() if not callable(v)}
+        if "comm" in runner.info:
+            info["comm_bytes_last_step"] = runner.info["comm"]()
+        out[s] = [{
+            "fb_ms": [float(times[s][0, i]) * 1e3], "step_ms": [float(times[s][1, i]) * 1e3],
+            "losses": (losses[s] / world).tolist(), "bytes": held[s], "info": info,
+            "collectives": dict(counter.counts),
+        } for i in range(args.warmup, n)]  # fmt: skip
+    for s in args.systems:
+        out.setdefault(s, [{"skipped": "not built"}])
+    return out
+
+
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
@@ -480,7 +532,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     batches = [lang.batch(args.micro_batch, args.seq, (i * world + rank) * 7919 + args.seed)
                for i in range(n)]  # fmt: skip
     results: dict[str, list[dict[str, Any]]] = {s: [] for s in args.systems}
-    for r in range(args.rounds):
+    if args.interleave:
+        results = run_interleaved(args, batches)
+    for r in range(0 if args.interleave else args.rounds):
         for s in args.systems:
             t0 = time.perf_counter()
             res = run_system(s, args, batches)
@@ -702,6 +756,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         default=2_000_000,
         help="reduce/allgather bucket size (elements), same for DeepSpeed/zeroshard",
     )
+    ap.add_argument("--interleave", action="store_true",
+                    help="build every system at once and alternate them step by step")
     ap.add_argument("--loss-rtol", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=int, default=300, help="gloo collective timeout (s)")
