@@ -383,6 +383,28 @@ def build(name: str, args: argparse.Namespace) -> Runner:
     return build_zeroshard(args, stage, bf16)
 
 
+# -- counting collectives -----------------------------------------------------------------------
+class CollectiveCount:
+    """Collectives this rank issues, counted at the dispatcher (every c10d op goes through
+    it, whichever system issues it), so DDP, FSDP2, DeepSpeed and zeroshard are counted the
+    same way. Used for one extra, untimed step: a dispatch mode slows every op."""
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counts: dict[str, int] = {}
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.__name__.split(".")[0]
+                if func.namespace == "c10d" and name not in ("barrier", "monitored_barrier"):
+                    counts[name] = counts.get(name, 0) + 1
+                return func(*args, **(kwargs or {}))
+
+        self.counts = counts
+        self.mode = _Mode()
+
+
 # -- one rank ----------------------------------------------------------------------------------
 def run_system(
     name: str, args: argparse.Namespace, batches: list[tuple[Tensor, Tensor]]
@@ -422,6 +444,12 @@ def run_system(
         t3 = time.perf_counter()
         fb_s[i], step_s[i] = t1 - t0, t3 - t2
         losses[i] = loss.detach().float().item()
+    counter = CollectiveCount()  # one more step, untimed, with every collective counted
+    x, y = batches[-1]
+    dist.barrier()
+    with counter.mode:
+        runner.forward_backward(x, y)
+        runner.step()
     times = torch.stack([fb_s, step_s.to(torch.float64)])
     dist.all_reduce(times, op=dist.ReduceOp.MAX)  # a step lasts as long as its slowest rank
     dist.all_reduce(losses, op=dist.ReduceOp.SUM)
@@ -431,10 +459,63 @@ def run_system(
         "losses": (losses / world).tolist(),
         "bytes": held,
         "info": {k: v for k, v in runner.info.items() if not callable(v)},
+        "collectives": dict(counter.counts),
     }
     if "comm" in runner.info:
         out["info"]["comm_bytes_last_step"] = runner.info["comm"]()
     del runner
+    return out
+
+
+def run_interleaved(args: argparse.Namespace, batches: list[tuple[Tensor, Tensor]]
+                    ) -> dict[str, list[dict[str, Any]]]:  # fmt: skip
+    """Every system built at once and stepped in turn (step i of each, then step i+1), so a
+    load change on a shared machine hits all systems alike. Each timed step is reported as
+    its own round: the per-round ratios are per-step ratios of neighbouring steps."""
+    world = dist.get_world_size()
+    runners: dict[str, Runner] = {}
+    for s in args.systems:
+        try:
+            runners[s] = build(s, args)
+        except SkipSystem:
+            pass
+    n = args.warmup + args.steps
+    times = {s: torch.zeros(2, n, dtype=torch.float64) for s in runners}
+    losses = {s: torch.zeros(n, dtype=torch.float64) for s in runners}
+    held: dict[str, dict[str, int]] = {}
+    for i in range(n):
+        x, y = batches[i]
+        for s, runner in runners.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            loss = runner.forward_backward(x, y)
+            t1 = time.perf_counter()
+            if i == n - 1:
+                held[s] = _as_bytes(runner.held())
+            t2 = time.perf_counter()
+            runner.step()
+            times[s][0, i], times[s][1, i] = t1 - t0, time.perf_counter() - t2
+            losses[s][i] = loss.detach().float().item()
+    out: dict[str, list[dict[str, Any]]] = {}
+    for s, runner in runners.items():
+        counter = CollectiveCount()
+        x, y = batches[-1]
+        dist.barrier()
+        with counter.mode:
+            runner.forward_backward(x, y)
+            runner.step()
+        dist.all_reduce(times[s], op=dist.ReduceOp.MAX)
+        dist.all_reduce(losses[s], op=dist.ReduceOp.SUM)
+        info = {k: v for k, v in runner.info.items() if not callable(v)}
+        if "comm" in runner.info:
+            info["comm_bytes_last_step"] = runner.info["comm"]()
+        out[s] = [{
+            "fb_ms": [float(times[s][0, i]) * 1e3], "step_ms": [float(times[s][1, i]) * 1e3],
+            "losses": (losses[s] / world).tolist(), "bytes": held[s], "info": info,
+            "collectives": dict(counter.counts),
+        } for i in range(args.warmup, n)]  # fmt: skip
+    for s in args.systems:
+        out.setdefault(s, [{"skipped": "not built"}])
     return out
 
 
@@ -451,7 +532,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     batches = [lang.batch(args.micro_batch, args.seq, (i * world + rank) * 7919 + args.seed)
                for i in range(n)]  # fmt: skip
     results: dict[str, list[dict[str, Any]]] = {s: [] for s in args.systems}
-    for r in range(args.rounds):
+    if args.interleave:
+        results = run_interleaved(args, batches)
+    for r in range(0 if args.interleave else args.rounds):
         for s in args.systems:
             t0 = time.perf_counter()
             res = run_system(s, args, batches)
@@ -502,6 +585,8 @@ def summarize(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]
                                  for r in ok),
             "bytes": ok[-1]["bytes"], "final_loss": ok[-1]["losses"][-1],
             "losses": ok[-1]["losses"], "info": ok[-1]["info"],
+            "collectives": ok[-1].get("collectives", {}),
+            "collectives_per_step": sum(ok[-1].get("collectives", {}).values()),
         }  # fmt: skip
     ddp = rows.get("ddp", {}).get("ms_per_step")
     for name, row in rows.items():
@@ -543,7 +628,7 @@ def _fmt_ratio(x: float | None) -> str:
 def table(summary: dict) -> str:
     head = (
         f"{'system':14s} {'ms/step':>8s} {'p10-p90':>13s} {'fwd+bwd':>8s} {'step':>6s} "
-        f"{'/DDP':>5s} {'/DDPr':>5s} {'/zs':>5s} | {'params':>6s} {'grads':>6s} "
+        f"{'/DDP':>5s} {'/DDPr':>5s} {'/zs':>5s} {'coll':>5s} | {'params':>6s} {'grads':>6s} "
         f"{'optst':>6s} {'master':>6s} {'other':>6s} {'total':>6s} MiB | final loss"
     )
     lines = [head, "-" * len(head)]
@@ -557,12 +642,13 @@ def table(summary: dict) -> str:
             f"{name:14s} {r['ms_per_step']:8.1f} {r['p10_ms']:6.1f}-{r['p90_ms']:<6.1f} "
             f"{r['fwd_bwd_ms']:8.1f} {r['opt_step_ms']:6.1f} {_fmt_ratio(r['vs_ddp'])} "
             f"{_fmt_ratio(r.get('vs_ddp_paired'))} {_fmt_ratio(r['vs_zeroshard_same_stage'])} "
-            f"| {mib} | {r['final_loss']:.6f}"
+            f"{r.get('collectives_per_step', 0):5d} | {mib} | {r['final_loss']:.6f}"
         )
     lines.append(
         "ms/step: median of all timed steps of all rounds (fwd+bwd and step: their medians); "
         "/DDP: over DDP's median; /DDPr: median over rounds\nof the per-round ratio to DDP "
-        "(machine drift cancels); /zs: over zeroshard at the same stage and precision. "
+        "(machine drift cancels); /zs: over zeroshard at the same stage and precision; "
+        "coll: collectives per step (rank 0, one extra counted step). "
         "Bytes: rank 0, after the last backward."
     )
     agree = summary["fp32_loss_agreement"]
@@ -670,6 +756,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         default=2_000_000,
         help="reduce/allgather bucket size (elements), same for DeepSpeed/zeroshard",
     )
+    ap.add_argument("--interleave", action="store_true",
+                    help="build every system at once and alternate them step by step")
     ap.add_argument("--loss-rtol", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=int, default=300, help="gloo collective timeout (s)")
@@ -689,9 +777,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse(argv)
+def spawn(args: argparse.Namespace) -> None:
+    """Run every system of `args` on 2 spawned gloo ranks; rank 0 writes the report."""
     mp.spawn(_worker, args=(2, _free_port(), args), nprocs=2, join=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    spawn(parse(argv))
 
 
 if __name__ == "__main__":

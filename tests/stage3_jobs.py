@@ -74,6 +74,8 @@ def train_stage3(model_name: str, rule: str, precision: str = "fp32", steps: int
         "params": {k: v.float() for k, v in sd.items() if k in names},
         "losses": losses,
         "leaked_bytes": leaked,
+        "comm": opt.comm_report(),  # the last step's
+        "units": [(u.name, u.numel, u.persistent, u.trainable) for u in engine.units],
     }
 
 

@@ -31,4 +31,8 @@ def test_bench_train_quick(tmp_path: Path) -> None:
     assert zs2["optimizer_states"] < 0.6 * ddp["optimizer_states"]
     assert zs2["grads"] < 0.6 * ddp["grads"]
     assert data["fp32_loss_agreement"]["ok"], data["fp32_loss_agreement"]
+    # collectives counted at the dispatcher agree with zeroshard's own count of the same step
+    zs2_row = data["rows"]["zs-2"]
+    assert zs2_row["collectives_per_step"] == zs2_row["info"]["comm_bytes_last_step"]["calls"] > 0
+    assert data["rows"]["ddp"]["collectives_per_step"] >= 1
     assert (tmp_path / "bench_train.png").stat().st_size > 0

@@ -116,3 +116,25 @@ def test_backward_head_and_reuse_distance():
     assert next_use_within(order, 1, 0, units, max_reuse_numel=50) is True  # 20 + 30 between
     assert next_use_within(order, 1, 0, units, max_reuse_numel=49) is False
     assert next_use_within(order, 5, 0, units, max_reuse_numel=50) is None
+
+
+def test_a_shared_gather_fills_each_unit_and_frees_its_buffer_when_all_are_done():
+    from zeroshard.stage3.coalesce import gather_coalesced
+
+    tracker = GatherTracker()
+    torch.manual_seed(1)
+    params = [[nn.Parameter(torch.randn(4, 3))], [nn.Parameter(torch.randn(9)),
+                                                  nn.Parameter(torch.randn(2))]]  # fmt: skip
+    values = [[p.detach().clone() for p in ps] for ps in params]
+    units = [ShardedUnit(ps, Comm(), 10, tracker=tracker) for ps in params]
+    gather_coalesced(units, Comm(), tracker, limit=100)
+    assert [u.state for u in units] == [UnitState.GATHERING] * 2
+    buffer = sum(u.shard_numel for u in units) * 4
+    assert tracker.current == buffer  # one rank-major buffer, no full buffers yet
+    units[0].wait()
+    assert all(torch.equal(p, v) for p, v in zip(params[0], values[0]))
+    assert tracker.current == buffer + units[0].full_bytes
+    units[1].discard()  # dropped before taking its part: the buffer goes with it
+    assert tracker.current == units[0].full_bytes and units[1].state is UnitState.RELEASED
+    units[0].release()
+    assert tracker.current == 0

@@ -42,20 +42,30 @@ DONE = _DoneWork()
 
 @dataclass
 class CommCounter:
-    """Bytes sent by this rank, per collective, since the last `snapshot()`."""
+    """Bytes sent by this rank and calls issued, per collective, since the last `snapshot()`.
+
+    The report has each collective's bytes under its name and `total`, and its number of
+    calls under `<name>_calls` and `calls`: on a latency-bound model the calls, not the
+    bytes, set the step time."""
 
     current: Counter = field(default_factory=Counter)
+    calls: Counter = field(default_factory=Counter)
     last: dict[str, int] = field(default_factory=dict)
 
     def add(self, kind: str, nbytes: float) -> None:
         self.current[kind] += int(round(nbytes))
+        self.calls[kind] += 1
 
     def snapshot(self) -> dict[str, int]:
         """Close the current step: its counts become `last`, and counting restarts at zero."""
         report = {k: int(self.current.get(k, 0)) for k in COLLECTIVES}
         report["total"] = sum(report.values())
+        for k in COLLECTIVES:
+            report[f"{k}_calls"] = int(self.calls.get(k, 0))
+        report["calls"] = sum(self.calls.values())
         self.last = report
         self.current = Counter()
+        self.calls = Counter()
         return report
 
 

@@ -367,6 +367,8 @@ class ZeroOptimizationConfig(_Section):
     stage3_param_persistence_threshold: Union[Annotated[int, Field(ge=0)], Auto] = 100_000
     stage3_max_live_parameters: PositiveInt = 1_000_000_000
     stage3_max_reuse_distance: Annotated[int, Field(ge=0)] = 1_000_000_000
+    # zeroshard's own: what one stage-3 unit is (stage3/grouping.py; docs/config.md)
+    stage3_unit_grouping: Union[Literal["block", "module"], list[str]] = "block"
     stage3_gather_16bit_weights_on_model_save: bool = False
     load_from_fp32_weights: bool = True
     offload_optimizer: Optional[OffloadOptimizerConfig] = None

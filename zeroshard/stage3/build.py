@@ -1,8 +1,10 @@
 """Turning a model into a stage-3 model: units per module, the engine, the optimizer.
 
-Units follow module ownership: every module's directly registered parameters (of one dtype)
-form one unit, a parameter registered in several modules (tied weights) belongs to the first
-one in `named_modules()` order and is fetched by all of them. Within a unit, parameters are
+Units follow module ownership (grouping.py): with "module" grouping every module's directly
+registered parameters (of one dtype) form one unit; with "block" grouping (the default) or
+named classes, a block's whole subtree is one unit. A parameter registered in several
+modules (tied weights) belongs to the first one in `named_modules()` order and is fetched by
+all of them. Within a unit, parameters are
 ordered by param group, so each group's part of a rank's shard is one contiguous piece.
 Parameters built under `zeroshard.Init` arrive already sharded and keep their units.
 """
@@ -27,6 +29,7 @@ from zeroshard.shard import FP32, ON_DEVICE, Placement, StateCodec
 from zeroshard.shard.codec import alignment_of
 from zeroshard.stage3 import registry
 from zeroshard.stage3.engine import Stage3Engine
+from zeroshard.stage3.grouping import Grouping, unit_owner, unit_roots
 from zeroshard.stage3.sharding import UnitSharding
 from zeroshard.stage3.state_dict import install_state_dict_hooks
 from zeroshard.stage3.unit import GatherTracker, ShardedUnit
@@ -42,14 +45,20 @@ def build_units(
     tracker: GatherTracker,
     group_of: dict[int, int] | None = None,
     align: Callable[[int], int] | None = None,
+    grouping: Grouping = "module",
 ) -> list[ShardedUnit]:
-    """One unit per (owning module, dtype); parameters from `zeroshard.Init` reuse theirs.
-    `align`: the state codec's alignment, honoured by fresh units' layouts."""
+    """One unit per (owning module or block, dtype); parameters from `zeroshard.Init` reuse
+    theirs. `align`: the state codec's alignment, honoured by fresh units' layouts."""
     group_of = group_of or {}
     units: list[ShardedUnit] = []
     seen: set[int] = set()
+    roots = unit_roots(model, grouping)
+    owner = unit_owner(model, roots)
+    fresh_of: dict[nn.Module, dict[torch.dtype, list[nn.Parameter]]] = {}
+    names: dict[nn.Module, str] = {}
     for name, module in model.named_modules():
-        fresh: dict[torch.dtype, list[nn.Parameter]] = {}
+        names[module] = name
+        fresh = fresh_of.setdefault(owner[module], {})
         for p in module.parameters(recurse=False):
             if id(p) in seen:
                 continue
@@ -70,13 +79,14 @@ def build_units(
                 if p.is_floating_point() and p.dtype != dtype:
                     p.data = p.data.to(dtype)
             fresh.setdefault(p.dtype, []).append(p)
+    for module, fresh in fresh_of.items():
         for params in fresh.values():
             params.sort(key=lambda q: group_of.get(id(q), len(group_of) + 1))
             numel = sum(q.numel() for q in params)
             units.append(
                 ShardedUnit(
-                    params, comm, bucket_numel, name=name or "<root>", tracker=tracker,
-                    persistent=numel < persistence_threshold, align=align,
+                    params, comm, bucket_numel, name=names[module] or "<root>",
+                    tracker=tracker, persistent=numel < persistence_threshold, align=align,
                 )
             )  # fmt: skip
     return units
@@ -92,7 +102,7 @@ def make_units(
     return build_units(
         model, comm, dtype=cfg.compute_dtype, bucket_numel=stage3_bucket_numel(zo),
         persistence_threshold=int(zo.stage3_param_persistence_threshold), tracker=tracker,
-        group_of=group_of, align=alignment_of(codec),
+        group_of=group_of, align=alignment_of(codec), grouping=zo.stage3_unit_grouping,
     )  # fmt: skip
 
 
@@ -108,6 +118,7 @@ def make_engine(
         prefetch_numel=int(zo.stage3_prefetch_bucket_size),
         max_live_numel=int(zo.stage3_max_live_parameters),
         max_reuse_numel=int(zo.stage3_max_reuse_distance), tracker=tracker,
+        reduce_numel=stage3_bucket_numel(zo),
     )  # fmt: skip
 
 

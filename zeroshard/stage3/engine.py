@@ -12,6 +12,9 @@
 - Prefetch: every pass records the order units were fetched in; the next pass of the same
   kind (forward, no-grad forward, backward) issues the all-gathers of the units after the
   current one, up to `prefetch_numel` elements not yet in use, so they overlap compute.
+  Those units share one all-gather (coalesce.py), and units whose gradients are complete
+  share one reduce-scatter up to `reduce_numel` elements: on a latency-bound model the
+  number of collectives, not their bytes, sets the step time.
 - Reuse: after a forward use a unit stays gathered if the recorded order needs it again
   within `stage3_max_reuse_distance` elements of other gathers (a tied embedding, a block
   reused in a loop), or if backward starts with it (the last layers: gathered at the end of
@@ -40,6 +43,8 @@ from torch.utils._pytree import tree_flatten
 from zeroshard import guards
 from zeroshard.comm.collectives import Comm
 from zeroshard.comm.inflight import MAX_IN_FLIGHT, InFlight
+from zeroshard.stage3.coalesce import GradBatcher, gather_coalesced
+from zeroshard.stage3.grouping import fetchers
 from zeroshard.stage3.prefetch import backward_head, next_use_within, to_prefetch
 from zeroshard.stage3.unit import GATHERED, RELEASED, GatherTracker, ShardedUnit
 
@@ -116,6 +121,7 @@ class Stage3Engine:
         max_live_numel: int,
         max_reuse_numel: int = 0,
         tracker: GatherTracker,
+        reduce_numel: int = 0,
     ) -> None:
         self.model = model
         self.units = units
@@ -124,6 +130,7 @@ class Stage3Engine:
         self.prefetch_numel = int(prefetch_numel)
         self.max_live_numel = int(max_live_numel)
         self.max_reuse_numel = int(max_reuse_numel)
+        self.reduce_numel = int(reduce_numel)  # most elements one coalesced collective covers
         self.tracker = tracker
         self._index = {id(u): i for i, u in enumerate(units)}  # unit -> position
         self.state_dict_rank0_only = False  # state_dict.py: full tensors on rank 0 only
@@ -140,7 +147,10 @@ class Stage3Engine:
                 u = self.param_units.get(id(p))
                 if u is not None and u not in own:
                     own.append(u)
-            self.module_units[m] = own
+            self.module_units[m] = own  # what a module's state_dict reads
+        # what a module's forward gathers: a block's unit is gathered by the block itself
+        self.fetched: dict[nn.Module, list[ShardedUnit]] = fetchers(model, units,
+                                                                    self.param_units)
         self.external: dict[nn.Module, list[ShardedUnit]] = {}
         self._frames: list[tuple[nn.Module, list[ShardedUnit]]] = []
         self._mode: ExternalParamMode | None = None
@@ -151,6 +161,7 @@ class Stage3Engine:
         self._pass = ""
         self._cursor = 0
         self.queue = InFlight()  # reduce-scatters in flight (shared with stages 0-2)
+        self.batcher = GradBatcher(comm, self.queue, reduce_numel)
         self._handles: list = []
         self._root_depth = 0
         self._ambient_error: BaseException | None = None
@@ -182,7 +193,7 @@ class Stage3Engine:
 
     def units_of(self, m: nn.Module) -> list[ShardedUnit]:
         ext = self.external.get(m)
-        return self.module_units.get(m, []) + ext if ext else self.module_units.get(m, [])
+        return self.fetched.get(m, []) + ext if ext else self.fetched.get(m, [])
 
     # -- forward ----------------------------------------------------------------------------
     def _root_pre_forward(self, module: nn.Module, args: Any, kwargs: Any) -> None:
@@ -262,7 +273,7 @@ class Stage3Engine:
         and remember that the module needs it."""
         module = self._frames[-1][0] if self._frames else self.model
         self.external.setdefault(module, [])
-        if u not in self.external[module] and u not in self.module_units.get(module, []):
+        if u not in self.external[module] and u not in self.fetched.get(module, []):
             self.external[module].append(u)
         self.busy = True
         try:
@@ -301,12 +312,14 @@ class Stage3Engine:
         keep = self._backward_head()
         self.busy = True
         try:
+            head = []
             for u in self.units:
                 if self._index[id(u)] in keep:
                     u.unretain()  # now an ordinary prefetch for backward
-                    u.gather()
+                    head.append(u)
                 elif u.users == 0 and not u.pinned:
                     u.release_if_unused()
+            gather_coalesced(head, self.comm, self.tracker, self.prefetch_numel)
         finally:
             self.busy = False
 
@@ -338,9 +351,10 @@ class Stage3Engine:
         u.wait()
 
     def _prefetch(self, order: list[int]) -> None:
-        for i in to_prefetch(order, self._cursor, self.units, self.prefetch_numel,
-                             self.max_live_numel):  # fmt: skip
-            self.units[i].gather()
+        ahead = to_prefetch(order, self._cursor, self.units, self.prefetch_numel,
+                            self.max_live_numel)  # fmt: skip
+        gather_coalesced([self.units[i] for i in ahead], self.comm, self.tracker,
+                         self.prefetch_numel)
 
     # -- backward -------------------------------------------------------------------------------
     def _pre_backward(self, module: nn.Module, grad: Tensor) -> None:
@@ -362,13 +376,8 @@ class Stage3Engine:
             u.release_if_unused()
 
     def _launch_reduce(self, u: ShardedUnit) -> None:
-        self._queue_reduce(u)
+        self.batcher.add(u)
         self.queue.wait_below(MAX_IN_FLIGHT * max(len(u.buckets), 1))
-
-    def _queue_reduce(self, u: ShardedUnit) -> None:
-        for work, full, temp in u.reduce_grads():
-            done = None if temp is None else functools.partial(temp[1].add_, temp[0])
-            self.queue.add(work, held=(full,), on_done=done)
 
     def _end_backward(self) -> None:
         """Runs once at the end of every backward: reduce leftovers, release everything."""
@@ -389,8 +398,9 @@ class Stage3Engine:
     def finish_reduction(self) -> None:
         """Reduce every gradient not reduced yet and wait for all reductions."""
         for u in self.units:
-            if u.grad_full is not None:
-                self._queue_reduce(u)
+            if u.grad_full is not None and u not in self.batcher.pending:
+                self.batcher.add(u)
+        self.batcher.flush()
         self.queue.drain()
 
     # -- what the optimizer reads ------------------------------------------------------------------

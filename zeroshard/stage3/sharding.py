@@ -25,6 +25,7 @@ from zeroshard.shard.codec import StateCodec
 from zeroshard.shard.group import HeldParam, ShardGroup
 from zeroshard.shard.layout import Piece
 from zeroshard.shard.placement import Placement
+from zeroshard.stage3.coalesce import refresh_persistent
 from zeroshard.stage3.engine import Stage3Engine
 from zeroshard.stage3.unit import ShardedUnit
 
@@ -108,15 +109,11 @@ class UnitSharding:
             group.refresh_master([i for i, u in enumerate(units) if u is unit])
 
     def gather_params(self) -> None:
-        """Nothing to gather: the next forward does. Persistent units are refreshed here."""
-        works = []
-        for u in self.engine.units:
-            if u.persistent and u.trainable:
-                for b, piece in zip(u.buckets, u.shard_pieces):
-                    full = u.full[b.start : b.start + b.numel]
-                    works.append(self.comm.all_gather(full, piece, async_op=True))
-        for w in works:
-            w.wait()
+        """Nothing to gather: the next forward does. Persistent units are refreshed here,
+        coalesced: one all-gather per `reduce_bucket_size` elements, not one per module."""
+        persistent = [u for u in self.engine.units if u.persistent and u.trainable]
+        refresh_persistent(persistent, self.comm, self.engine.reduce_numel or sum(
+            u.numel for u in persistent))
 
     def held_tensors(self) -> dict[str, list[Tensor]]:
         """Parameter shards (plus persistent and currently gathered full parameters), gradient

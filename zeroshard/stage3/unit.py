@@ -23,6 +23,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -60,6 +61,13 @@ class GatherTracker:
 
     def reset_peak(self) -> None:
         self.peak = self.current
+
+
+class GatherSource(Protocol):
+    """A collective shared with other units (coalesce.SharedGather)."""
+
+    def fill(self, unit: ShardedUnit, full: Tensor) -> None: ...
+    def done(self, unit: ShardedUnit) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -116,6 +124,7 @@ class ShardedUnit:
         self._works: list = []
         self.shard_on_host = False  # offload_param: the shard lives in host memory
         self._staging: Tensor | None = None  # device copy of a host shard, while gathering
+        self._shared: GatherSource | None = None  # a coalesced gather to take its part from
         # Only this class changes these three (through the methods below).
         self._users = 0  # forward calls (and GatheredParameters) using the unit right now
         self._pinned = False  # gathered for backward, until its gradients are in
@@ -257,12 +266,12 @@ class ShardedUnit:
         self.full = torch.empty(self.numel, dtype=self.dtype, device=self.device)
         self._works = [
             self.comm.all_gather(self.full[b.start : b.start + b.numel], piece, async_op=True)
-            for b, piece in zip(self.buckets, self._gather_sources())
+            for b, piece in zip(self.buckets, self.gather_sources())
         ]
         self.tracker.add(self.full_bytes)
         self.state = GATHERING
 
-    def _gather_sources(self) -> list[Tensor]:
+    def gather_sources(self) -> list[Tensor]:
         """What each bucket's all-gather sends: the shard pieces, or, when the shard lives in
         host memory, their copy in a device staging buffer (alive until the gather ends)."""
         if not self.shard_on_host:
@@ -287,11 +296,24 @@ class ShardedUnit:
         self.shard_pieces = [host[b.shard_offset : b.shard_offset + b.chunk] for b in self.buckets]
         self.shard_on_host = True
 
+    def gather_shared(self, shared: GatherSource) -> None:
+        """Gathered by a collective shared with other units: `shared.fill(self, full)` (a
+        `coalesce.SharedGather`) copies this unit's part into its full buffer on `wait()`."""
+        if self.state != RELEASED:
+            raise RuntimeError(f"unit {self.name!r}: shared gather of a {self.state.value} unit")
+        self._shared = shared
+        self.state = GATHERING
+
     def wait(self) -> None:
         """Finish the gather and point the parameters at the full buffer."""
         if self.state == RELEASED:
             self.gather()
         if self.state == GATHERING:
+            if self._shared is not None:
+                shared, self._shared = self._shared, None
+                self.full = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+                self.tracker.add(self.full_bytes)
+                shared.fill(self, self.full)
             for w in self._works:
                 w.wait()
             self._works = []
@@ -326,11 +348,15 @@ class ShardedUnit:
             return
         if self.state == GATHERING and wait:
             self.wait()
+        if self._shared is not None:  # dropped before it took its part
+            self._shared.done(self)
+            self._shared = None
         self._works = []
         self._staging = None
         self._placeholders()
+        if self.full is not None:
+            self.tracker.sub(self.full_bytes)
         self.full = None
-        self.tracker.sub(self.full_bytes)
         self.state = RELEASED
         self._pinned = False
         self._retained = False
@@ -381,6 +407,29 @@ class ShardedUnit:
         param.grad = None
         self.fired.add(i)
         return len(self.fired) == sum(1 for s in self.slots if s.param.requires_grad)
+
+    @property
+    def grad_dtype(self) -> torch.dtype | None:
+        return None if self.grad_shard is None else self.grad_shard.dtype
+
+    def take_grads(self) -> tuple[Tensor, bool]:
+        """Hand the flat gradient buffer to a coalesced reduction (coalesce.py); also says
+        whether it is this step's first reduction (its result is copied, not added)."""
+        assert self.grad_full is not None
+        grad, first = self.grad_full, not self.wrote_grad
+        self.grad_full = None
+        self.wrote_grad = True
+        self.fired.clear()
+        return grad, first
+
+    @torch.no_grad()
+    def land_grads(self, reduced: Tensor, first: bool) -> None:
+        """This unit's reduced gradient shard from a coalesced reduction."""
+        assert self.grad_shard is not None
+        if first:
+            self.grad_shard.copy_(reduced)
+        else:
+            self.grad_shard.add_(reduced)
 
     def reduce_grads(self) -> list[tuple[object, Tensor, Tensor | None]]:
         """Reduce-scatter the flat gradient buffer into the gradient shard (async); returns
