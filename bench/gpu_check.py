@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported: compile for the GPU
+if __name__ == "__main__":  # a run compiles for the GPU: set before triton is imported
+    os.environ["TRITON_INTERPRET"] = "0"  # (importing this module, as its tests do, leaves it)
 
 import torch  # noqa: E402
 
