@@ -147,9 +147,15 @@ class Body(_Strict):
 def _schema_errors(e: ValidationError) -> str:
     out = []
     for err in e.errors(include_url=False)[:5]:
-        loc = ".".join(str(x) for x in err["loc"]) or "<body>"
         shown = json.dumps(err.get("input"), default=repr)
         shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        if err["loc"][:1] == ("files",) and err["loc"][-1] == "[key]":
+            out.append(
+                f"body.files names the file {shown}: not a plain name inside the "
+                "checkpoint folder (no '/', '..', absolute path or leading '.')"
+            )
+            continue
+        loc = ".".join(str(x) for x in err["loc"]) or "<body>"
         out.append(f"body.{loc} = {shown}: {err['msg']}")
     more = e.error_count() - len(out)
     return "; ".join(out) + (f" (and {more} more)" if more > 0 else "")
