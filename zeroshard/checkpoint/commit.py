@@ -199,12 +199,12 @@ def commit(
         dist_util.crash_point("after_write", rank)
     except BaseException as e:  # reported to every rank by the vote, then re-raised
         error = e
-    if not dist_util.all_ok(error is None, pg):
+    where = dist_util.faults(error, pg)
+    if where:
         shutil.rmtree(tmp, ignore_errors=True)
-        where = f"rank {rank}: {error!r}" if error else "another rank failed"
         raise CheckpointError(
-            f"checkpoint save to {root / tag} failed ({where}); the previous checkpoint is "
-            "untouched"
+            f"checkpoint save to {root / tag} failed ({where}); nothing was published, the "
+            "previous checkpoint is untouched"
         ) from error
     parts = dist_util.all_gather_obj(part, pg)
     try:
@@ -217,7 +217,7 @@ def commit(
             dist_util.crash_point("after_publish", rank)
     except BaseException as e:
         error = e
-    if not dist_util.all_ok(error is None, pg):
-        where = f"rank {rank}: {error!r}" if error else "another rank failed"
+    where = dist_util.faults(error, pg)
+    if where:
         raise CheckpointError(f"publishing checkpoint {root / tag} failed ({where})") from error
     return root / tag

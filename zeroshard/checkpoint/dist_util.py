@@ -159,6 +159,14 @@ def all_gather_obj(obj: Any, pg: Group | None = None) -> list[Any]:
     return [json.loads(bytes(o[: int(s.item())].numpy())) for o, s in zip(outs, sizes)]
 
 
+def faults(error: BaseException | None, pg: Group | None = None) -> str:
+    """The vote: "" if no rank failed, else every failing rank's error, the same text on
+    every rank ("rank 1: FileExistsError: ...")."""
+    mine = "" if error is None else f"{type(error).__name__}: {error}"
+    found = all_gather_obj(mine, pg)
+    return "; ".join(f"rank {r}: {m}" for r, m in enumerate(found) if m)
+
+
 def broadcast_obj(obj: Any, pg: Group | None = None) -> Any:
     """Rank 0's `obj` on every rank."""
     return all_gather_obj(obj, pg)[0]

@@ -172,9 +172,8 @@ def save_checkpoint(
             plan.snapshot(counter)
     except BaseException as e:  # every rank learns of it before anything is written
         error = e
-    if not dist_util.all_ok(error is None, pg):
-        rank, _ = dist_util.rank_world()
-        where = f"rank {rank}: {error}" if error else "another rank failed"
+    where = dist_util.faults(error, pg)
+    if where:
         raise commit.CheckpointError(f"checkpoint save to {root} failed ({where})") from error
     assert tag is not None
 
