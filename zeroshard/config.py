@@ -33,11 +33,13 @@ from zeroshard.config_errors import ConfigError, format_path, translate_validati
 from zeroshard.config_sections import (
     _OPTIMIZERS,
     _SCHEDULERS,
+    MAX_BATCH,
     AdamOptimizer,
     AdamParams,
     AdamWOptimizer,
     AdamWParams,
     Auto,
+    BatchSize,
     BF16Config,
     FP16Config,
     LionOptimizer,
@@ -96,10 +98,11 @@ class ZeroConfig(_Section):
     """
 
     _auto_ok: ClassVar[frozenset[str]] = frozenset(_BATCH_KEYS)
+    _float_ints: ClassVar[dict[str, int]] = dict.fromkeys(_BATCH_KEYS, MAX_BATCH)
 
-    train_batch_size: Union[PositiveInt, Auto, None] = None
-    train_micro_batch_size_per_gpu: Union[PositiveInt, Auto, None] = None
-    gradient_accumulation_steps: Union[PositiveInt, Auto, None] = None
+    train_batch_size: Union[BatchSize, Auto, None] = None
+    train_micro_batch_size_per_gpu: Union[BatchSize, Auto, None] = None
+    gradient_accumulation_steps: Union[BatchSize, Auto, None] = None
     optimizer: Optional[OptimizerConfig] = None
     scheduler: Optional[SchedulerConfig] = None
     fp16: FP16Config = Field(default_factory=FP16Config)
@@ -329,12 +332,37 @@ def _read_json(path: str) -> Any:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     try:
         return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except RecursionError:
+        raise ConfigError(
+            f"JSON nested deeper than Python's parser allows; a config nests at most "
+            f"{MAX_DEPTH} levels",
+            source=path,
+        ) from None
     except json.JSONDecodeError as e:
         raise ConfigError(
             f"malformed JSON at {path}, line {e.lineno}, column {e.colno}: {e.msg}"
         ) from None
     except ConfigError as e:
         raise ConfigError(e.problems, source=path) from None
+
+
+MAX_DEPTH = 32  # DeepSpeed configs nest a handful of levels; this bounds every walk
+
+
+def _check_depth(data: Any) -> None:
+    """ConfigError if `data` nests deeper than MAX_DEPTH (checked without recursion, before
+    anything recursive such as deepcopy or validation runs)."""
+    stack: list[tuple[Any, tuple]] = [(data, ())]
+    while stack:
+        value, path = stack.pop()
+        if len(path) > MAX_DEPTH:
+            shown = format_path(path[:4]) + "..."
+            raise ConfigError(f"`{shown}` nests deeper than {MAX_DEPTH} levels; a config nests "
+                              f"at most {MAX_DEPTH} levels of objects and lists")  # fmt: skip
+        if isinstance(value, Mapping):
+            stack += [(v, (*path, str(k))) for k, v in value.items()]
+        elif isinstance(value, (list, tuple)):
+            stack += [(v, (*path, i)) for i, v in enumerate(value)]
 
 
 def _default_world_size() -> int:
@@ -356,7 +384,12 @@ def load_config(
     if isinstance(src, (str, os.PathLike)):
         source = os.fspath(src)
         data = _read_json(source)
+        try:
+            _check_depth(data)
+        except ConfigError as e:
+            raise ConfigError(e.problems, source=source) from None
     elif isinstance(src, Mapping):
+        _check_depth(src)
         data = copy.deepcopy(dict(src))
     else:
         raise ConfigError(f"expected a JSON file path or a mapping, got {type(src).__name__}")

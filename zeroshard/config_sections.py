@@ -10,6 +10,7 @@ file readable; import these names from :mod:`zeroshard.config`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal, Optional, Union, get_args, get_origin
 
@@ -33,13 +34,23 @@ _AUTO_HELP = (
 )
 
 
-class _Section(BaseModel):
-    """Base for every config section: unknown keys are errors, values are re-validated."""
+# Sane ranges: a size beyond these is a typo (an exponent too many), not a setting.
+MAX_ELEMENTS = 10**12  # bucket sizes, thresholds, live/reuse limits (elements: 4 TB of fp32)
+MAX_BATCH = 2**31 - 1  # batch sizes and accumulation steps
 
-    model_config = ConfigDict(extra="forbid")
+
+class _Section(BaseModel):
+    """Base for every config section: unknown keys are errors, values are re-validated,
+    floats must be finite (JSON's Infinity/NaN are rejected)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     # Field names that may legitimately hold "auto" (resolved later by zeroshard).
     _auto_ok: ClassVar[frozenset[str]] = frozenset()
+    # Integer fields (name -> largest value) that accept a float-written whole number
+    # (`5e8`), as DeepSpeed's docs write sizes; other integer fields reject floats
+    # (`"stage": 2.0`).
+    _float_ints: ClassVar[dict[str, int]] = {}
 
     @field_validator("*", mode="before")
     @classmethod
@@ -56,7 +67,35 @@ class _Section(BaseModel):
                 flag = "true" if value else "false"
                 raise ValueError(f'must be an object like {{"enabled": {flag}}}, not a boolean')
             raise ValueError("must be a number, not a boolean")
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        limit = cls._float_ints.get(name)
+        if limit is not None and number and value > limit:
+            raise ValueError(f"must be at most {limit} ({limit:.3g})")
+        if isinstance(value, float) and field is not None and _int_only(field.annotation):
+            whole = math.isfinite(value) and value.is_integer()
+            if limit is not None:
+                if not whole:
+                    auto = ", or must be 'auto'" if name in cls._auto_ok else ""
+                    raise ValueError(f"must be a whole number, got a fractional part{auto}")
+                return int(value)
+            hint = f" (write {int(value)})" if whole else ""
+            raise ValueError(f"must be an integer, not the float {value!r}{hint}")
         return value
+
+
+def _leaves(annotation: Any) -> set[type]:
+    """The value types a field annotation admits (through Annotated, Union, Literal)."""
+    if isinstance(annotation, type):
+        return {annotation}
+    if get_origin(annotation) is Literal:
+        return {type(a) for a in get_args(annotation)}
+    return set().union(*(_leaves(a) for a in get_args(annotation)))
+
+
+def _int_only(annotation: Any) -> bool:
+    """Whether a field holds integers and no floats (Literal[0, 1, 2, 3] included)."""
+    leaves = _leaves(annotation)
+    return int in leaves and float not in leaves
 
 
 def _accepts_bool(annotation: Any) -> bool:
@@ -281,6 +320,9 @@ class BF16Config(_Section):
 
 
 PositiveInt = Annotated[int, Field(ge=1)]
+BatchSize = Annotated[int, Field(ge=1, le=MAX_BATCH)]
+Elements = Annotated[int, Field(ge=1, le=MAX_ELEMENTS)]
+Elements0 = Annotated[int, Field(ge=0, le=MAX_ELEMENTS)]
 
 
 class ZeroOptimizationConfig(_Section):
@@ -289,18 +331,23 @@ class ZeroOptimizationConfig(_Section):
     _auto_ok: ClassVar[frozenset[str]] = frozenset(
         {"reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"}
     )
+    _float_ints: ClassVar[dict[str, int]] = dict.fromkeys(
+        ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
+         "stage3_param_persistence_threshold", "stage3_max_live_parameters",
+         "stage3_max_reuse_distance"), MAX_ELEMENTS
+    )  # fmt: skip
 
     stage: Literal[0, 1, 2, 3] = 0
     overlap_comm: bool = True
     contiguous_gradients: bool = True
     reduce_scatter: bool = True
-    reduce_bucket_size: Union[PositiveInt, Auto] = 500_000_000
+    reduce_bucket_size: Union[Elements, Auto] = 500_000_000
     allgather_partitions: bool = True
-    allgather_bucket_size: PositiveInt = 500_000_000
-    stage3_prefetch_bucket_size: Union[PositiveInt, Auto] = 50_000_000
-    stage3_param_persistence_threshold: Union[Annotated[int, Field(ge=0)], Auto] = 100_000
-    stage3_max_live_parameters: PositiveInt = 1_000_000_000
-    stage3_max_reuse_distance: Annotated[int, Field(ge=0)] = 1_000_000_000
+    allgather_bucket_size: Elements = 500_000_000
+    stage3_prefetch_bucket_size: Union[Elements, Auto] = 50_000_000
+    stage3_param_persistence_threshold: Union[Elements0, Auto] = 100_000
+    stage3_max_live_parameters: Elements = 1_000_000_000
+    stage3_max_reuse_distance: Elements0 = 1_000_000_000
     stage3_gather_16bit_weights_on_model_save: bool = False
     load_from_fp32_weights: bool = True
 
