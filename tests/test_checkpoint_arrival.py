@@ -13,9 +13,9 @@ import torch.distributed as dist
 
 import zeroshard
 from tests.ckpt_jobs import build, train
-from zeroshard.checkpoint import dist_util
 
 DEADLINE = 3.0
+ENV = "ZEROSHARD_CKPT_ARRIVAL_TIMEOUT_S"  # the deadline setting
 
 
 def _timed(fn, *args, **kwargs) -> tuple[str, float]:
@@ -30,7 +30,7 @@ def _timed(fn, *args, **kwargs) -> tuple[str, float]:
 
 def job_partial(root: str, stage: int) -> dict:
     rank = dist.get_rank()
-    os.environ[dist_util.ARRIVAL_ENV] = str(DEADLINE)
+    os.environ[ENV] = str(DEADLINE)
     try:
         model, opt = build(stage, "fp32")
         train(model, opt, 0, 1)
@@ -52,7 +52,7 @@ def job_partial(root: str, stage: int) -> dict:
         out["latest"] = open(f"{root}/latest").read()
         return out
     finally:
-        del os.environ[dist_util.ARRIVAL_ENV]
+        del os.environ[ENV]
 
 
 @pytest.mark.parametrize("stage", [2, 3])
