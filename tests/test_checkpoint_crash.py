@@ -162,3 +162,16 @@ def test_no_complete_copy_lost_to_sigkill(crashed, case):
         found[tag] = c["step"]
     print(f"crash {point}:{who} ({mode}) in the last save of {seq}: latest={latest!r} "
           f"step {step}; tags after the next save: {found}")
+
+
+def test_tags_are_names_and_odd_leftovers_do_not_block(tmp_path):
+    model, opt = build(1, "fp32")
+    for bad in ("../x", "/tmp/x", "a/b", "..", "latest", ".hidden", ""):
+        with pytest.raises(zeroshard.CheckpointError, match="is not a checkpoint tag"):
+            zeroshard.save_checkpoint(tmp_path, model, opt, tag=bad)
+    assert not (tmp_path.parent / "x").exists()
+    zeroshard.save_checkpoint(tmp_path, model, opt, tag="a")
+    for odd in (".old--1234", ".tmp-a-0badc0ffee00", ".link-a-0badc0ffee00"):
+        (tmp_path / odd).mkdir()  # not restorable: no tag name, or incomplete
+    zeroshard.save_checkpoint(tmp_path, model, opt, tag="b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "latest"]

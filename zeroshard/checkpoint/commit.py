@@ -99,6 +99,13 @@ def _leftover(name: str) -> tuple[str, str, str] | None:
     return None
 
 
+def _is_tag(name: str) -> bool:
+    try:
+        return check_name(name, "tag") == name
+    except ValueError:
+        return False
+
+
 def _complete(folder: Path) -> bool:
     return (folder / MANIFEST).is_file() and not folder.is_symlink()
 
@@ -120,11 +127,11 @@ def sweep(root: Path, keep: str) -> None:
         _publish(root, info[1], root / latest, uuid.uuid4().hex[:12])
     for p in sorted(root.iterdir()):
         info = _leftover(p.name)
-        if info is None or info[0] != OLD or info[2] == keep or (root / info[1]).exists():
+        if info is None or info[0] != OLD or info[2] == keep or not _is_tag(info[1]):
             continue
         new = root / f"{TMP}{info[1]}-{info[2]}"
         best = new if _complete(new) else p if _complete(p) else None
-        if best is not None and check_name(info[1], "tag") == info[1]:
+        if best is not None and not (root / info[1]).exists():
             os.replace(best, root / info[1])
             fsync_dir(root)
     latest = _latest_quiet(root)
