@@ -15,8 +15,8 @@ import safetensors.torch
 import torch
 
 import zeroshard
-from tests.ckpt_jobs import build
-from tests.test_checkpoint_crash import REPO, _port
+from tests.ckpt_jobs import REPO, build
+from tests.ckpt_jobs import free_port as _port
 
 RUNS = 3  # "ok" runs (each one 2-rank job; all start at once)
 

@@ -10,7 +10,6 @@ The committed cases are a representative subset; ZEROSHARD_CRASH_MATRIX=full run
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,9 +20,9 @@ import safetensors.torch
 import torch
 
 import zeroshard
-from tests.ckpt_jobs import build, train
+from tests.ckpt_jobs import REPO, build, train
+from tests.ckpt_jobs import free_port as _port
 
-REPO = Path(__file__).resolve().parents[1]
 # points that fire on the publishing rank only (rank 0 on a shared disk)
 LEADER = ("before_publish", "after_latest_tmp", "after_old_moved", "during_link",
           "after_rename", "after_publish")  # fmt: skip
@@ -55,12 +54,6 @@ SUBSET = [
     ("a,a", None, None, "sync"),  # no crash: the re-save completes
 ]
 CASES = _matrix() if os.environ.get("ZEROSHARD_CRASH_MATRIX") == "full" else SUBSET
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch(root: Path, seq: str, point: str | None, who: str | None, mode: str) -> list:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 import zeroshard
 from tests.ckpt_jobs import build, train
-from tests.test_checkpoint_validation import _snapshot
+from tests.ckpt_jobs import snapshot as _snapshot
 from zeroshard.checkpoint import load as load_mod
 from zeroshard.checkpoint import manifest
 
