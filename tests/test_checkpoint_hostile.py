@@ -14,6 +14,7 @@ import struct
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -188,7 +189,9 @@ class _FailingOpen:
         return Handle()
 
 
-def job_apply_fails(root: str) -> dict:
+def job_apply_fails(root: str, where: str) -> dict:
+    """Rank 1's apply step fails at its third slice read ("read") or after the tensors and
+    all but the last step counter were written ("step")."""
     rank = dist.get_rank()
     model, opt = build(2, "fp32")
     train(model, opt, 0, 2)
@@ -196,24 +199,37 @@ def job_apply_fails(root: str) -> dict:
     model2, opt2 = build(2, "fp32", seed=5)
     train(model2, opt2, 0, 1)
     before = _snapshot(model2, opt2)
-    real = load_mod.safe_open
-    if rank == 1:
-        load_mod.safe_open = _FailingOpen(real, [0])
+    real_open, real_step = load_mod.safe_open, load_mod.L.set_step
+    last = len(opt2.layout(model2).groups) - 1
+
+    fired = []
+
+    def failing_step(opt, i, step):  # fails once (the restore's call goes through)
+        if i == last and not fired:
+            fired.append(i)
+            raise OSError("simulated read error")
+        real_step(opt, i, step)
+
+    if rank == 1 and where == "read":
+        load_mod.safe_open = _FailingOpen(real_open, [0])
+    if rank == 1 and where == "step":
+        load_mod.L.set_step = failing_step
     try:
         zeroshard.load_checkpoint(root, model2, opt2)
         msg = ""
     except zeroshard.CheckpointError as e:
         msg = str(e)
     finally:
-        load_mod.safe_open = real
+        load_mod.safe_open, load_mod.L.set_step = real_open, real_step
     same = all(torch.equal(a, b) for a, b in zip(before, _snapshot(model2, opt2)))
     zeroshard.load_checkpoint(root, model2, opt2)
     loaded = not all(torch.equal(a, b) for a, b in zip(before, _snapshot(model2, opt2)))
     return {"msg": msg, "untouched": same, "loaded": loaded}
 
 
-def test_apply_failure_restores_every_rank(dist_run, tmp_path):
-    for r in dist_run(2, job_apply_fails, str(tmp_path), timeout=240):
+@pytest.mark.parametrize("where", ["read", "step"])
+def test_apply_failure_restores_every_rank(dist_run, tmp_path, where):
+    for r in dist_run(2, job_apply_fails, str(tmp_path), where, timeout=240):
         assert "applying it failed (rank 1: OSError: simulated read error)" in r["msg"], r
         assert "every rank restored" in r["msg"]
         assert r["untouched"] and r["loaded"]

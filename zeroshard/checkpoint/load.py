@@ -230,11 +230,17 @@ class _Undo:
         self.tensors: list[tuple[Tensor, Tensor]] = []
         self.calls: list[Callable[[], None]] = []
 
-    def restore(self) -> None:
+    def restore(self) -> str:
+        """Put everything back; returns what could not be (empty if all was)."""
+        failed = []
         for fn in reversed(self.calls):
-            fn()
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - restore the rest, then report
+                failed.append(f"{type(e).__name__}: {e}")
         for dst, old in reversed(self.tensors):
             dst.copy_(old)
+        return "; ".join(failed)
 
 
 @torch.no_grad()
@@ -254,8 +260,13 @@ def _apply(folder: Path, body: dict[str, Any], reads: list[Read], model: nn.Modu
         undo.calls.append(partial(L.set_step, opt, g.index, L.shard_state(opt, g.index).step))
         L.set_step(opt, g.index, int(body["steps"].get(str(g.group), 0)))
     old_groups = [dict(group) for group in opt.param_groups]
-    undo.calls.append(lambda: [(g.clear(), g.update(o)) for g, o in
-                               zip(opt.param_groups, old_groups)])  # fmt: skip
+
+    def restore_groups() -> None:
+        for group, old in zip(opt.param_groups, old_groups):
+            group.clear()
+            group.update(old)
+
+    undo.calls.append(restore_groups)
     for group, saved in zip(opt.param_groups, body["param_groups"]):
         for k, v in saved.items():
             group[k] = tuple(v) if isinstance(group.get(k), tuple) else v
@@ -318,11 +329,12 @@ def load_checkpoint(
         error = f"{type(e).__name__}: {e}"
     found = dist_util.all_gather_obj(error, pg)
     if any(found):
-        undo.restore()
+        failed = undo.restore()
         raise commit.CheckpointError(
             f"cannot load checkpoint {folder}: applying it failed ({_problems(found)}); "
-            "every rank restored its model and optimizer to what they were"
-        )
+            + (f"this rank could not restore everything ({failed})" if failed else
+               "every rank restored its model and optimizer to what they were")
+        )  # fmt: skip
     del undo
     if optimizer is None:
         L.after_model_write(model)
