@@ -18,7 +18,7 @@ import zeroshard
 from tests.ckpt_jobs import REPO, build
 from tests.ckpt_jobs import free_port as _port
 
-RUNS = 3  # "ok" runs (each one 2-rank job; all start at once)
+RUNS = 2  # "ok" runs (each one 2-rank job; all start at once)
 
 
 def _launch(root: Path, mode: str) -> list[subprocess.Popen]:
