@@ -47,7 +47,7 @@ if ARGS is not None and ARGS.threads:
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from zeroshard.update import apply_update, init_state  # noqa: E402
+from zeroshard.update.apply import apply_update, init_state  # noqa: E402
 
 HP: dict[str, dict[str, Any]] = {
     "adamw": {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01, "amsgrad": False,

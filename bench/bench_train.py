@@ -320,11 +320,6 @@ def build_zeroshard(args: argparse.Namespace, stage: int, bf16: bool) -> Runner:
     import zeroshard
 
     model = _model(args)
-    if stage == 3:
-        try:
-            from zeroshard.stage3 import initialize_stage3  # noqa: F401
-        except ImportError as e:
-            raise SkipSystem(f"zeroshard stage 3 is not available yet ({e})") from None
     if stage < 3 and not bf16:
         # the drop-in way: what a DDP + AdamW user writes
         opt = zeroshard.ZeroOptimizer(

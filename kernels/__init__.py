@@ -2,11 +2,12 @@
 
 One kernel per file with its launch wrapper. Each updates a flat fp32 master shard in one pass,
 folding in the gradient scale, the device-side inf/nan skip and the low-precision model copy.
-`zeroshard.update` dispatches to these on CUDA tensors (or on CPU under TRITON_INTERPRET=1).
+`zeroshard.update.apply` dispatches to these on CUDA tensors (or on CPU under TRITON_INTERPRET=1).
 """
 
 from ._common import INTERPRET, INTERPRET_BLOCK
 from .adam import adam_kernel, adam_update
+from .adamw8bit import adamw8bit_kernel, adamw8bit_update
 from .grad_stats import grad_stats, grad_stats_kernel
 from .lion import lion_kernel, lion_update
 from .sgd import sgd_kernel, sgd_update
@@ -16,6 +17,8 @@ __all__ = [
     "INTERPRET_BLOCK",
     "adam_kernel",
     "adam_update",
+    "adamw8bit_kernel",
+    "adamw8bit_update",
     "grad_stats",
     "grad_stats_kernel",
     "lion_kernel",

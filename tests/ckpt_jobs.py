@@ -23,11 +23,11 @@ def rank_world() -> tuple[int, int]:
 
 
 def build(stage: int, precision: str = "fp32", bucket: int = 700, seed: int = 0):
-    """The test model and its optimizer at `stage` (3: through initialize_stage3)."""
+    """The test model and its optimizer at `stage` (3: through zeroshard.initialize)."""
     model = make_model(seed)
     groups = param_groups(model)
     if stage == 3:
-        from zeroshard.stage3 import initialize_stage3
+        from zeroshard import initialize
 
         cfg = {
             "zero_optimization": {
@@ -39,7 +39,7 @@ def build(stage: int, precision: str = "fp32", bucket: int = 700, seed: int = 0)
         }  # fmt: skip
         if precision == "bf16":
             cfg["bf16"] = {"enabled": True}
-        return initialize_stage3(model, cfg, groups)
+        return initialize(model, cfg, model_parameters=groups)
     if precision == "bf16":
         model = model.to(torch.bfloat16)
         groups = param_groups(model)

@@ -27,7 +27,7 @@ def rank_world() -> tuple[int, int]:
 
 
 def config(stage: int, **extra) -> dict:
-    zo = {"stage": stage, "allgather_bucket_size": 700}
+    zo = {"stage": stage, "reduce_bucket_size": 700, "allgather_bucket_size": 700}
     if stage < 3:
         zo["reduce_bucket_size"] = 700
     zo.update(extra.pop("zero", {}))
@@ -132,7 +132,10 @@ def moved_params(stage: int, how: str) -> dict:
 
 # -- item 2: optimizer built before init_process_group ---------------------------------------
 def late_process_group(stage: int) -> str:
-    with mock.patch("torch.distributed.is_initialized", return_value=False):
+    # ranks started without WORLD_SIZE in the environment (mp.spawn passing the world to
+    # init_process_group): with it set, construction itself refuses (tests/test_seams_ii.py)
+    with mock.patch("torch.distributed.is_initialized", return_value=False), \
+            mock.patch.dict("os.environ", {"WORLD_SIZE": "1"}):
         model = make_model()
         opt = zeroshard.ZeroOptimizer(model.parameters(), "adamw", stage=stage, lr=LR)
     return error_of(lambda: hf_loop(model, opt, steps=1))

@@ -24,7 +24,7 @@ WD = {"adamw": 0.1, "sgd": 0.01}
 
 def stage3_config(rule: str = "adamw", precision: str = "fp32", **zero) -> dict:
     zo = {
-        "stage": 3, "allgather_bucket_size": 700, "stage3_prefetch_bucket_size": 2500,
+        "stage": 3, "reduce_bucket_size": 700, "stage3_prefetch_bucket_size": 2500,
         "stage3_param_persistence_threshold": 0, **zero,
     }  # fmt: skip
     cfg = {"zero_optimization": zo, "optimizer": OPT[rule][0]}
@@ -49,13 +49,13 @@ def local_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 def train_stage3(model_name: str, rule: str, precision: str = "fp32", steps: int = STEPS,
                  gas: int = 1, clip: float = 0.0, **zero) -> dict:  # fmt: skip
     """One rank's share of a run; returns full parameters (via the gathered state_dict)."""
-    from zeroshard.stage3 import initialize_stage3
+    from zeroshard import initialize
 
     model = build(model_name)
     groups = param_groups(model, weight_decay=WD[rule])
     cfg = stage3_config(rule, precision, **zero)
     cfg.update(gradient_accumulation_steps=gas, gradient_clipping=clip)
-    model, opt = initialize_stage3(model, cfg, groups)
+    model, opt = initialize(model, cfg, model_parameters=groups)
     losses = []
     for step in range(steps):
         x, y = local_batch(step)
@@ -66,7 +66,7 @@ def train_stage3(model_name: str, rule: str, precision: str = "fp32", steps: int
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    engine = opt.engine
+    engine = opt.sharding.engine
     leaked = engine.tracker.current
     sd = model.state_dict()
     names = dict(model.named_parameters())

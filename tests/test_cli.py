@@ -59,7 +59,7 @@ def test_run_missing_config_is_one_line_and_launches_nothing(tmp_path):
     assert "final loss" not in p.stdout
 
 
-def test_run_bad_key_is_one_line(tmp_path):
+def test_run_bad_keys_one_line_each(tmp_path):
     cfg = json.loads((ROOT / "configs" / "zero2.json").read_text())
     cfg["zero_optimization"]["reduce_bucket_sise"] = 10
     cfg["fp16"] = {"enabld": True}
@@ -67,8 +67,12 @@ def test_run_bad_key_is_one_line(tmp_path):
     path.write_text(json.dumps(cfg))
     p = zs("run", "--nproc", "2", "--config", str(path), str(SCRIPT))
     assert p.returncode != 0
-    assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
-    assert "`zero_optimization.reduce_bucket_sise`" in p.stderr and "`fp16.enabld`" in p.stderr
+    lines = p.stderr.splitlines()
+    assert "Traceback" not in p.stderr and len(lines) == 3, p.stderr
+    assert lines[0] == f"zeroshard run: error: invalid zeroshard config in {path} (2 problems):"
+    assert sorted(ln.split("`")[1] for ln in lines[1:]) == [
+        "fp16.enabld", "zero_optimization.reduce_bucket_sise"]
+    assert all(ln.startswith("  - unknown key `") for ln in lines[1:])
 
 
 def test_run_failing_script_exits_1_with_a_summary(tmp_path):
@@ -127,7 +131,7 @@ def test_estimate_from_a_factory_matches_the_library(capsys, tmp_path):
     traced on; without one (ReusedBlock's module has none) a note says the schedule was
     replayed on registration order."""
     from tests.models import example_input, make_model
-    from zeroshard.estimate import estimate
+    from zeroshard.estimate.model_states import estimate
 
     rc, out, _ = cli(capsys, "estimate", "--model", "tests.models:make_model", "--nodes", "2",
                      "--gpus-per-node", "2", "--config", "configs/zero3.json",
@@ -146,7 +150,7 @@ def test_estimate_from_a_factory_matches_the_library(capsys, tmp_path):
     # a config where blocks are sharded: the reused block's peak is traced with the input
     cfg = tmp_path / "z3.json"
     cfg.write_text(json.dumps({"zero_optimization": {
-        "stage": 3, "stage3_param_persistence_threshold": 300, "allgather_bucket_size": 700,
+        "stage": 3, "stage3_param_persistence_threshold": 300, "reduce_bucket_size": 700,
         "stage3_prefetch_bucket_size": 2500}}))
     argv = ["estimate", "--model", "tests.models_stage3:ReusedBlock", "--world-size", "2",
             "--config", str(cfg), "--stage", "3"]  # fmt: skip
@@ -164,7 +168,7 @@ def test_estimate_from_a_factory_matches_the_library(capsys, tmp_path):
 
 
 def test_estimate_from_a_hugging_face_config(capsys, tmp_path):
-    from zeroshard.estimate import estimate
+    from zeroshard.estimate.model_states import estimate
 
     transformers = pytest.importorskip("transformers")
     cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=64)
@@ -217,18 +221,21 @@ def test_check_config_lists_used_resolved_no_effect(capsys, tmp_path):
         "train_batch_size": "auto", "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 3, "bf16": {"enabled": True},
         "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": "auto",
-                              "contiguous_gradients": True, "reduce_bucket_size": 100},
+                              "contiguous_gradients": True, "reduce_bucket_size": 100,
+                              "allgather_bucket_size": 100},
     }  # fmt: skip
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(cfg))
     rc, out, _ = cli(capsys, "check-config", str(path), "--world-size", "4",
                      "--hidden-size", "100")  # fmt: skip
     assert rc == 0
-    rows = {ln[11:].split()[0]: ln for ln in out.splitlines()[:-1]}
+    rows = {ln[14:].split()[0]: ln for ln in out.splitlines()[:-1]}
     assert rows["train_batch_size"].startswith("resolved") and "-> 24" in rows["train_batch_size"]
     assert "-> 9000" in rows["zero_optimization.stage3_prefetch_bucket_size"]
     assert rows["zero_optimization.contiguous_gradients"].startswith("no effect")
-    assert rows["zero_optimization.reduce_bucket_size"].startswith("no effect")
+    # at stage 3 a given reduce_bucket_size bounds each unit's buckets (as the runtime does)
+    assert rows["zero_optimization.reduce_bucket_size"].startswith("used")
+    assert rows["zero_optimization.allgather_bucket_size"].startswith("no effect")
     assert rows["bf16.enabled"].startswith("used")
     assert out.splitlines()[-1] == f"{path}: usable (world size 4)"
 
@@ -244,7 +251,9 @@ def test_check_config_refuses_with_reasons(capsys, tmp_path):
     refused = [ln for ln in lines if ln.startswith("refused")]
     assert any("tensorboard.enabled" in ln for ln in refused), out
     assert any(ln.startswith("used") and "gradient_clipping" in ln for ln in lines)
-    assert lines[-1].endswith("NOT usable: 1 refused (world size 1)"), out
+    # all at once: the schema's refusal and initialize's own (reduce_scatter false)
+    assert any(ln.startswith("refused") and "reduce_scatter" in ln for ln in lines), out
+    assert lines[-1].endswith("NOT usable: 2 problems (world size 1)"), out
     # initialize's own refusals (valid schema, unsupported value) are listed too
     cfg = {"zero_optimization": {"stage": 2, "reduce_scatter": False}}
     path.write_text(json.dumps(cfg))
@@ -295,7 +304,7 @@ def test_consolidate_writes_the_full_model(capsys, tmp_path):
 
 # -- env and help -------------------------------------------------------------------------------
 def test_env_reports_versions_and_kernel_choice(capsys):
-    from zeroshard import update
+    from zeroshard.update import apply as update
 
     rc, out, _ = cli(capsys, "env", "--json")
     assert rc == 0

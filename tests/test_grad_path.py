@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from zeroshard.collectives import Comm
-from zeroshard.flat_buffer import FlatParams
-from zeroshard.grad_reducer import GradReducer
-from zeroshard.inflight import InFlight
+from zeroshard.comm.collectives import Comm
+from zeroshard.comm.inflight import InFlight
+from zeroshard.shard.flat_buffer import FlatParams
+from zeroshard.shard.grad_reducer import GradReducer
 
 
 class FakeWork:

@@ -110,10 +110,3 @@ def test_generator_model_parameters_work_at_every_stage(stage):
     assert out[0].keys() == out[1].keys() and len(out[0]) > 0
     for k in out[0]:
         torch.testing.assert_close(out[0][k], out[1][k], rtol=0, atol=0)
-
-
-def test_initialize_stage3_refuses_another_stage():
-    import zeroshard.stage3
-
-    with pytest.raises(ValueError, match="needs zero_optimization.stage 3, got 1"):
-        zeroshard.stage3.initialize_stage3(make_model(), {"zero_optimization": {"stage": 1}})

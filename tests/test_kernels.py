@@ -20,7 +20,7 @@ import torch
 
 from tests import test_update as tu
 from tests.update_cases import CASES, GDTYPES, LRS, assert_matches, make_grads, reference, run_ours
-from zeroshard.update import apply_update, init_state
+from zeroshard.update.apply import apply_update, init_state
 
 triton = pytest.importorskip("triton")
 K = pytest.importorskip("zeroshard_kernels")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.models import batch, loss_fn, make_model, param_groups
-from zeroshard.layout import ALIGN, plan_buckets
+from zeroshard.shard.layout import ALIGN, plan_buckets
 
 
 def test_plan_buckets_never_cuts_a_parameter_and_pads_to_the_shards():

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from zeroshard.config import load_config
+from zeroshard.config.schema import load_config
 from zeroshard.schedulers import WarmupCosineLR, WarmupDecayLR, WarmupLR, build_scheduler
 
 

@@ -21,16 +21,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _setup(precision: str = "fp32"):
-    from zeroshard.stage3 import initialize_stage3
+    from zeroshard import initialize
 
     model = make_model()
-    return initialize_stage3(model, stage3_config("adamw", precision), param_groups(model))
+    cfg = stage3_config("adamw", precision)
+    return initialize(model, cfg, model_parameters=param_groups(model))
 
 
 def loops_job() -> dict:
     """Train a step, then eval + no_grad forwards and a greedy generate loop."""
     model, opt = _setup()
-    engine = opt.engine
+    engine = opt.sharding.engine
     x, y = local_batch(0)
     opt.backward(loss_fn(model, x, y))
     opt.step()
@@ -94,7 +95,7 @@ def gathered_job(precision: str) -> dict:
     stepped = model.state_dict()["blocks.0.mlp.0.weight"].float()
     return {
         "shape": full_shape, "after": after, "stepped": stepped,
-        "leaked": opt.engine.tracker.current, "numel_outside": w.numel(),
+        "leaked": opt.sharding.engine.tracker.current, "numel_outside": w.numel(),
     }  # fmt: skip
 
 
@@ -125,7 +126,7 @@ def state_dict_job() -> dict:
         "rank0_keys": len(rank0),
         "reloaded": all(torch.equal(reloaded[k], v) for k, v in other.items()),
         "forward_after_load": (model(x) - model2(x)).abs().max().item(),
-        "leaked": opt.engine.tracker.current,
+        "leaked": opt.sharding.engine.tracker.current,
     }
 
 
@@ -166,14 +167,12 @@ def test_initialize_with_shipped_configs(dist_run, config_name):
 
 
 def test_bad_input_names_problem_and_rank():
-    from zeroshard.stage3 import initialize_stage3
+    from zeroshard import initialize
 
     model = make_model()
     stranger = torch.nn.Parameter(torch.zeros(3))
     with pytest.raises(ValueError, match=r"rank 0: param group 0 has a parameter of shape"):
-        initialize_stage3(model, stage3_config(), [stranger])
-    with pytest.raises(ValueError, match="stage 3"):
-        initialize_stage3(make_model(), {"zero_optimization": {"stage": 2}})
+        initialize(model, stage3_config(), model_parameters=[stranger])
 
 
 def checkpoint_job() -> dict:
@@ -206,12 +205,12 @@ def test_checkpoint_round_trip_same_world(dist_run):
 
 def fp16_job() -> dict:
     """fp16 with loss scaling; rank 1's loss is inf at step 2: every rank skips that step."""
-    from zeroshard.stage3 import initialize_stage3
+    from zeroshard import initialize
 
     cfg = stage3_config()
     cfg["fp16"] = {"enabled": True, "initial_scale_power": 8, "hysteresis": 1}
     model = make_model()
-    model, opt = initialize_stage3(model, cfg, param_groups(model))
+    model, opt = initialize(model, cfg, model_parameters=param_groups(model))
     rank = torch.distributed.get_rank()
     scales, before, after = [], None, None
     for step in range(4):
@@ -230,7 +229,7 @@ def fp16_job() -> dict:
     return {
         "scales": scales, "skipped": opt.skipped_steps,
         "unchanged": all(torch.equal(before[k], after[k]) for k in before),
-        "dtype": str(before["embed.weight"].dtype), "leaked": opt.engine.tracker.current,
+        "dtype": str(before["embed.weight"].dtype), "leaked": opt.sharding.engine.tracker.current,
     }  # fmt: skip
 
 
@@ -263,11 +262,11 @@ def _failing_rank(rank: int, port: int, results) -> None:
     torch.distributed.init_process_group(
         "gloo", rank=rank, world_size=2, timeout=timedelta(seconds=TIMEOUT_S)
     )
-    from zeroshard.stage3 import initialize_stage3
+    from zeroshard import initialize
 
     model = make_model()
     model.blocks[0].mlp.insert(1, _Boom())  # rank 1 raises in the middle of the forward
-    model, opt = initialize_stage3(model, stage3_config())
+    model, opt = initialize(model, stage3_config())
     start = time.monotonic()
     try:
         x, y = local_batch(0)

@@ -70,7 +70,7 @@ def memory_job(precision: str, reuse: int = 0) -> dict:
     """`reuse`: stage3_max_reuse_distance. 0 releases every unit right after each use (the
     forward-peak bound's setting); the default keeps a tied embedding gathered through the
     forward and the last layer into backward, saving all-gathers."""
-    from zeroshard.stage3 import initialize_stage3
+    from zeroshard import initialize
 
     rank = torch.distributed.get_rank()
     cfg = stage3_config("adamw", precision, stage3_prefetch_bucket_size=PREFETCH,
@@ -80,8 +80,8 @@ def memory_job(precision: str, reuse: int = 0) -> dict:
         cfg["communication_data_type"] = "bf16"
     model = make_model()
     psi = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    model, opt = initialize_stage3(model, cfg, param_groups(model))
-    engine = opt.engine
+    model, opt = initialize(model, cfg, model_parameters=param_groups(model))
+    engine = opt.sharding.engine
     out: dict = {"psi": psi, "rank": rank}
     for step in range(3):
         x, y = local_batch(step)
@@ -113,7 +113,7 @@ def memory_job(precision: str, reuse: int = 0) -> dict:
 
 def init_job() -> dict:
     import zeroshard
-    from zeroshard.stage3 import initialize_stage3
+    from zeroshard import initialize
 
     cfg = stage3_config("adamw", stage3_param_persistence_threshold=0)
     layers = 18  # ~8x the 2-layer test model's parameters
@@ -130,7 +130,7 @@ def init_job() -> dict:
         sum(p.numel() * 4 for p in m.parameters(recurse=False)) for m in reference.modules()
     )
     largest_param = max(p.numel() * 4 for p in reference.parameters())
-    model, _ = initialize_stage3(model, cfg)
+    model, _ = initialize(model, cfg)
     sd = model.state_dict()
     same = all(torch.equal(sd[k], v) for k, v in reference.state_dict().items())
     # a parent whose __init__ re-initialises its children's (already partitioned) parameters
@@ -141,7 +141,7 @@ def init_job() -> dict:
         gpt = TinyGPT(GPTConfig(n_embd=32, n_layer=2))
     torch.manual_seed(0)
     gpt_ref = TinyGPT(GPTConfig(n_embd=32, n_layer=2))
-    gpt, _ = initialize_stage3(gpt, cfg)
+    gpt, _ = initialize(gpt, cfg)
     gsd = gpt.state_dict()
     same = same and all(torch.equal(gsd[k], v) for k, v in gpt_ref.state_dict().items())
     return {

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch import nn
 
-from zeroshard.collectives import Comm
+from zeroshard.comm.collectives import Comm
 from zeroshard.stage3.prefetch import backward_head, next_use_within, to_prefetch
 from zeroshard.stage3.registry import unit_of
 from zeroshard.stage3.unit import GatherTracker, ShardedUnit, UnitState
@@ -36,12 +37,17 @@ def test_unit_states_and_counters_follow_its_own_methods():
     assert all(torch.equal(p, v) for p, v in zip(params, values))
     assert u.tracker.current == u.full_bytes == u.numel * 4
     u.acquire()
-    u.release()  # in use: refused
+    with pytest.raises(RuntimeError, match=r"release\(\) while in use \(1 users"):
+        u.release()  # a bug in the caller: refused loudly
+    assert u.release_if_unused() is False  # the engine's "release unless in use"
     assert u.state is UnitState.GATHERED and u.users == 1 and u.idle is False
     u.drop_use()
+    with pytest.raises(RuntimeError, match="without a matching acquire"):
+        u.drop_use()  # reference counts never go negative
     u.pin()
-    u.release()  # pinned for backward: refused
-    assert u.state is UnitState.GATHERED
+    with pytest.raises(RuntimeError, match="pinned=True"):
+        u.release()  # pinned for backward
+    assert u.release_if_unused() is False and u.state is UnitState.GATHERED
     u.unpin()
     u.retain()
     assert not u.idle
@@ -50,13 +56,14 @@ def test_unit_states_and_counters_follow_its_own_methods():
     u.wait()  # wait on a released unit gathers it
     u.acquire()
     u.pin()
-    u.release(force=True)  # forced: everything reset
+    u.discard()  # a forward that raised: everything reset
     assert (u.state, u.users, u.pinned, u.tracker.current) == (UnitState.RELEASED, 0, False, 0)
 
 
 def test_persistent_unit_is_never_released():
     u, params, values = _unit(persistent=True)
-    u.release(force=True)
+    u.discard()
+    assert u.release_if_unused() is False
     assert all(torch.equal(p, v) for p, v in zip(params, values))
 
 

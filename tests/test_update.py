@@ -1,4 +1,4 @@
-"""zeroshard.update (torch backend) against torch.optim, and a float64 reference for Lion.
+"""zeroshard.update.apply (torch backend) against torch.optim, and a float64 reference for Lion.
 
 The references here are shared with tests/test_kernels.py, which runs the same cases through the
 Triton kernels under the interpreter.
@@ -23,8 +23,9 @@ from tests.update_cases import (
     reference,
     run_ours,
 )
-from zeroshard import update, update_lion
-from zeroshard.update import apply_update, grad_stats, init_state
+from zeroshard.update import apply as update
+from zeroshard.update import lion as update_lion
+from zeroshard.update.apply import apply_update, grad_stats, init_state
 
 
 @pytest.mark.parametrize("gdtype", GDTYPES, ids=lambda d: str(d).split(".")[-1])

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from zeroshard.update import apply_update, init_state
+from zeroshard.update.apply import apply_update, init_state
 
 ADAM = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False,
         "maximize": False}

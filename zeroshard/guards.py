@@ -1,4 +1,4 @@
-"""Guards at the seams: what ordinary user habits do to a zeroshard optimizer (issue 8).
+"""Guards at the seams: what ordinary user habits do to a zeroshard optimizer.
 
 Inside its own loop zeroshard matches torch.optim; these checks cover what happens around it,
 so that a habit from DDP, DeepSpeed or the Hugging Face Trainer gives the right result or a
@@ -17,6 +17,7 @@ The core calls in here with one commented line per seam; the logic lives here.
 from __future__ import annotations
 
 import gc
+import os
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -26,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import shutdown
+from zeroshard import shutdown
 
 # parameter -> weak reference to the optimizer managing it (keys by identity: tensors' `==`
 # is elementwise, so a plain WeakKeyDictionary cannot hold them)
@@ -36,7 +37,6 @@ _HOOKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 # optimizers already scanned for a DistributedDataParallel wrapper (no attribute set on them)
 _DDP_CHECKED: weakref.WeakSet = weakref.WeakSet()
 # stage -> how moved parameters are re-linked (stage 3 registers its own: stage3/relink.py)
-RELINKERS: dict[int, Callable[[Any], None]] = {}
 
 
 def _rank() -> int:
@@ -44,6 +44,29 @@ def _rank() -> int:
 
 
 # -- construction ---------------------------------------------------------------------------
+def launched_world_size() -> int:
+    """WORLD_SIZE as torchrun (or `zeroshard run`) set it; 1 when not launched by one."""
+    text = os.environ.get("WORLD_SIZE", "1").strip()
+    return int(text) if text.isdigit() else 1
+
+
+def check_world_env(process_group: Any) -> None:
+    """Launched on several ranks (WORLD_SIZE > 1) but no process group: every rank would
+    train alone at world size 1, with nothing said. Refuse at construction instead."""
+    if process_group is not None or (dist.is_available() and dist.is_initialized()):
+        return
+    world = launched_world_size()
+    if world > 1:
+        raise RuntimeError(
+            f"rank {os.environ.get('RANK', '?')}: WORLD_SIZE={world} is set (launched by "
+            "torchrun or `zeroshard run`) but no torch.distributed process group exists, so "
+            "this rank would train alone: call torch.distributed.init_process_group() before "
+            "building the optimizer, or use zeroshard.initialize(model, config), which starts "
+            "the process group from the launcher's environment (TrainingArguments and "
+            "Accelerator() start it too: create them before the optimizer)"
+        )
+
+
 def check_params(params: Iterable[Tensor]) -> None:
     """Parameters must hold values: a meta-device model cannot be trained."""
     for p in params:
@@ -61,12 +84,13 @@ def on_param_group(optimizer: Any, params: list[Tensor]) -> None:
     trainable = [p for p in params if p.requires_grad]
     check_params(params)
     claim(optimizer, trainable)
-    broadcast_from_rank0(optimizer.comm, [p for p in params if not p.requires_grad])
+    if optimizer.stage != 3:  # stage 3 broadcast the whole module when it sharded it
+        broadcast_from_rank0(optimizer.comm, [p for p in params if not p.requires_grad])
 
 
 def check_trainable(optimizer: Any) -> None:
     """An optimizer whose parameters are all frozen would fail at its first step."""
-    if optimizer._entries:
+    if next(optimizer.trainable_params(), None) is not None:
         return
     n = sum(len(g["params"]) for g in optimizer.param_groups)
     raise ValueError(
@@ -127,10 +151,9 @@ def broadcast_from_rank0(comm: Any, tensors: Iterable[Tensor]) -> None:
     Not counted in `comm_report()`: it is set-up, not a training step's traffic."""
     if not comm.active:
         return
-    src = dist.get_global_rank(comm.group, 0) if comm.group is not None else 0
     for t in tensors:
         if t.numel():
-            dist.broadcast(t.data, src=src, group=comm.group)
+            comm.broadcast(t.data, 0, counted=False)
 
 
 def broadcast_module_state(
@@ -162,7 +185,11 @@ def check_process_group(comm: Any) -> None:
 _DDP_HELP = (
     "zeroshard averages gradients itself, so DistributedDataParallel must not wrap the model "
     "(DDP would all-reduce gradients zeroshard already took: zeros at stages 0-2, an autograd "
-    "error at stage 3): pass the bare model (ddp_model.module) and drop the DDP wrapper"
+    "error at stage 3): pass the bare model (ddp_model.module) and drop the DDP wrapper. "
+    "With the Hugging Face Trainer use zeroshard.integrations.transformers.ZeroShardTrainer("
+    "zeroshard_config=...) instead of Trainer(optimizers=(zeroshard optimizer, ...)); with "
+    "Accelerate build model and optimizer with zeroshard.initialize(model, config) and pass "
+    "only the data loaders to accelerator.prepare (docs/integrations.md)"
 )
 
 
@@ -189,8 +216,11 @@ def check_ddp_once(optimizer: Any) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         return
     ours = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    ddp = nn.parallel.DistributedDataParallel
     for obj in gc.get_objects():
-        if isinstance(obj, nn.parallel.DistributedDataParallel):
+        # type(), not isinstance(): isinstance reads `__class__`, and deprecated objects such
+        # as torch.distributed.reduce_op warn on every attribute read
+        if issubclass(type(obj), ddp):
             if any(id(p) in ours for p in obj.module.parameters()):
                 raise RuntimeError(f"rank {_rank()}: the parameters of this zeroshard "
                                    "optimizer belong to a DistributedDataParallel model: "
@@ -201,26 +231,7 @@ def before_step(optimizer: Any) -> None:
     """The checks `step()` runs before it reads gradients."""
     check_process_group(optimizer.comm)
     check_ddp_once(optimizer)
-    RELINKERS.get(optimizer.stage, relink_moved)(optimizer)
-
-
-@torch.no_grad()
-def relink_moved(optimizer: Any) -> None:
-    """Stages 0-2: a parameter whose storage was replaced after construction (`model.to()`
-    copies, `p.data = ...`) is no longer a view of the flat buffer, so the update would miss
-    it. Copy its current values into the buffer and make it a view again."""
-    for entry in optimizer._entries:
-        flat = entry.flat
-        changed = False
-        for s in flat.slots:
-            p = s.param
-            view = flat.param_view(flat.flat, s)
-            if p.data.data_ptr() == view.data_ptr() and p.data.is_contiguous():
-                continue
-            changed |= relink(p, view, p.shape)
-        if changed and entry.master_shard is not None:
-            for m, c in zip(entry.master, entry.model_copies):
-                m.copy_(c)  # the new values become the fp32 master
+    optimizer.sharding.relink_moved()
 
 
 @torch.no_grad()

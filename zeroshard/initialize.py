@@ -15,14 +15,21 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
-from . import guards, timing
-from .collectives import Comm
-from .config import ZeroConfig
-from .optimizer import ZeroOptimizer
-from .precision import LossScaler
-from .prepare import ParamsArg, group_index, resolve_config, trainable_params
-from .schedulers import build_scheduler
-from .stage3.build import build_stage3
+from zeroshard import guards, timing
+from zeroshard.comm.collectives import Comm
+from zeroshard.config.schema import ZeroConfig
+from zeroshard.optimizer import ZeroOptimizer
+from zeroshard.precision import LossScaler
+from zeroshard.prepare import (
+    ParamsArg,
+    group_index,
+    resolve_config,
+    start_process_group,
+    trainable_params,
+)
+from zeroshard.schedulers import build_scheduler
+from zeroshard.shard import FP32, ON_DEVICE, Placement, StateCodec
+from zeroshard.stage3.build import build_stage3
 
 
 def initialize(
@@ -31,6 +38,8 @@ def initialize(
     *,
     model_parameters: ParamsArg = None,
     process_group: dist.ProcessGroup | None = None,
+    codec: StateCodec = FP32,
+    placement: Placement = ON_DEVICE,
 ) -> tuple[nn.Module, Any]:
     """Returns `(model, optimizer)` set up as the config says.
 
@@ -38,22 +47,29 @@ def initialize(
     parameters of the model; the config's optimizer params are the group defaults. The model
     is cast to bf16/fp16 when the config enables it (the optimizer keeps fp32 master weights).
     `process_group` is the set of ranks to shard over, at every stage. `config` defaults to the
-    path in $ZEROSHARD_CONFIG, which `zeroshard run --config CFG` sets.
+    path in $ZEROSHARD_CONFIG, which `zeroshard run --config CFG` sets. Launched by torchrun
+    without a process group, it starts the default one from the launcher's environment.
+    `codec` and `placement` choose how and where every shard group keeps its state
+    (`zeroshard.shard`).
     """
-    guards.check_not_ddp(model)  # issue 8: zeroshard replaces DDP
+    guards.check_not_ddp(model)  # zeroshard replaces DDP: a wrapped model is an error
+    start_process_group(model, process_group)  # under torchrun, never one rank alone
     cfg = resolve_config(model, config, process_group)
     params = trainable_params(model, model_parameters)
     if cfg.zero_optimization.stage == 3:
-        optimizer = build_stage3(model, cfg, params, process_group)
+        optimizer = build_stage3(
+            model, cfg, params, process_group, codec=codec, placement=placement
+        )
     else:
         if cfg.precision != "fp32":
             model.to(cfg.compute_dtype)
-        # issue 8: rank 0's weights. The optimizer broadcasts the parameters it trains with
-        # their flat buffer; here the rest (frozen parameters, buffers), not those twice.
+        # every rank starts from rank 0's weights. The optimizer broadcasts the parameters it
+        # trains with their flat buffer; here the rest (frozen parameters, buffers), once.
         trained = group_index(params)
         guards.broadcast_module_state(Comm(process_group), model, lambda p: id(p) in trained)
         rule, hp = cfg.optimizer_spec()
         zo = cfg.zero_optimization
+        model.register_forward_pre_hook(guards.check_ddp_forward)  # no DDP around it
         optimizer = ZeroOptimizer(
             params,
             rule,
@@ -67,29 +83,11 @@ def initialize(
             reduce_dtype=cfg.reduce_dtype,
             loss_scaler=LossScaler.from_fp16_config(cfg.fp16) if cfg.fp16.enabled else None,
             kernel=cfg.effective_kernel,
+            codec=codec,
+            placement=placement,
             **hp,
         )
     optimizer.lr_scheduler = build_scheduler(cfg.scheduler, optimizer)
     optimizer.config = cfg
-    model.register_forward_pre_hook(guards.check_ddp_forward)  # issue 8: no DDP around it
-    timing.install(model, optimizer, cfg)  # issue 8: wall_clock_breakdown
+    timing.install(model, optimizer, cfg)  # wall_clock_breakdown
     return model, optimizer
-
-
-def initialize_stage3(
-    model: nn.Module,
-    config: str | os.PathLike | Mapping[str, Any] | ZeroConfig,
-    model_parameters: ParamsArg = None,
-    *,
-    process_group: dist.ProcessGroup | None = None,
-) -> tuple[nn.Module, Any]:
-    """`initialize` for a config that must be stage 3 (refuses any other stage)."""
-    cfg = resolve_config(model, config, process_group)
-    if cfg.zero_optimization.stage != 3:
-        raise ValueError(
-            f"initialize_stage3 needs zero_optimization.stage 3, got {cfg.zero_optimization.stage}"
-        )
-    return initialize(
-        model, cfg, model_parameters=model_parameters, process_group=process_group
-    )
-

@@ -1,32 +1,40 @@
 """`ZeroOptimizer`: a `torch.optim.Optimizer` whose state, master weights and (stage 2)
-gradients are sharded across ranks.
+gradients are sharded across ranks; at stage 3 the parameters too.
 
-Reading order for a newcomer: parameters are packed into `FlatParams` (flat_buffer.py); their
-gradients are moved and averaged by `GradReducer` (grad_reducer.py); `step()` below updates
-this rank's chunk through one call per rule (update.py) and all-gathers the result back into
-the parameters. fp16 loss scaling lives in precision.py, byte accounting in accounting.py.
+Reading order for a newcomer: a stage (`Sharding`: shard/flat.py for stages 0-2,
+stage3/sharding.py for stage 3) turns each (param group, dtype) into a `ShardGroup`
+(shard/group.py): this rank's pieces of the parameters, where their gradients come from, the
+fp32 master and the optimizer state. `step()` below is the same at every stage: global
+gradient norm, clipping, inf/nan skip, one update per shard group, then the stage makes the
+updated shards visible (`gather_params`). fp16 loss scaling lives in precision.py, byte
+accounting in accounting.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import guards, torch_clip, update
-from .accounting import memory_report
-from .collectives import Comm, wait_all
-from .flat_buffer import FlatParams
-from .grad_reducer import GradPath, GradReducer
-from .layout import ParamLayout, ShardGroupLayout, ShardLayout, ShardState
-from .precision import LossScaler
-from .rules import RULE_DEFAULTS, resolve_rule
+from zeroshard import guards, torch_clip
+from zeroshard.accounting import memory_report
+from zeroshard.comm.collectives import Comm
+from zeroshard.precision import LossScaler
+from zeroshard.shard.codec import FP32, StateCodec
+from zeroshard.shard.flat import FlatSharding
+from zeroshard.shard.group import ShardGroup
+from zeroshard.shard.layout import ParamLayout, ShardGroupLayout, ShardLayout, ShardState
+from zeroshard.shard.optimizer_state import load_optimizer_state_dict, optimizer_state_dict
+from zeroshard.shard.placement import ON_DEVICE, Placement
+from zeroshard.shard.sharding import Sharding
+from zeroshard.update import apply as update
+from zeroshard.update.rules import RULE_DEFAULTS, resolve_rule
 
 log = logging.getLogger("zeroshard")
 
@@ -34,21 +42,6 @@ log = logging.getLogger("zeroshard")
 def check_dtype(dtype: torch.dtype) -> None:
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"zeroshard trains fp32, bf16 or fp16 parameters, not {dtype}")
-
-
-@dataclass
-class _Entry:
-    """One (param group, dtype) unit: its flat params, fp32 master chunks and update state."""
-
-    group: int
-    dtype: torch.dtype  # the parameters' dtype
-    master: list[Tensor]  # fp32 pieces this rank updates (views of the params when fp32)
-    master_shard: Tensor | None  # the contiguous fp32 copy when params are bf16/fp16
-    model_copies: list[Tensor] | None  # low-precision chunks the update writes, else None
-    flat: FlatParams | None = None  # stages 0-2: the packed parameters (stage 3: in units)
-    state: dict[str, list[Tensor]] = field(default_factory=dict)
-    step: int = 0
-    generic: torch.optim.Optimizer | None = None  # a torch optimizer run on the pieces
 
 
 class ZeroOptimizer(torch.optim.Optimizer):
@@ -60,7 +53,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         optimizer: "adamw", "adam", "sgd", "lion", or a `torch.optim.Optimizer` subclass
             (run on this rank's flat shard; its state is sharded too).
         stage: 0 (replicated, DDP-like), 1 (optimizer state + fp32 master sharded) or 2
-            (+ gradients reduce-scattered as backward runs).
+            (+ gradients reduce-scattered as backward runs); stage 3 comes from
+            `zeroshard.initialize`, which passes its `sharding`.
         process_group: ranks to shard across (default: the whole world).
         reduce_bucket_size: elements per bucket of the gradient reduction.
         allgather_bucket_size: elements of parameter all-gathers in flight at once.
@@ -71,10 +65,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
         reduce_dtype: dtype gradients are averaged in (default: fp32, fp16 for fp16 params).
         loss_scaler: fp16 loss scaling (`LossScaler`); default dynamic for fp16 params.
         kernel: "auto" | "triton" | "torch": the update backend (see update.py).
+        codec: how optimizer state is stored (`zeroshard.shard.StateCodec`; fp32 default).
+        placement: where master and state live (`zeroshard.shard.Placement`; the device).
+        sharding: a prepared stage (`zeroshard.shard.Sharding`); built from `stage` if None.
         **hyperparams: lr, betas, eps, weight_decay, amsgrad, momentum, ... per rule.
     """
-
-    _STAGES: tuple[int, ...] = (0, 1, 2)  # stage 3's optimizer (zeroshard.stage3) widens it
 
     def __init__(
         self,
@@ -91,92 +86,67 @@ class ZeroOptimizer(torch.optim.Optimizer):
         reduce_dtype: torch.dtype | None = None,
         loss_scaler: LossScaler | None = None,
         kernel: str = "auto",
+        codec: StateCodec = FP32,
+        placement: Placement = ON_DEVICE,
+        sharding: Sharding | None = None,
         **hyperparams: Any,
     ) -> None:
-        if stage not in self._STAGES:
-            hint = " (stage 3 shards parameters: use zeroshard.initialize)" if stage == 3 else ""
-            raise ValueError(f"ZeroOptimizer stage must be 0, 1 or 2, got {stage!r}{hint}")
         if gradient_accumulation_steps < 1:
             raise ValueError("gradient_accumulation_steps must be >= 1")
+        guards.check_world_env(process_group)  # torchrun without a process group: not alone
+        if sharding is None:
+            if stage not in (0, 1, 2):
+                hint = " (stage 3 shards the model: use zeroshard.initialize)" if stage == 3 else ""
+                raise ValueError(f"ZeroOptimizer stage must be 0, 1 or 2, got {stage!r}{hint}")
+            sharding = FlatSharding(
+                Comm(process_group), stage, reduce_dtype=reduce_dtype,
+                overlap_comm=overlap_comm, accumulation_steps=gradient_accumulation_steps,
+                bucket_numel=reduce_bucket_size, allgather_bucket_size=allgather_bucket_size,
+            )  # fmt: skip
         self.rule, defaults, self._generic_cls = resolve_rule(optimizer, hyperparams)
-        self.stage = stage
-        self.comm = Comm(process_group)
+        self.sharding = sharding
+        self.stage = sharding.stage
+        self.comm = sharding.comm
+        self.codec = codec
+        self.placement = placement
         self.kernel = kernel
         self.gradient_clipping = float(gradient_clipping)
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.allgather_bucket_size = int(allgather_bucket_size)
-        self._bucket_numel = int(reduce_bucket_size)
-        self._explicit_reduce_dtype = reduce_dtype
         self.loss_scaler = loss_scaler
         self.lr_scheduler = None  # set by zeroshard.initialize from the config
-        self._entries: list[_Entry] = []
-        self._reducer: GradPath | None = None  # the stage's gradient path
+        self.timer: Any = None  # a phase timer (timing.py) when the config asks for one
+        self.shard_groups: list[ShardGroup] = []
         self._pending_stats: Tensor | None = None
         self._pending_clip: float | None = None
         self.skipped_steps = 0
         self.last_grad_norm: float | None = None
-        self._overlap = overlap_comm
         super().__init__(params, defaults)
-        guards.check_trainable(self)  # issue 8: all-frozen params are an error, not a crash
-        torch_clip.install()  # issue 8: torch's clip_grad_norm_ clips by the global norm
+        guards.check_trainable(self)  # all-frozen params are an error, not a crash at step 1
+        torch_clip.install()  # torch's clip_grad_norm_ clips by the global norm
 
     # -- building -------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        group_index = len(self.param_groups) - 1
-        trainable = [p for p in self.param_groups[-1]["params"] if p.requires_grad]
-        guards.on_param_group(self, self.param_groups[-1]["params"])  # issue 8: checks
-        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        gi = len(self.param_groups) - 1
+        params = self.param_groups[-1]["params"]
+        guards.on_param_group(self, params)
+        trainable = [p for p in params if p.requires_grad]
         for p in trainable:
-            by_dtype.setdefault(p.dtype, []).append(p)
-        for dtype, params in by_dtype.items():
-            self._add_entry(group_index, dtype, params)
-
-    def _add_entry(self, group_index: int, dtype: torch.dtype, params: list[Tensor]) -> None:
-        if self._reducer is None:
-            self._reducer = GradReducer(
-                self.comm, self.stage, self._explicit_reduce_dtype, self._overlap,
-                self.gradient_accumulation_steps,
-            )  # fmt: skip
-        check_dtype(dtype)
-        # stage 0 replicates: one shard, and every rank owns all of it
-        sharded = self._reducer.sharded
-        num_shards, shard = (self.comm.world_size, self.comm.rank) if sharded else (1, 0)
-        flat = FlatParams(params, num_shards, shard, self._bucket_numel)
-        guards.broadcast_from_rank0(self.comm, [flat.flat])  # issue 8: rank 0's initial weights
-        self._append_entry(group_index, dtype, flat.own_chunks(flat.flat), flat)
-        self._reducer.add(flat)
-
-    def _append_entry(self, group_index: int, dtype: torch.dtype, shard: list[Tensor],
-                      flat: FlatParams | None = None) -> _Entry:  # fmt: skip
-        """An update unit over `shard`, this rank's pieces of the parameters (every stage):
-        fp32 pieces are the master themselves; bf16/fp16 ones get a contiguous fp32 copy."""
-        if dtype == torch.float16 and self.loss_scaler is None:
-            self.loss_scaler = LossScaler()
-        if dtype == torch.float32:
-            master, master_shard, copies = list(shard), None, None  # the params are the master
-        else:
-            numel = sum(t.numel() for t in shard)
-            master_shard = torch.empty(numel, dtype=torch.float32, device=shard[0].device)
-            master = list(master_shard.split([t.numel() for t in shard]))
-            for m, c in zip(master, shard):
-                m.copy_(c)
-            copies = list(shard)
-        entry = _Entry(group_index, dtype, master, master_shard, copies, flat=flat)
-        hp = self._hyperparams(self.param_groups[group_index])
-        if self._generic_cls is None:
-            entry.state = update.init_state(self.rule, hp, master)
-        else:
-            entry.generic = self._make_generic(entry)
-        self._entries.append(entry)
-        return entry
-
-    def _make_generic(self, entry: _Entry) -> torch.optim.Optimizer:
-        group = {k: v for k, v in self.param_groups[entry.group].items() if k != "params"}
-        return self._generic_cls([{"params": entry.master, **group}])
+            check_dtype(p.dtype)
+        for group in self.sharding.build_groups(gi, trainable, self.codec, self.placement):
+            if group.dtype == torch.float16 and self.loss_scaler is None:
+                self.loss_scaler = LossScaler()
+            options = {k: v for k, v in self.param_groups[gi].items() if k != "params"}
+            hp = self._hyperparams(self.param_groups[gi])
+            group.init_state(self.rule, hp, self._generic_cls, options)
+            self.shard_groups.append(group)
 
     def _hyperparams(self, group: dict[str, Any]) -> dict[str, Any]:
         return {k: group[k] for k in RULE_DEFAULTS.get(self.rule, {}) if k in group}
+
+    def _phase(self, name: str) -> contextlib.AbstractContextManager:
+        return self.timer.phase(name) if self.timer is not None else contextlib.nullcontext()
 
     # -- the training-loop API --------------------------------------------------------------
     @property
@@ -187,7 +157,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """`loss.backward()` with fp16 loss scaling and 1/gradient_accumulation_steps applied
         (DeepSpeed's `engine.backward` semantics). Fine to use at every precision."""
         scale = self.loss_scale / self.gradient_accumulation_steps
-        (loss * scale if scale != 1.0 else loss).backward(**kwargs)
+        with self._phase("backward"):
+            (loss * scale if scale != 1.0 else loss).backward(**kwargs)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the flat gradient buffers (they stay allocated); parameters' `.grad` stay None:
@@ -199,18 +170,18 @@ class ZeroOptimizer(torch.optim.Optimizer):
                         p.grad = None
                     else:
                         p.grad.zero_()
-        if self._reducer is not None:
-            self._reducer.zero_grad()
+        self.sharding.grads.zero_grad()
         self._pending_stats = None
         self._pending_clip = None
 
     def _grad_stats(self) -> Tensor:
         """Global [sum of squares, non-finite count] of this step's averaged gradients."""
         if self._pending_stats is None:
-            self._reducer.finish()
-            pieces = [g for i in range(len(self._entries)) for g in self._reducer.grad_pieces(i)]
+            with self._phase("reduce"):
+                self.sharding.grads.finish()
+            pieces = [g for group in self.shard_groups for g in group.grads()]
             stats = update.grad_stats(pieces, backend=self.kernel).to(torch.float64)
-            if self._reducer.sharded:  # shards are disjoint: sum them; stage 0's are replicas
+            if self.sharding.grads.sharded:  # shards are disjoint: sum; stage 0's are replicas
                 self.comm.all_reduce(stats, op="sum")
             self._pending_stats = stats
         return self._pending_stats
@@ -239,67 +210,32 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        guards.before_step(self)  # issue 8: late process group, moved params, DDP wrapper
+        with self._phase("step"):
+            self._step()
+        if self.timer is not None:
+            self.timer.end_step()
+        return loss
+
+    def _step(self) -> None:
+        guards.before_step(self)  # a late process group, moved params, a DDP wrapper
         norm, finite = self._global_norm()
         if not finite:
             self._skip_step()
-            return loss
+            return
         self.last_grad_norm = norm
         coef = self._pending_clip
         if coef is None and self.gradient_clipping > 0:
             coef = self._clip_coef(self.gradient_clipping, norm)
         grad_scale = (coef if coef is not None else 1.0) / self.loss_scale
-
-        for i, entry in enumerate(self._entries):
-            self._update_entry(entry, self._reducer.grad_pieces(i), grad_scale)
-        self._gather_params()
+        for group in self.shard_groups:
+            options = self.param_groups[group.group]
+            group.update(self.rule, options, self._hyperparams(options), grad_scale, self.kernel)
+        self.sharding.gather_params()
         if self.loss_scaler is not None:
             self.loss_scaler.update(False)
         self._end_step()
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
-        return loss
-
-    def _update_entry(self, entry: _Entry, grads: list[Tensor], grad_scale: float) -> None:
-        group = self.param_groups[entry.group]
-        entry.step += 1
-        if entry.generic is not None:
-            inner = entry.generic.param_groups[0]
-            for k, v in group.items():
-                if k != "params":
-                    inner[k] = v
-            for m, g in zip(entry.master, grads):
-                m.grad = g.to(torch.float32) * grad_scale if grad_scale != 1.0 else g.float()
-            entry.generic.step()
-            for m in entry.master:
-                m.grad = None
-            if entry.model_copies is not None:
-                for c, m in zip(entry.model_copies, entry.master):
-                    c.copy_(m)
-            return
-        update.apply_update(
-            self.rule, entry.master, grads, entry.state,
-            lr=float(group["lr"]), step=entry.step, hp=self._hyperparams(group),
-            grad_scale=grad_scale if grad_scale != 1.0 else None,
-            model_copies=entry.model_copies, backend=self.kernel,
-        )  # fmt: skip
-
-    def _gather_params(self) -> None:
-        """Every rank updated its chunks; all-gather them back into the full parameters."""
-        if not self._reducer.sharded:  # stage 0: every rank updated everything
-            return
-        works: list = []
-        in_flight = 0
-        for entry in self._entries:
-            flat = entry.flat
-            for bucket, chunk in zip(flat.buckets, flat.own_chunks(flat.flat)):
-                full = flat.bucket_view(flat.flat, bucket)
-                works.append(self.comm.all_gather(full, chunk, async_op=True))
-                in_flight += full.numel()
-                if in_flight >= self.allgather_bucket_size:
-                    wait_all(works)
-                    in_flight = 0
-        wait_all(works)
 
     def _skip_step(self) -> None:
         self.skipped_steps += 1
@@ -313,8 +249,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._end_step()
 
     def _end_step(self) -> None:
-        self._reducer.end_step()
-        self._reducer.zero_grad()  # issue 8: step() consumes the gradients (as DeepSpeed)
+        self.sharding.grads.end_step()
+        self.sharding.grads.zero_grad()  # step() consumes the gradients, as in DeepSpeed
         self._pending_stats = None
         self._pending_clip = None
         self.comm.counter.snapshot()
@@ -333,98 +269,59 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def world_size(self) -> int:
         return self.comm.world_size
 
-    def _param_index(self) -> dict[int, tuple[int, int]]:
-        """id(param) -> (position in the trainable-parameter order, param group)."""
-        out: dict[int, tuple[int, int]] = {}
+    def trainable_params(self) -> Iterator[tuple[int, Tensor]]:
+        """(param group, parameter) for every trainable parameter, once, in group order."""
+        seen: set[int] = set()
         for gi, g in enumerate(self.param_groups):
             for p in g["params"]:
-                if p.requires_grad and id(p) not in out:
-                    out[id(p)] = (len(out), gi)
-        return out
-
-    def _shard_group_numel(self, i: int) -> tuple[int, int]:
-        """(shard numel, number of shards) of shard group i."""
-        flat = self._entries[i].flat
-        return flat.shard_numel, flat.num_shards
-
-    def _param_layouts(self, names: dict[int, str]) -> list[ParamLayout]:
-        index = self._param_index()
-        out = []
-        for si, e in enumerate(self._entries):
-            plan = e.flat.plan
-            for slot, sp in zip(e.flat.slots, plan.slots):
-                pos, gi = index[id(slot.param)]
-                out.append(ParamLayout(
-                    pos, names.get(id(slot.param)), tuple(slot.param.shape), slot.param.dtype,
-                    gi, si, slot.offset, tuple(plan.pieces(sp)),
-                ))  # fmt: skip
-        return out
-
-    def _model_names(self, model: torch.nn.Module | None) -> dict[int, str]:
-        if model is None:
-            return {}
-        return {id(p): n for n, p in model.named_parameters()}
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    yield gi, p
 
     def layout(self, model: torch.nn.Module | None = None) -> ShardLayout:
         """Which slice of which parameter each rank holds (names from `model` when given)."""
-        groups = []
-        for i, e in enumerate(self._entries):
-            numel, shards = self._shard_group_numel(i)
-            groups.append(ShardGroupLayout(i, e.group, e.dtype, numel, shards))
-        params = sorted(self._param_layouts(self._model_names(model)), key=lambda p: p.index)
+        model = model if model is not None else self.sharding.model
+        names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
+        index = {id(p): i for i, (_, p) in enumerate(self.trainable_params())}
+        groups, params = [], []
+        for si, g in enumerate(self.shard_groups):
+            groups.append(ShardGroupLayout(si, g.group, g.dtype, g.shard_numel, g.num_shards))
+            for h in g.held_params():
+                p = h.param
+                params.append(ParamLayout(
+                    index[id(p)], names.get(id(p)), h.shape, g.dtype, g.group, si,
+                    h.flat_offset, h.pieces,
+                ))  # fmt: skip
+        params.sort(key=lambda p: p.index)
         return ShardLayout(self.stage, self.comm.world_size, self.comm.rank, tuple(groups),
                            tuple(params))  # fmt: skip
 
     def shard_state(self, i: int) -> ShardState:
-        """Live tensors of shard group i on this rank (write into them to load)."""
-        e = self._entries[i]
-        state = dict(e.state)
-        if e.generic is not None:
-            per = [e.generic.state.get(m, {}) for m in e.master]
-            for name in per[0] if per else ():
-                if all(torch.is_tensor(s.get(name)) for s in per):
-                    state[name] = [s[name] for s in per]
-        return ShardState(list(e.master), state, e.step, e.generic)
+        """Live fp32 tensors of shard group i on this rank. Write into them to load, then call
+        `sync_params_from_master()` (which also stores state a codec keeps in another form)."""
+        g = self.shard_groups[i]
+        return ShardState(list(g.master), g.state(), g.step, g.generic)
 
     def set_step(self, i: int, step: int) -> None:
         """Restore the update count of shard group i (a checkpoint load)."""
-        self._entries[i].step = int(step)
+        self.shard_groups[i].step = int(step)
 
     @torch.no_grad()
     def sync_params_from_master(self) -> None:
-        """After master pieces were written in place: the bf16/fp16 model copies follow, and
-        every rank's full parameters are all-gathered (stage 3: persistent units only)."""
-        for e in self._entries:
-            if e.model_copies is not None:
-                for c, m in zip(e.model_copies, e.master):
-                    c.copy_(m)
-        self._gather_params()
+        """After master pieces were written in place: states are stored, the parameters'
+        shards follow the master, and the stage gathers them where forward reads them."""
+        for g in self.shard_groups:
+            g.commit()
+        self.sharding.gather_params()
 
     # -- accounting -----------------------------------------------------------------------
-    def _held_tensors(self) -> dict[str, list[Tensor]]:
-        """The parameter, gradient and communication tensors this rank holds."""
-        held = self._reducer.held_tensors() if self._reducer else {}
-        return {
-            "params": [e.flat.flat for e in self._entries],
-            "grads": held.get("grads", []),
-            "comm_buffers": held.get("comm_buffers", []),
-        }
-
     def memory_report(self) -> dict[str, int]:
         """Bytes held on this rank: params, grads, master, optimizer_states, comm_buffers."""
-        held = self._held_tensors()
-        states: list[Tensor] = []
-        for e in self._entries:
-            if e.generic is not None:
-                for st in e.generic.state.values():
-                    states += [v for v in st.values() if torch.is_tensor(v)]
-            for ts in e.state.values():
-                states += list(ts)
         return memory_report(
             {
-                **held,
-                "master": [m for e in self._entries for m in e.master],
-                "optimizer_states": states,
+                **self.sharding.held_tensors(),
+                "master": [m for g in self.shard_groups for m in g.master],
+                "optimizer_states": [t for g in self.shard_groups for t in g.stored_tensors()],
             }
         )
 
@@ -434,11 +331,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     # -- checkpoints (same world size) ------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        from .checkpoint.optimizer_state import optimizer_state_dict
-
         return optimizer_state_dict(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        from .checkpoint.optimizer_state import load_optimizer_state_dict
-
         load_optimizer_state_dict(self, state_dict)

@@ -9,6 +9,7 @@ parameters to train are materialised once, so a generator passed as `model_param
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -16,33 +17,45 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import ConfigError, ZeroConfig, load_config
+from zeroshard.config.honoured import hidden_size_of
+from zeroshard.config.schema import ConfigError, ZeroConfig, load_config
+from zeroshard.guards import launched_world_size
 
 ParamsArg = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | None
 
 
-def hidden_size_of(model: nn.Module) -> int | None:
-    """The model's hidden size if it says so (HF `config.hidden_size`, GPT `n_embd`, ...):
-    what HF-style "auto" bucket sizes are derived from."""
-    for owner in (getattr(model, "config", None), model):
-        for name in ("hidden_size", "n_embd", "d_model", "dim"):
-            value = getattr(owner, name, None)
-            if isinstance(value, int) and value > 0:
-                return value
-    return None
+def start_process_group(model: nn.Module, process_group: dist.ProcessGroup | None) -> None:
+    """Launched by torchrun (WORLD_SIZE > 1) with no process group yet: start the default one
+    from the launcher's environment, as `deepspeed.initialize` does (nccl for a CUDA model,
+    else gloo), and say so once on rank 0. A plain single process is left alone."""
+    if process_group is not None or not dist.is_available() or dist.is_initialized():
+        return
+    world = launched_world_size()
+    if world < 2:
+        return
+    on_cuda = any(p.is_cuda for p in model.parameters())
+    backend = "nccl" if on_cuda else "gloo"
+    if on_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    if dist.get_rank() == 0:
+        print(
+            f"zeroshard: started the torch.distributed process group ({backend}, world size "
+            f"{world}) from the launcher's environment",
+            file=sys.stderr, flush=True,
+        )  # fmt: skip
 
 
 def check_supported(cfg: ZeroConfig) -> None:
     zo = cfg.zero_optimization
-    for key in ("reduce_scatter", "allgather_partitions"):
-        if getattr(zo, key) is False:
-            raise ConfigError(
-                [
-                    f"zero_optimization.{key}: false is not supported by zeroshard yet "
-                    "(gradients are always reduce-scattered and partitions all-gathered); "
-                    "remove the key or set it to true"
-                ]
-            )
+    problems = [
+        f"zero_optimization.{key}: false is not supported by zeroshard yet (gradients are "
+        "always reduce-scattered and partitions all-gathered); remove the key or set it to true"
+        for key in ("reduce_scatter", "allgather_partitions")
+        if getattr(zo, key) is False
+    ]
+    if problems:  # all of them at once
+        raise ConfigError(problems)
 
 
 def resolve_config(

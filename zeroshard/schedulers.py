@@ -21,7 +21,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 if TYPE_CHECKING:
-    from zeroshard.config import SchedulerConfig
+    from zeroshard.config.schema import SchedulerConfig
 
 __all__ = ["WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "build_scheduler"]
 

@@ -7,12 +7,18 @@ the forward is timed by a pre- and a post-forward hook on the model, the backwar
 finishing the gradient reduction (what backward did not overlap), and the step as the rest
 of `optimizer.step()`. Every `steps_per_print` optimizer steps rank 0 prints one line with the
 mean milliseconds per step over those steps; the last line's numbers stay in `.last`.
+
+`progress()`: the progress bar of work that can take long (save, load, consolidate,
+estimate), shown on rank 0 only and only once the work has run for `PROGRESS_DELAY_S`.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import os
+import sys
 import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -20,10 +26,27 @@ import torch.distributed as dist
 from torch import nn
 
 PHASES = ("forward", "backward", "reduce", "step")
+# a bar appears only for work that runs longer than this (ZEROSHARD_PROGRESS_DELAY overrides)
+PROGRESS_DELAY_S = 2.0
+
+
+def progress(items: Iterable[Any], desc: str, total: float | None = None,
+             unit: str = "it", **kwargs: Any) -> Any:  # fmt: skip
+    """`items` wrapped in a tqdm bar on rank 0 (stderr), shown once the work has run for
+    `PROGRESS_DELAY_S` seconds; other ranks, and quick work, print nothing."""
+    from tqdm.auto import tqdm
+
+    rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    delay = float(os.environ.get("ZEROSHARD_PROGRESS_DELAY", PROGRESS_DELAY_S))
+    return tqdm(items, desc=f"zeroshard: {desc}", total=total, unit=unit, delay=delay,
+                disable=not rank0, file=sys.stderr, dynamic_ncols=True, **kwargs)  # fmt: skip
 
 
 class WallClockBreakdown:
-    """Accumulates phase times of one model + optimizer and prints them periodically."""
+    """Accumulates phase times of one model + optimizer and prints them periodically.
+
+    Forward is timed by module hooks on the model; backward, reduce and step by the
+    optimizer, which enters `phase(name)` around each (`optimizer.timer`)."""
 
     def __init__(self, model: nn.Module, optimizer: Any, steps_per_print: int) -> None:
         self.steps_per_print = int(steps_per_print)
@@ -32,12 +55,11 @@ class WallClockBreakdown:
         self.steps = 0
         self._cuda = any(p.is_cuda for p in model.parameters())
         self._fwd_start: float | None = None
-        model.register_forward_pre_hook(self._forward_start)
-        model.register_forward_hook(self._forward_end)
-        optimizer.backward = self._timed(optimizer.backward, "backward")
-        reducer = optimizer._reducer
-        reducer.finish = self._timed(reducer.finish, "reduce")
-        optimizer.step = self._timed_step(optimizer.step)
+        self._handles = [
+            model.register_forward_pre_hook(self._forward_start),
+            model.register_forward_hook(self._forward_end, always_call=True),
+        ]
+        optimizer.timer = self
 
     def _now(self) -> float:
         if self._cuda:
@@ -52,32 +74,23 @@ class WallClockBreakdown:
             self.totals["forward"] += self._now() - self._fwd_start
             self._fwd_start = None
 
-    def _timed(self, fn: Any, phase: str) -> Any:
-        @functools.wraps(fn)
-        def run(*args: Any, **kwargs: Any) -> Any:
-            t0 = self._now()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.totals[phase] += self._now() - t0
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time the body as `name`; a phase nested in another is subtracted from it (the
+        gradient reduction that `step` finishes counts as reduce, not step)."""
+        t0 = self._now()
+        outer = dict(self.totals)
+        try:
+            yield
+        finally:
+            elapsed = self._now() - t0
+            nested = sum(self.totals[k] - outer[k] for k in PHASES if k != name)
+            self.totals[name] += elapsed - nested
 
-        return run
-
-    def _timed_step(self, step: Any) -> Any:
-        @functools.wraps(step)
-        def run(*args: Any, **kwargs: Any) -> Any:
-            reduce_before = self.totals["reduce"]
-            t0 = self._now()
-            try:
-                return step(*args, **kwargs)
-            finally:
-                elapsed = self._now() - t0
-                self.totals["step"] += elapsed - (self.totals["reduce"] - reduce_before)
-                self.steps += 1
-                if self.steps % self.steps_per_print == 0:
-                    self._report()
-
-        return run
+    def end_step(self) -> None:
+        self.steps += 1
+        if self.steps % self.steps_per_print == 0:
+            self._report()
 
     def _report(self) -> None:
         n = self.steps_per_print
@@ -89,6 +102,10 @@ class WallClockBreakdown:
         print(
             f"zeroshard step {self.steps}: time (ms, mean of {n} steps) | {parts}", flush=True
         )
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
 
 
 def install(model: nn.Module, optimizer: Any, cfg: Any) -> None:

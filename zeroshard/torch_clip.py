@@ -28,7 +28,7 @@ import torch.nn.utils as nn_utils
 import torch.nn.utils.clip_grad as clip_grad_module
 from torch import Tensor
 
-from . import guards
+from zeroshard import guards
 
 _original = None
 

@@ -1,7 +1,7 @@
 """`python -m zeroshard.train` / `torchrun ... -m zeroshard.train`: runs the demo job
 (zeroshard/demo/train.py), kept at this short, documented name."""
 
-from .demo.train import main
+from zeroshard.demo.train import main
 
 __all__ = ["main"]
 

@@ -49,11 +49,37 @@ def test_mismatch_is_reported_like_hf():
     with pytest.raises(ConfigError) as e:
         resolve_hf_auto(cfg, _args(), hidden_size=32, num_training_steps=10)
     msg = str(e.value)
-    assert "- ds gradient_accumulation_steps=4 vs hf gradient_accumulation_steps=2" in msg
-    assert "- ds optimizer.params.lr=0.001 vs hf learning_rate=0.0003" in msg
+    assert "`gradient_accumulation_steps` = 4 in the config contradicts " \
+        "TrainingArguments.gradient_accumulation_steps = 2" in msg  # fmt: skip
+    assert "`optimizer.params.lr` = 0.001 in the config contradicts " \
+        "TrainingArguments.learning_rate = 0.0003" in msg  # fmt: skip
 
 
 def test_offload_to_cpu_is_kept_for_the_core_to_reject():
     cfg = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
     out = resolve_hf_auto(cfg, _args(), hidden_size=32, num_training_steps=10)
     assert out["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+
+
+def test_trainer_fills_every_setting_the_config_leaves_out():
+    cfg = {"zero_optimization": {"stage": 2},
+           "scheduler": {"type": "WarmupDecayLR", "params": {}}}  # fmt: skip
+    out = resolve_hf_auto(cfg, _args(optim="adamw_torch_fused"), hidden_size=32,
+                          num_training_steps=100, fill_missing=True)  # fmt: skip
+    assert out == {
+        "zero_optimization": {"stage": 2},
+        "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
+        "gradient_clipping": 1.0, "fp16": {"enabled": False}, "bf16": {"enabled": True},
+        "optimizer": {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.95],
+                                                  "eps": 1e-8, "weight_decay": 0.1}},
+        "scheduler": {"type": "WarmupDecayLR", "params": {
+            "warmup_max_lr": 3e-4, "warmup_num_steps": 10, "total_num_steps": 100}},
+    }  # fmt: skip
+    parsed = load_config(out, world_size=2)
+    assert parsed.train_batch_size == 16 and parsed.precision == "bf16"
+    sgd = resolve_hf_auto({"optimizer": {"type": "SGD", "params": {"momentum": 0.9}}},
+                          _args(), fill_missing=True)  # fmt: skip
+    assert sgd["optimizer"]["params"] == {"momentum": 0.9, "lr": 3e-4, "weight_decay": 0.1}
+    with pytest.raises(ConfigError, match="TrainingArguments.optim='adafactor' has no "
+                       "zeroshard counterpart"):  # fmt: skip
+        resolve_hf_auto({}, _args(optim="adafactor"), fill_missing=True)

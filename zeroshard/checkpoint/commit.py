@@ -27,9 +27,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import dist_util
-from .dist_util import CheckpointError
-from .st_stream import fsync_dir
+from zeroshard.checkpoint import dist_util
+from zeroshard.checkpoint.dist_util import CheckpointError
+from zeroshard.checkpoint.st_stream import fsync_dir
 
 LATEST = "latest"
 MANIFEST = "manifest.json"

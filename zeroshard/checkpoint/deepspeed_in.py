@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _layout_compat as L
-from . import commit, dist_util, verify
-from .save import _persistent_buffers, shard_slice
+from zeroshard.checkpoint import commit, dist_util, verify
+from zeroshard.checkpoint import optimizer_view as L
+from zeroshard.checkpoint.save import _persistent_buffers, shard_slice
 
 
 class _Inert:

@@ -13,17 +13,20 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
-from . import commit, manifest
-from .load import _Index, _verify_files, resolve
-from .st_stream import ByteCounter, Entry, write_file
+from zeroshard.checkpoint import commit, manifest
+from zeroshard.checkpoint.load import _Index, _verify_files, resolve
+from zeroshard.checkpoint.st_stream import ByteCounter, Entry, write_file
 
 LAST_CONSOLIDATE_STATS: dict[str, int] = {}
+# client_state key under which ZeroShardTrainer saves the model's HF config (`config.to_dict()`)
+HF_CONFIG_KEY = "hf_model_config"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}  # fmt: skip
 
@@ -49,12 +52,18 @@ def consolidate(
     dtype: torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
     tag: str | None = None,
+    hf_config: str | os.PathLike | Mapping[str, Any] | None = None,
 ) -> Path:
     """Write `out_dir/model.safetensors` (or sharded files + index) from a zeroshard
     checkpoint folder (or its parent with `latest`). Weights come from the fp32 master where
-    saved, cast to `dtype` (default: each parameter's model dtype). Runs in one process."""
+    saved, cast to `dtype` (default: each parameter's model dtype). Runs in one process.
+
+    `out_dir/config.json` is written too when the model's Hugging Face config is known:
+    `hf_config` (a dict, a config.json, or a folder holding one), else the one
+    `ZeroShardTrainer` stores in its checkpoints; `from_pretrained(out_dir)` then loads it."""
     folder = _folder(Path(ckpt_dir), tag)
     body = manifest.parse(folder / commit.MANIFEST)
+    model_config = _model_config(hf_config, body.get("client_state") or {})
     _verify_files(folder, body, set(body["files"]))
     index = _Index(body)
     items: list[tuple[str, tuple[int, ...], torch.dtype, str]] = []
@@ -87,14 +96,38 @@ def consolidate(
         entries = [Entry(name, shape, dt, _maker(folder, index, handles, counter, name, shape,
                                                    dt, kind))
                    for name, shape, dt, kind in shard]  # fmt: skip
-        _, size = write_file(out / fname, entries, {"format": "pt"}, counter)
+        _, size = write_file(out / fname, entries, {"format": "pt"}, counter,
+                             desc=f"consolidating {fname}")  # fmt: skip
         total += size
         weight_map.update({name: fname for name, *_ in shard})
     if len(shards) > 1:
         idx = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(idx, indent=2))
+    if model_config is not None:
+        (out / "config.json").write_text(json.dumps(model_config, indent=2, sort_keys=True))
     LAST_CONSOLIDATE_STATS.update(peak_bytes=counter.peak, shards=len(shards))
     return out
+
+
+def _model_config(given: Any, client_state: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The model's HF config: `given` (dict, file or folder), else the checkpoint's."""
+    if given is None:
+        found = client_state.get(HF_CONFIG_KEY)
+        return dict(found) if isinstance(found, Mapping) else None
+    if isinstance(given, Mapping):
+        return dict(given)
+    path = Path(given)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"hf_config: {path} does not exist") from None
+    except ValueError as e:
+        raise ValueError(f"hf_config: {path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"hf_config: {path} must hold a JSON object")
+    return data
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -25,10 +25,12 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from . import _layout_compat as L
-from . import async_save as background
-from . import commit, dist_util, manifest, verify
-from .save import _persistent_buffers, shard_slice
+from zeroshard.checkpoint import async_save as background
+from zeroshard.checkpoint import commit, dist_util, manifest, verify
+from zeroshard.checkpoint import optimizer_view as L
+from zeroshard.checkpoint.save import _persistent_buffers, shard_slice
+from zeroshard.shard.optimizer_state import restore_optimizer
+from zeroshard.timing import progress
 
 
 @dataclass
@@ -247,7 +249,7 @@ class _Undo:
 def _apply(folder: Path, body: dict[str, Any], reads: list[Read], model: nn.Module,
            opt: Any, undo: _Undo) -> None:  # fmt: skip
     handles: dict[str, Any] = {}
-    for r in reads:
+    for r in progress(reads, f"loading {folder.name}", unit="piece"):
         if r.file not in handles:
             handles[r.file] = safe_open(str(folder / r.file), framework="pt")
         f = handles[r.file]
@@ -256,9 +258,9 @@ def _apply(folder: Path, body: dict[str, Any], reads: list[Read], model: nn.Modu
         r.dst.copy_(src.reshape(r.dst.shape))
     if opt is None:
         return
-    for g in L.layout(opt, model).groups:
+    lay = L.layout(opt, model)
+    for g in lay.groups:
         undo.calls.append(partial(L.set_step, opt, g.index, L.shard_state(opt, g.index).step))
-        L.set_step(opt, g.index, int(body["steps"].get(str(g.group), 0)))
     old_groups = [dict(group) for group in opt.param_groups]
 
     def restore_groups() -> None:
@@ -267,14 +269,13 @@ def _apply(folder: Path, body: dict[str, Any], reads: list[Read], model: nn.Modu
             group.update(old)
 
     undo.calls.append(restore_groups)
-    for group, saved in zip(opt.param_groups, body["param_groups"]):
-        for k, v in saved.items():
-            group[k] = tuple(v) if isinstance(group.get(k), tuple) else v
-    for obj, saved in ((opt.loss_scaler, body.get("loss_scaler")),
-                       (opt.lr_scheduler, body.get("lr_scheduler"))):  # fmt: skip
-        if obj is not None and saved:
+    for obj in (opt.loss_scaler, opt.lr_scheduler):
+        if obj is not None:
             undo.calls.append(partial(obj.load_state_dict, copy.deepcopy(obj.state_dict())))
-            obj.load_state_dict(saved)
+    steps = {g.index: int(body["steps"].get(str(g.group), 0)) for g in lay.groups}
+    # the parameters follow the master after the ranks agreed (that step is collective)
+    restore_optimizer(opt, body["param_groups"], steps, body.get("loss_scaler"),
+                      body.get("lr_scheduler"), sync=False)  # fmt: skip
 
 
 def _problems(found: list[str]) -> str:
@@ -308,7 +309,7 @@ def load_checkpoint(
     try:
         folder = resolve(root, tag)
         if not (folder / commit.MANIFEST).exists() and _looks_deepspeed(folder):
-            from .deepspeed_in import load_deepspeed
+            from zeroshard.checkpoint.deepspeed_in import load_deepspeed
 
             return load_deepspeed(folder, model, optimizer, pg)
         body = manifest.parse(folder / commit.MANIFEST)

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _layout_compat as L
-from . import async_save as background
-from . import commit, dist_util, manifest
-from .st_stream import ByteCounter, Entry, write_file
+from zeroshard.checkpoint import async_save as background
+from zeroshard.checkpoint import commit, dist_util, manifest
+from zeroshard.checkpoint import optimizer_view as L
+from zeroshard.checkpoint.st_stream import ByteCounter, Entry, write_file
 
 LAST_SAVE_STATS: dict[str, int] = {}  # bytes a save materialised (peak), for tests/bench
 
@@ -125,9 +125,9 @@ def _persistent_buffers(model: nn.Module) -> list[tuple[str, Tensor]]:
     return out
 
 
-def _write(plan: Plan, counter: ByteCounter, folder: Path) -> dict[str, Any]:
+def _write(plan: Plan, counter: ByteCounter, folder: Path, desc: str) -> dict[str, Any]:
     name = manifest.rank_file(plan.rank)
-    sha, size = write_file(folder / name, plan.entries, {"format": "pt"}, counter)
+    sha, size = write_file(folder / name, plan.entries, {"format": "pt"}, counter, desc=desc)
     info = {"rank": plan.rank, "size": size, "sha256": sha, "pieces": plan.pieces}
     return {"files": {name: info}, "meta": plan.meta if plan.rank == 0 else None}
 
@@ -178,7 +178,8 @@ def save_checkpoint(
     assert tag is not None
 
     def run() -> Path:
-        out = commit.commit(root, tag, lambda d: _write(plan, counter, d), _manifest, pg)
+        write = lambda d: _write(plan, counter, d, f"saving {tag}")  # noqa: E731
+        out = commit.commit(root, tag, write, _manifest, pg)
         LAST_SAVE_STATS.update(peak_bytes=counter.peak)
         return out
 

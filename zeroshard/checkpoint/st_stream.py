@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from zeroshard.timing import progress
+
 DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
@@ -85,8 +87,10 @@ def write_file(
     metadata: dict[str, str] | None = None,
     counter: ByteCounter | None = None,
     slice_numel: int = DEFAULT_SLICE,
+    desc: str | None = None,
 ) -> tuple[str, int]:
-    """Write `entries` to `path` (fsynced); returns (sha256 hex, size in bytes)."""
+    """Write `entries` to `path` (fsynced); returns (sha256 hex, size in bytes). With `desc`,
+    a progress bar in tensors written (rank 0, long writes only)."""
     counter = counter or ByteCounter()
     h = hashlib.sha256()
     size = 0
@@ -95,7 +99,7 @@ def write_file(
         f.write(head)
         h.update(head)
         size += len(head)
-        for e in entries:
+        for e in entries if desc is None else progress(entries, desc, unit="tensor"):
             src = e.source() if callable(e.source) else e.source
             made = 0 if not callable(e.source) else src.numel() * src.element_size()
             if not src.is_contiguous():

@@ -1,7 +1,9 @@
 """`zeroshard consolidate`: one full-precision model from a sharded checkpoint.
 
-Calls `zeroshard.consolidate(ckpt_dir, out_dir, dtype=..., max_shard_size=...)`, which writes
-safetensors files (sharded at `max_shard_size`) readable without zeroshard.
+Calls `zeroshard.consolidate(ckpt_dir, out_dir, dtype=..., max_shard_size=..., hf_config=...)`,
+which writes safetensors files (sharded at `max_shard_size`) readable without zeroshard, and
+`config.json` when the model's Hugging Face config is known (`--hf-config`, or saved by
+`ZeroShardTrainer`), so that `from_pretrained(out)` works.
 """
 
 from __future__ import annotations
@@ -9,10 +11,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import CliError
+from zeroshard.cli.common import CliError
 
-EPILOG = """example:
-  zeroshard consolidate checkpoints/step_1000 out/model --dtype bf16 --max-shard-size 5GB"""
+EPILOG = """examples:
+  zeroshard consolidate checkpoints/step_1000 out/model --dtype bf16 --max-shard-size 5GB
+  zeroshard consolidate ckpt out/model --hf-config path/to/hf_model   # + out/config.json"""
 
 
 def add_parser(sub: Any, name: str) -> argparse.ArgumentParser:
@@ -25,6 +28,9 @@ def add_parser(sub: Any, name: str) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
                    help="dtype of the written tensors (default: as saved)")
     p.add_argument("--max-shard-size", default="5GB", help="largest output file (default 5GB)")
+    p.add_argument("--hf-config", metavar="PATH",
+                   help="the model's Hugging Face config.json (or its folder): written as "
+                        "out/config.json (default: the one ZeroShardTrainer saved, if any)")
     p.set_defaults(handler=handle)
     return p
 
@@ -45,7 +51,8 @@ def handle(args: argparse.Namespace) -> int:
     )
     try:
         result = consolidate(args.checkpoint, args.out, dtype=dtype,
-                             max_shard_size=args.max_shard_size)  # fmt: skip
+                             max_shard_size=args.max_shard_size,
+                             hf_config=args.hf_config)  # fmt: skip
     except (FileNotFoundError, ValueError) as e:
         raise CliError(str(e)) from None
     print(f"wrote {args.out}" + (f": {result}" if result else ""))

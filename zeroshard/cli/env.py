@@ -37,7 +37,7 @@ def collect() -> dict[str, Any]:
     import torch.distributed as dist
 
     import zeroshard
-    from zeroshard import update
+    from zeroshard.update import apply as update
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda") if cuda else torch.device("cpu")

@@ -2,7 +2,7 @@
 
 The model is built on the meta device (no weights, no memory): from a parameter count, a
 Hugging Face `config.json` or a factory `pkg.mod:callable`. The numbers are zeroshard's own
-layout plan (see zeroshard/estimate.py), checked against `memory_report()` by the tests.
+layout plan (zeroshard/estimate/model_states.py), checked against `memory_report()` by the tests.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .common import CliError, human, parse_bytes, parse_count
+from zeroshard.cli.common import CliError, human, parse_bytes, parse_count
 
 EPILOG = """examples:
   zeroshard estimate --params 7e9 --world-size 8 --precision fp16 --optimizer adam
@@ -94,7 +94,7 @@ HF_TOKENS = 8  # the example sequence length for a Hugging Face model (any lengt
 def build_model(args: argparse.Namespace) -> tuple[nn.Module, Any]:
     """The model on the meta device, from whichever source was given, and the input to
     trace its stage-3 schedule on (None if there is none)."""
-    from zeroshard.estimate import Numel
+    from zeroshard.estimate.model_states import Numel
 
     if args.example_input is not None and args.model is None:
         raise CliError("--example-input goes with --model")
@@ -134,8 +134,8 @@ def build_model(args: argparse.Namespace) -> tuple[nn.Module, Any]:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from zeroshard.config import ConfigError
-    from zeroshard.estimate import as_dict, estimate
+    from zeroshard.config.schema import ConfigError
+    from zeroshard.estimate.model_states import as_dict, estimate
 
     world = _world(args)
     memory = parse_bytes(args.device_memory) if args.device_memory else None

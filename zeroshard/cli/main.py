@@ -6,8 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import check_config, consolidate, env, estimate, run
-from .common import CliError, fail
+from zeroshard.cli import check_config, consolidate, env, estimate, run
+from zeroshard.cli.common import CliError, fail
 
 SUBCOMMANDS = {
     "run": run,

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
-from .common import CliError, fail
+from zeroshard.cli.common import CliError, fail
 
 CONFIG_ENV = "ZEROSHARD_CONFIG"
 
@@ -124,14 +125,25 @@ def main(parser: argparse.ArgumentParser, argv: list[str]) -> int:
         return fail("run", "--config CFG is required (a zeroshard/DeepSpeed JSON config)")
     if not rest:
         return fail("run", "no training script given (zeroshard run --config CFG script.py)")
-    from zeroshard.config import ConfigError, load_config
+    from zeroshard.cli.check_config import config_problems, readable_json
+    from zeroshard.config.schema import ConfigError, load_config
 
     path = os.path.abspath(mine["config"])
     try:
         world = world_size(mine.get("nproc"), passed)
-        load_config(path, world_size=world)
+        if not readable_json(path):
+            load_config(path)  # a missing file or malformed JSON: in load_config's words
+        problems = config_problems(path, world)
     except (ConfigError, CliError) as e:
         return fail("run", str(e))
+    if problems:  # every problem, one line each, as check-config lists them
+        if len(problems) == 1:
+            return fail("run", f"invalid zeroshard config in {path}: {problems[0]}")
+        print(f"zeroshard run: error: invalid zeroshard config in {path} "
+              f"({len(problems)} problems):", file=sys.stderr)  # fmt: skip
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 2
     os.environ[CONFIG_ENV] = path
     torchrun_argv = (["--nproc-per-node", mine["nproc"]] if "nproc" in mine else []) + passed
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

@@ -6,10 +6,15 @@ The engine keeps DeepSpeed's training-loop contract: `engine(x)`, `engine.backwa
 accumulation boundary, then clears gradients and steps the scheduler), and
 `save_checkpoint` / `load_checkpoint` with DeepSpeed's signatures, writing zeroshard's
 checkpoint format (every rank's shard, full weights, client state).
+
+Also here, as typical DeepSpeed scripts call them: `add_config_arguments`, `init_distributed`,
+`comm` (ranks and the common collectives), `zero.Init`, `zero.GatheredParameters`, and the
+engine's `save_16bit_model`. Anything else raises an AttributeError naming it.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -21,21 +26,155 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import zeroshard
-
-from .hf_config import read_config
+from zeroshard.integrations.hf_config import read_config
+from zeroshard.stage3.state_dict import full_state_dict
 
 log = logging.getLogger(__name__)
 _ENGINE_KEY = "zeroshard_engine"
 
 
-def init_distributed(dist_backend: str | None = None, **kwargs: Any) -> None:
-    """`deepspeed.init_distributed`: the default process group from torchrun's environment."""
-    if dist.is_initialized():
+def init_distributed(dist_backend: str | None = None, auto_mpi_discovery: bool = True,
+                     distributed_port: int | None = None, verbose: bool = True,
+                     timeout: Any = None, init_method: str | None = None,
+                     dist_init_required: bool | None = None, config: Any = None,
+                     rank: int = -1, world_size: int = -1) -> None:  # fmt: skip
+    """`deepspeed.init_distributed`: the default process group from torchrun's environment
+    (or `init_method`, `rank`, `world_size`, `timeout` when given)."""
+    if dist.is_initialized() or dist_init_required is False:
         return
+    if init_method is None and world_size < 0 and "WORLD_SIZE" not in os.environ:
+        return  # a plain single process: zeroshard needs no process group
     backend = dist_backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend)
+    if distributed_port is not None:
+        os.environ.setdefault("MASTER_PORT", str(distributed_port))
+    extra: dict[str, Any] = {"init_method": init_method}
+    if timeout is not None:
+        extra["timeout"] = timeout
+    if rank >= 0 and world_size > 0:
+        extra.update(rank=rank, world_size=world_size)
+    dist.init_process_group(backend, **extra)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`deepspeed.add_config_arguments`: `--deepspeed` and `--deepspeed_config PATH`."""
+    group = parser.add_argument_group("DeepSpeed", "DeepSpeed configurations")
+    group.add_argument("--deepspeed", default=False, action="store_true",
+                       help="enable DeepSpeed (here: zeroshard)")  # fmt: skip
+    group.add_argument("--deepspeed_config", default=None, type=str,
+                       help="DeepSpeed json configuration file")  # fmt: skip
+    return parser
+
+
+class _Namespace:
+    """A DeepSpeed sub-namespace: whatever the shim lacks is an error naming it."""
+
+    _name = ""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AttributeError(
+            f"deepspeed.{self._name}.{name} is not supported by zeroshard's DeepSpeed shim "
+            "(zeroshard.integrations.deepspeed)"
+        )
+
+
+def _on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class _Comm(_Namespace):
+    """`deepspeed.comm`: torch.distributed's calls under DeepSpeed's names and defaults."""
+
+    _name = "comm"
+    ReduceOp = dist.ReduceOp
+
+    init_distributed = staticmethod(init_distributed)
+
+    @staticmethod
+    def is_initialized() -> bool:
+        return _on()
+
+    @staticmethod
+    def get_rank(group: Any = None) -> int:
+        return dist.get_rank(group) if _on() else 0
+
+    @staticmethod
+    def get_world_size(group: Any = None) -> int:
+        return dist.get_world_size(group) if _on() else 1
+
+    @staticmethod
+    def get_local_rank() -> int:
+        return int(os.environ.get("LOCAL_RANK", 0))
+
+    @staticmethod
+    def barrier(group: Any = None, async_op: bool = False) -> Any:
+        return dist.barrier(group=group, async_op=async_op) if _on() else None
+
+    @staticmethod
+    def all_reduce(tensor: torch.Tensor, op: Any = dist.ReduceOp.SUM, group: Any = None,
+                   async_op: bool = False) -> Any:  # fmt: skip
+        return dist.all_reduce(tensor, op=op, group=group, async_op=async_op) if _on() else None
+
+    @staticmethod
+    def broadcast(tensor: torch.Tensor, src: int, group: Any = None,
+                  async_op: bool = False) -> Any:  # fmt: skip
+        return dist.broadcast(tensor, src, group=group, async_op=async_op) if _on() else None
+
+    @staticmethod
+    def all_gather(tensor_list: list[torch.Tensor], tensor: torch.Tensor, group: Any = None,
+                   async_op: bool = False) -> Any:  # fmt: skip
+        if _on():
+            return dist.all_gather(tensor_list, tensor, group=group, async_op=async_op)
+        tensor_list[0].copy_(tensor)
+        return None
+
+
+class _Zero(_Namespace):
+    """`deepspeed.zero`: `Init` (partition parameters at construction) and
+    `GatheredParameters`, on zeroshard's own."""
+
+    _name = "zero"
+
+    @staticmethod
+    def Init(module: nn.Module | None = None, data_parallel_group: Any = None,  # noqa: N802
+             mem_efficient_linear: bool = True, remote_device: str | None = None,
+             pin_memory: bool = False, config_dict_or_path: Any = None, config: Any = None,
+             enabled: bool = True, dtype: torch.dtype | None = None, mpu: Any = None,
+             **unsupported: Any) -> zeroshard.Init:  # fmt: skip
+        """`deepspeed.zero.Init(config_dict_or_path=..., enabled=...)`."""
+        for name, bad in (("module", module is not None), ("mpu", mpu is not None),
+                          ("remote_device", remote_device not in (None, "none")),
+                          *((k, True) for k in unsupported)):  # fmt: skip
+            if bad:
+                raise ValueError(f"deepspeed.zero.Init({name}=...) is not supported by "
+                                 "zeroshard's DeepSpeed shim")  # fmt: skip
+        cfg = config_dict_or_path if config_dict_or_path is not None else config
+        init = zeroshard.Init(read_config(cfg) if cfg is not None else None,
+                              process_group=data_parallel_group, enabled=enabled)  # fmt: skip
+        if enabled and dtype is not None and init.dtype not in (None, dtype):
+            raise ValueError(f"deepspeed.zero.Init(dtype={dtype}) contradicts the config's "
+                             f"precision ({init.dtype}); drop dtype or change the config")
+        return init
+
+    @staticmethod
+    def GatheredParameters(params: Any, modifier_rank: int | None = None,  # noqa: N802
+                           fwd_module: Any = None,
+                           enabled: bool = True) -> zeroshard.GatheredParameters:  # fmt: skip
+        """`deepspeed.zero.GatheredParameters`: full parameters inside the block."""
+        return zeroshard.GatheredParameters(params, modifier_rank=modifier_rank,
+                                            enabled=enabled)  # fmt: skip
+
+
+comm = _Comm()
+zero = _Zero()
+
+
+def __getattr__(name: str) -> Any:
+    raise AttributeError(
+        f"deepspeed.{name} is not supported by zeroshard's DeepSpeed shim "
+        "(zeroshard.integrations.deepspeed)"
+    )
 
 
 class ZeroShardEngine(nn.Module):
@@ -116,6 +255,17 @@ class ZeroShardEngine(nn.Module):
         return (self.micro_steps + 1) % self._gas == 0
 
     # -- the training loop -----------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # submodules, parameters, buffers
+        except AttributeError:
+            pass
+        module = self._modules.get("module")
+        if module is not None and hasattr(module, name):  # as DeepSpeed's engine forwards
+            return getattr(module, name)
+        raise AttributeError(f"engine.{name} is not supported by zeroshard's DeepSpeed shim "
+                             "(zeroshard.integrations.deepspeed)")  # fmt: skip
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
 
@@ -147,6 +297,34 @@ class ZeroShardEngine(nn.Module):
         self._optimizer.zero_grad()
 
     # -- checkpoints -----------------------------------------------------------------------
+    def save_16bit_model(self, save_dir: str | os.PathLike,
+                         save_filename: str = "pytorch_model.bin",
+                         exclude_frozen_parameters: bool = False) -> bool:  # fmt: skip
+        """Every rank (stage 3 gathers collectively); rank 0 writes the model's weights in
+        their training dtype: `torch.save` for `.bin` (as DeepSpeed), safetensors for
+        `.safetensors`. A tied weight is written once."""
+        state = full_state_dict(self.module, rank0_only=True)
+        if self.global_rank != 0:
+            return True
+        if exclude_frozen_parameters:
+            frozen = {n for n, p in self.module.named_parameters() if not p.requires_grad}
+            state = {k: v for k, v in state.items() if k not in frozen}
+        os.makedirs(save_dir, exist_ok=True)
+        path = os.path.join(save_dir, save_filename)
+        if save_filename.endswith(".safetensors"):
+            from safetensors.torch import save_file
+
+            seen: dict[int, str] = {}
+            unique = {}
+            for k, v in state.items():
+                if v.data_ptr() not in seen:
+                    seen[v.data_ptr()] = k
+                    unique[k] = v.contiguous()
+            save_file(unique, path)
+        else:
+            torch.save(state, path)
+        return True
+
     def save_checkpoint(self, save_dir: str | os.PathLike, tag: Any = None,
                         client_state: dict | None = None, save_latest: bool = True,
                         exclude_frozen_parameters: bool = False) -> bool:  # fmt: skip
@@ -221,8 +399,13 @@ def initialize(
             '"optimizer" section (zeroshard builds the sharded optimizer from it)'
         )
     config = config if config is not None else config_params
-    if config is None and args is not None:
-        config = getattr(args, "deepspeed_config", None)
+    from_args = getattr(args, "deepspeed_config", None) if args is not None else None
+    if config is not None and from_args is not None:
+        raise ValueError(  # DeepSpeed refuses this too: which one would win is a guess
+            "initialize: a config was given both as config= and as args.deepspeed_config "
+            f"({from_args}); give one of them"
+        )
+    config = config if config is not None else from_args
     if config is None:
         raise ValueError("initialize: give config= (a dict or a JSON path)")
     cfg = read_config(config)

@@ -12,23 +12,23 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 from collections.abc import Mapping
 from typing import Any
 
-from ..config import ConfigError
+from zeroshard.config.honoured import (
+    HIDDEN_SIZE_AUTOS,
+    TRAINER_AUTOS,
+    TRAINER_FILL_ONLY,
+    hidden_size_autos,
+)
+from zeroshard.config.schema import ConfigError
 
 log = logging.getLogger(__name__)
 
 # DeepSpeed knobs with no counterpart in zeroshard that HF's own templates set: dropped here
 # (only by the HF path, and logged) so those templates load; the core still rejects them.
-_TEMPLATE_NOOPS = ("sub_group_size", "round_robin_gradients")
-_HIDDEN_SIZE_KEYS = (
-    "zero_optimization.reduce_bucket_size",
-    "zero_optimization.stage3_prefetch_bucket_size",
-    "zero_optimization.stage3_param_persistence_threshold",
-)
+TEMPLATE_NOOPS = ("sub_group_size", "round_robin_gradients")
 
 
 def read_config(config: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
@@ -42,20 +42,41 @@ def read_config(config: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]
             raise ConfigError([f"{os.fspath(config)}: not valid JSON ({e})"]) from None
 
 
-class HfAutoConfig:
-    """A DeepSpeed config dict whose `"auto"` values get filled; mismatches are collected."""
+# what a config without an "optimizer" section trains with, by TrainingArguments.optim
+_OPTIM_TYPES = {"adamw": "AdamW", "sgd": "SGD"}
+# optimizer.params / scheduler.params keys the Trainer fills when a section leaves them out
+_FILLED_PARAMS = {
+    "AdamW": ("lr", "betas", "eps", "weight_decay"), "Adam": ("lr", "betas", "eps", "weight_decay"),
+    "SGD": ("lr", "weight_decay"), "Lion": ("lr", "betas", "weight_decay"),
+    "WarmupLR": ("warmup_max_lr", "warmup_num_steps"),
+    "WarmupDecayLR": ("warmup_max_lr", "warmup_num_steps", "total_num_steps"),
+    "WarmupCosineLR": ("warmup_num_steps", "total_num_steps"),
+}  # fmt: skip
+_TOP_FILLED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+               "gradient_clipping", "fp16.enabled", "bf16.enabled")  # fmt: skip
+_AT_FINALIZE = ("scheduler.params.warmup_num_steps", "scheduler.params.total_num_steps")
 
-    def __init__(self, config: str | os.PathLike | Mapping[str, Any]) -> None:
+
+class HfAutoConfig:
+    """A DeepSpeed config dict filled from a Trainer's arguments, as HF's DeepSpeed
+    integration and Accelerate do: `"auto"` values (config.honoured.TRAINER_AUTOS) always, and,
+    with `fill_missing`, every Trainer setting the config leaves out. An explicit value that
+    contradicts the arguments is a mismatch; `sources` says where each setting came from."""
+
+    def __init__(self, config: str | os.PathLike | Mapping[str, Any],
+                 fill_missing: bool = True) -> None:  # fmt: skip
         self.config = read_config(config)
+        self.fill_missing = fill_missing
         self.mismatches: list[str] = []
+        self.sources: dict[str, str] = {}  # key -> "config" or "TrainingArguments.<name>"
 
     # -- dotted-key access (HF's find_config_node / get_value) -----------------------------
     def _node(self, key: str, create: bool = False) -> tuple[dict[str, Any] | None, str]:
         node: Any = self.config
         *parents, leaf = key.split(".")
         for p in parents:
-            if p not in node:
-                if not create:
+            if not isinstance(node.get(p), dict):
+                if not create or p in node:
                     return None, leaf
                 node[p] = {}
             node = node[p]
@@ -68,81 +89,89 @@ class HfAutoConfig:
     def is_auto(self, key: str) -> bool:
         return self.get(key) == "auto"
 
-    def fill_match(self, key: str, value: Any, hf_name: str, must_match: bool = True) -> None:
-        """Set `key` if it is "auto"; otherwise record a mismatch with the training args."""
-        node, leaf = self._node(key)
-        if node is None or leaf not in node:
-            return
-        if node[leaf] == "auto":
-            node[leaf] = value
-        elif must_match and node[leaf] is not None and node[leaf] != value:
-            self.mismatches.append(f"- ds {key}={node[leaf]} vs hf {hf_name}={value}")
+    def _missing_filled(self, key: str) -> bool:
+        """Whether the Trainer fills `key` when the config leaves it out."""
+        if not self.fill_missing:
+            return False
+        if key in _TOP_FILLED:
+            return True
+        section, _, leaf = key.partition(".params.")
+        kind = self.get(f"{section}.type")
+        kinds = {n.lower(): n for n in _FILLED_PARAMS}
+        return isinstance(kind, str) and leaf in _FILLED_PARAMS.get(kinds.get(kind.lower()), ())
 
-    def fill_only(self, key: str, value: Any) -> None:
-        self.fill_match(key, value, "", must_match=False)
+    def settle(self, key: str, args: Any, num_training_steps: int = 0) -> None:
+        """Fill `key` from `args` where "auto" (or left out and filled), else check it."""
+        hf_name, value_of = TRAINER_AUTOS[key]
+        value = value_of(args, num_training_steps)
+        if key.startswith("bf16.") and "bfloat16" in self.config and "bf16" not in self.config:
+            key = "bfloat16." + key.split(".", 1)[1]  # DeepSpeed's other spelling
+        node, leaf = self._node(key)
+        present = node is not None and leaf in node
+        if present and node[leaf] != "auto":
+            self.sources[key] = "config"
+            if key not in TRAINER_FILL_ONLY and node[leaf] is not None and node[leaf] != value:
+                self.mismatches.append(
+                    f"`{key}` = {json.dumps(node[leaf])} in the config contradicts "
+                    f"TrainingArguments.{hf_name} = {json.dumps(value)}: set it to \"auto\" or "
+                    "leave it out (the Trainer fills it)"
+                )
+            return
+        if present or self._missing_filled(key):
+            node, leaf = self._node(key, create=True)
+            if node is not None:
+                node[leaf] = value
+                self.sources[key] = f"TrainingArguments.{hf_name.split(' ')[0]}"
 
     # -- HF's two passes ---------------------------------------------------------------------
-    def process(self, args: Any, auto_find_batch_size: bool = False) -> None:
+    def process(self, args: Any) -> None:
         """`trainer_config_process`: everything known before the model and the step count."""
-        world = int(getattr(args, "world_size", 1))
-        micro = int(args.per_device_train_batch_size)
-        accum = int(args.gradient_accumulation_steps)
-        self.fill_match(
-            "train_micro_batch_size_per_gpu", micro, "per_device_train_batch_size",
-            not auto_find_batch_size,
-        )  # fmt: skip
-        self.fill_match("gradient_accumulation_steps", accum, "gradient_accumulation_steps")
-        self.fill_match(
-            "train_batch_size", world * micro * accum, "train_batch_size (calculated)",
-            not auto_find_batch_size,
-        )  # fmt: skip
-        self.fill_match("gradient_clipping", args.max_grad_norm, "max_grad_norm")
-        self.fill_match("optimizer.params.lr", args.learning_rate, "learning_rate")
-        self.fill_match(
-            "optimizer.params.betas", [args.adam_beta1, args.adam_beta2], "adam_beta1+adam_beta2"
-        )
-        self.fill_match("optimizer.params.eps", args.adam_epsilon, "adam_epsilon")
-        self.fill_match("optimizer.params.weight_decay", args.weight_decay, "weight_decay")
-        self.fill_only("scheduler.params.warmup_min_lr", 0)
-        self.fill_match("scheduler.params.warmup_max_lr", args.learning_rate, "learning_rate")
-        fp16 = bool(getattr(args, "fp16", False) or getattr(args, "fp16_full_eval", False))
-        bf16 = bool(getattr(args, "bf16", False) or getattr(args, "bf16_full_eval", False))
-        self.fill_match("fp16.enabled", fp16, "fp16|fp16_full_eval")
-        self.fill_match("bf16.enabled", bf16, "bf16|bf16_full_eval")
+        if self.fill_missing and "optimizer" not in self.config:
+            optim = str(getattr(args, "optim", "adamw_torch")).split(".")[-1].lower()
+            kind = next((t for p, t in _OPTIM_TYPES.items() if optim.startswith(p)), None)
+            if kind is None:
+                raise ConfigError(
+                    f"TrainingArguments.optim={optim!r} has no zeroshard counterpart and the "
+                    'config has no "optimizer" section: use optim="adamw_torch" or "sgd", or '
+                    'describe the optimizer in the config (type AdamW, Adam, SGD or Lion)'
+                )
+            self.config["optimizer"] = {"type": kind, "params": {}}
+            self.sources["optimizer.type"] = f"TrainingArguments.optim ({optim})"
+        for key in TRAINER_AUTOS:
+            if key not in _AT_FINALIZE:
+                self.settle(key, args)
 
     def finalize(self, args: Any, hidden_size: int | None, num_training_steps: int) -> None:
         """`trainer_config_finalize`: hidden-size buckets, total and warmup steps; raises on
-        mismatches as HF does."""
-        autos = [k for k in _HIDDEN_SIZE_KEYS if self.is_auto(k)]
-        if autos:
-            if not hidden_size:
-                raise ConfigError(
-                    [f'{k} is "auto" but the model has no config.hidden_size; give a number'
-                     for k in autos]
-                )  # fmt: skip
-            self.fill_only("zero_optimization.reduce_bucket_size", hidden_size * hidden_size)
-            if self.get("zero_optimization.stage") == 3:
-                self.fill_only(
-                    "zero_optimization.stage3_prefetch_bucket_size",
-                    int(0.9 * hidden_size * hidden_size),
-                )
-                self.fill_only(
-                    "zero_optimization.stage3_param_persistence_threshold", 10 * hidden_size
-                )
-        self.fill_match(
-            "scheduler.params.total_num_steps", num_training_steps,
-            "num_training_steps (calculated)",
-        )  # fmt: skip
-        self.fill_match(
-            # HF keeps it positive: DeepSpeed >= 0.19.6 rejects 0 warmup steps
-            "scheduler.params.warmup_num_steps", max(1, warmup_steps(args, num_training_steps)),
-            "warmup_steps",
-        )  # fmt: skip
+        mismatches as HF does, listing every one."""
+        autos = [k for k in HIDDEN_SIZE_AUTOS if self.is_auto(k)]
+        for key, value in hidden_size_autos(autos, hidden_size).items():
+            node, leaf = self._node(key)
+            node[leaf] = value  # type: ignore[index]
+        for key in _AT_FINALIZE:
+            self.settle(key, args, num_training_steps)
         if self.mismatches:
-            raise ConfigError(
-                ["config values that mismatch the training arguments (set them to \"auto\"):"]
-                + self.mismatches
-            )
+            raise ConfigError(self.mismatches)
+
+    def preview(self, args: Any, num_training_steps: int) -> None:
+        """Both passes for `zeroshard check-config --hf`: fill every Trainer value (hidden-size
+        buckets stay "auto"), keeping the mismatches in `self.mismatches`."""
+        self.process(args)
+        for key in _AT_FINALIZE:
+            self.settle(key, args, num_training_steps)
+
+    def describe_sources(self) -> str:
+        """One line: which Trainer settings came from the arguments, which from the config."""
+
+        def show(keys: list[str]) -> str:
+            return ", ".join(f"{k}={json.dumps(self.get(k))}" for k in keys) or "none"
+
+        args = sorted(k for k, v in self.sources.items() if v != "config")
+        given = sorted(k for k, v in self.sources.items() if v == "config")
+        sched = (f"the config's {self.get('scheduler.type')}" if "scheduler" in self.config
+                 else "the Trainer's (lr_scheduler_type, warmup_steps or warmup_ratio)")
+        return (f"zeroshard: from TrainingArguments: {show(args)}; from the config: "
+                f"{show(given)}; scheduler: {sched}")  # fmt: skip
 
     def for_zeroshard(self) -> dict[str, Any]:
         """The resolved dict with HF-template spellings zeroshard reads differently:
@@ -152,7 +181,7 @@ class HfAutoConfig:
         for key in ("offload_optimizer", "offload_param"):
             if isinstance(zo.get(key), Mapping) and zo[key].get("device", "none") == "none":
                 del zo[key]
-        for key in _TEMPLATE_NOOPS:
+        for key in TEMPLATE_NOOPS:
             if key in zo:
                 log.info("zero_optimization.%s has no effect in zeroshard; ignored", key)
                 del zo[key]
@@ -162,41 +191,18 @@ class HfAutoConfig:
         return out
 
 
-def model_hidden_size(model: Any) -> int | None:
-    """The hidden size HF derives "auto" buckets from (config.hidden_size, max(hidden_sizes),
-    or the same under config.text_config)."""
-    cfg = getattr(model, "config", None)
-    for c in (cfg, getattr(cfg, "text_config", None)):
-        if c is None:
-            continue
-        if getattr(c, "hidden_size", None):
-            return int(c.hidden_size)
-        if getattr(c, "hidden_sizes", None):
-            return int(max(c.hidden_sizes))
-    return None
-
-
-def warmup_steps(args: Any, num_training_steps: int) -> int:
-    """HF's `TrainingArguments.get_warmup_steps` (warmup_steps wins over warmup_ratio)."""
-    get = getattr(args, "get_warmup_steps", None)
-    if callable(get):
-        return int(get(num_training_steps))
-    steps = getattr(args, "warmup_steps", 0) or 0
-    if steps >= 1:
-        return int(steps)
-    return math.ceil(num_training_steps * (steps or getattr(args, "warmup_ratio", 0.0) or 0.0))
-
-
 def resolve_hf_auto(
     config: str | os.PathLike | Mapping[str, Any],
     args: Any,
     *,
     hidden_size: int | None = None,
     num_training_steps: int = 0,
+    fill_missing: bool = False,
 ) -> dict[str, Any]:
-    """A DeepSpeed config with every HF `"auto"` filled from `args`, ready for
-    `zeroshard.initialize` (raises ConfigError listing any value that contradicts `args`)."""
-    hf = HfAutoConfig(config)
+    """A DeepSpeed config with every HF `"auto"` filled from `args` (and, with
+    `fill_missing`, every Trainer setting it leaves out), ready for `zeroshard.initialize`;
+    raises ConfigError listing every value that contradicts `args`."""
+    hf = HfAutoConfig(config, fill_missing=fill_missing)
     hf.process(args)
     hf.finalize(args, hidden_size, num_training_steps)
     return hf.for_zeroshard()

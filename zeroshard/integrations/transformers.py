@@ -1,8 +1,12 @@
 """`ZeroShardTrainer`: a `transformers.Trainer` whose optimizer is zeroshard (stages 0-3).
 
 What it changes in Trainer (v5), and why:
-- the optimizer comes from `zeroshard.initialize` with the config's HF `"auto"` values filled
-  from `TrainingArguments` (as HF does for DeepSpeed), with HF's own weight-decay groups;
+- the optimizer comes from `zeroshard.initialize`, with HF's own weight-decay groups. Every
+  Trainer setting the config leaves out or sets to `"auto"` is taken from `TrainingArguments`
+  (lr, weight decay, betas, eps, warmup and total steps of a config scheduler, max_grad_norm,
+  accumulation, micro-batch, bf16/fp16; optimizer type from `optim`), as HF's DeepSpeed
+  integration and Accelerate do; a config value contradicting them is an error listing every
+  mismatch, and rank 0 prints one line saying where each setting came from;
 - the model is never wrapped in DDP or prepared by Accelerate: zeroshard reduces gradients
   itself, and a stage-3 model cannot run under DDP;
 - clipping goes through `optimizer.clip_grad_norm_` (gradients live in the optimizer's flat
@@ -17,7 +21,9 @@ What it changes in Trainer (v5), and why:
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,9 +32,10 @@ import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
 import zeroshard
+from zeroshard.checkpoint.hf_export import HF_CONFIG_KEY
+from zeroshard.config.honoured import hidden_size_of
+from zeroshard.integrations.hf_config import HfAutoConfig
 from zeroshard.stage3.state_dict import full_state_dict
-
-from .hf_config import HfAutoConfig, model_hidden_size
 
 CHECKPOINT_SUBDIR = "zeroshard"
 
@@ -66,9 +73,11 @@ def _collective_save_pretrained(model: Any) -> None:
 class ZeroShardTrainer(Trainer):
     """`Trainer(..., zeroshard_config=path_or_dict)`; everything else as in `Trainer`.
 
-    The config is a DeepSpeed-style config (HF's templates with `"auto"` work). Do not pass
+    The config is a DeepSpeed-style config (HF's templates with `"auto"` work; a config that
+    names only the stage trains with `TrainingArguments`' settings). Do not pass
     `optimizers=`: the optimizer is zeroshard's. A scheduler in the config is used (stepped by
     Trainer); without one Trainer builds its own (`lr_scheduler_type`) on zeroshard's optimizer.
+    Checkpoints carry the model's config, so `zeroshard consolidate` writes `config.json`.
     """
 
     def __init__(
@@ -90,7 +99,9 @@ class ZeroShardTrainer(Trainer):
     def resolved_zeroshard_config(self) -> dict[str, Any]:
         """The config with every "auto" filled (needs the step count: call once training is
         being prepared)."""
-        self.zeroshard_config.finalize(self.args, model_hidden_size(self.model), self._zs_max_steps)
+        self.zeroshard_config.finalize(self.args, hidden_size_of(self.model), self._zs_max_steps)
+        if self.args.process_index == 0:  # where each setting came from, once
+            print(self.zeroshard_config.describe_sources(), file=sys.stderr, flush=True)
         return self.zeroshard_config.for_zeroshard()
 
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
@@ -147,6 +158,9 @@ class ZeroShardTrainer(Trainer):
     # -- checkpoints -----------------------------------------------------------------------
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         client = {"lr_scheduler": self.lr_scheduler.state_dict()} if self.lr_scheduler else {}
+        config = getattr(self.model, "config", None)
+        if hasattr(config, "to_dict"):  # so that `zeroshard consolidate` writes config.json
+            client[HF_CONFIG_KEY] = json.loads(config.to_json_string())
         zeroshard.save_checkpoint(
             os.path.join(output_dir, CHECKPOINT_SUBDIR), self.model, self.optimizer,
             tag="state", client_state=client,

@@ -2,7 +2,7 @@
 
 - unit.py: `ShardedUnit`, one module's parameters kept as this rank's chunk between uses;
 - engine.py: `Stage3Engine`, the hooks that gather/release/reduce units and prefetch;
-- optimizer.py: `Stage3Optimizer`, ZeroOptimizer's step on the units' shards;
+- sharding.py: `UnitSharding`, stage 3 as a builder of shard groups over the units;
 - build.py: `build_stage3(model, cfg, params, group)`, building all of the above
   (called by `zeroshard.initialize`);
 - partition_on_init.py: `Init`, partitioning parameters while the model is built;
@@ -11,20 +11,8 @@
 - registry.py: side tables parameter -> unit and model -> engine.
 """
 
-from typing import Any
+from zeroshard.stage3.gathered import GatheredParameters
+from zeroshard.stage3.partition_on_init import Init
+from zeroshard.stage3.state_dict import full_state_dict
 
-from .gathered import GatheredParameters
-from .partition_on_init import Init
-from .state_dict import full_state_dict
-
-__all__ = ["GatheredParameters", "Init", "full_state_dict", "initialize_stage3"]
-
-
-def __getattr__(name: str) -> Any:
-    # `initialize_stage3` is `zeroshard.initialize` restricted to stage 3; it lives with
-    # `initialize` (which imports this package), so it is fetched on first use.
-    if name == "initialize_stage3":
-        from ..initialize import initialize_stage3
-
-        return initialize_stage3
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["GatheredParameters", "Init", "full_state_dict"]

@@ -13,17 +13,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import guards
-from ..collectives import Comm
-from ..config import ZeroConfig
-from ..config_seams import stage3_bucket_numel
-from ..precision import LossScaler
-from ..prepare import group_index
-from . import registry
-from .engine import Stage3Engine
-from .optimizer import Stage3Optimizer
-from .state_dict import install_state_dict_hooks
-from .unit import GatherTracker, ShardedUnit
+from zeroshard import guards
+from zeroshard.comm.collectives import Comm
+from zeroshard.config.honoured import stage3_bucket_numel
+from zeroshard.config.schema import ZeroConfig
+from zeroshard.optimizer import ZeroOptimizer
+from zeroshard.precision import LossScaler
+from zeroshard.prepare import group_index
+from zeroshard.shard import FP32, ON_DEVICE, Placement, StateCodec
+from zeroshard.stage3 import registry
+from zeroshard.stage3.engine import Stage3Engine
+from zeroshard.stage3.sharding import UnitSharding
+from zeroshard.stage3.state_dict import install_state_dict_hooks
+from zeroshard.stage3.unit import GatherTracker, ShardedUnit
 
 
 def build_units(
@@ -82,7 +84,7 @@ def make_units(
     estimator's meta-device run build them the same way)."""
     zo = cfg.zero_optimization
     return build_units(
-        model, comm, dtype=cfg.compute_dtype, bucket_numel=stage3_bucket_numel(zo),  # + reduce
+        model, comm, dtype=cfg.compute_dtype, bucket_numel=stage3_bucket_numel(zo),
         persistence_threshold=int(zo.stage3_param_persistence_threshold), tracker=tracker,
         group_of=group_of,
     )  # fmt: skip
@@ -108,7 +110,10 @@ def build_stage3(
     cfg: ZeroConfig,
     params: list,
     process_group: dist.ProcessGroup | None = None,
-) -> Stage3Optimizer:
+    *,
+    codec: StateCodec = FP32,
+    placement: Placement = ON_DEVICE,
+) -> ZeroOptimizer:
     """Shard `model` over `process_group` for ZeRO stage 3 and build its optimizer.
 
     `params`: parameters or param-group dicts (a list: `zeroshard.initialize` materialises
@@ -117,8 +122,9 @@ def build_stage3(
     if registry.engine_of(model) is not None:
         raise ValueError("this model is already a stage-3 model (initialize it once)")
     comm = Comm(process_group)
-    guards.check_params(model.parameters())  # issue 8: no meta-device model
-    guards.broadcast_module_state(comm, model, registry.unit_of)  # issue 8: rank 0's weights
+    guards.check_params(model.parameters())  # a meta-device model has no values to shard
+    # every rank starts from rank 0's weights
+    guards.broadcast_module_state(comm, model, registry.unit_of)
     tracker = GatherTracker()
     dtype = cfg.compute_dtype
     with torch.no_grad():
@@ -129,8 +135,8 @@ def build_stage3(
     engine = make_engine(model, units, comm, cfg, tracker)
     rule, hp = cfg.optimizer_spec()
     scaler = LossScaler.from_fp16_config(cfg.fp16) if cfg.precision == "fp16" else None
-    opt = Stage3Optimizer(
-        engine, params, rule, process_group=process_group,
+    opt = ZeroOptimizer(
+        params, rule, sharding=UnitSharding(engine), codec=codec, placement=placement,
         gradient_clipping=cfg.gradient_clipping,
         gradient_accumulation_steps=int(cfg.gradient_accumulation_steps or 1),
         reduce_dtype=cfg.reduce_dtype, loss_scaler=scaler, kernel=cfg.effective_kernel, **hp,

@@ -2,8 +2,9 @@
 
 - Forward: before a module runs, the units of its parameters (its own, tied ones owned by
   another module, and "external" ones it was seen to use) are gathered; after it returns
-  they are released unless another running module still uses them. The root forward is
-  wrapped (try/finally), so an exception leaves nothing gathered.
+  they are released unless another running module still uses them. The root's pre-hook
+  opens a forward and its post-hook (`always_call`) closes it, so an exception leaves
+  nothing gathered; removing the engine removes its hooks and nothing else.
 - Backward: a hook on each module output gathers the module's units again when the output's
   gradient arrives, pinned until every parameter's gradient is in; then the unit's flat
   gradient is reduce-scattered into the owner's shard and the full tensors are freed. A
@@ -27,6 +28,7 @@ control flow (as FSDP and DeepSpeed assume).
 from __future__ import annotations
 
 import functools
+import sys
 from enum import Enum
 from typing import Any
 
@@ -35,11 +37,11 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from .. import guards
-from ..collectives import Comm
-from ..inflight import MAX_IN_FLIGHT, InFlight
-from .prefetch import backward_head, next_use_within, to_prefetch
-from .unit import GATHERED, RELEASED, GatherTracker, ShardedUnit
+from zeroshard import guards
+from zeroshard.comm.collectives import Comm
+from zeroshard.comm.inflight import MAX_IN_FLIGHT, InFlight
+from zeroshard.stage3.prefetch import backward_head, next_use_within, to_prefetch
+from zeroshard.stage3.unit import GATHERED, RELEASED, GatherTracker, ShardedUnit
 
 # Metadata reads that need no parameter values: a released placeholder answers them right.
 _METADATA = frozenset(
@@ -57,7 +59,7 @@ class TrainingState(Enum):
     BACKWARD = "backward"
 
 
-class _ExternalParamMode(TorchFunctionMode):
+class ExternalParamMode(TorchFunctionMode):
     """Gathers a released sharded parameter the moment any torch function receives it."""
 
     def __init__(self, engine: Stage3Engine) -> None:
@@ -80,6 +82,24 @@ class _ExternalParamMode(TorchFunctionMode):
                 if u is not None and u.state != GATHERED:
                     self.engine.fetch_external(u)
         return func(*args, **kwargs)
+
+
+class _Hook:
+    """An engine hook on a user's module. Deep-copying the module would copy the engine
+    with it (its units, its process group), so a copy is refused with the way to do it."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> _Hook:
+        raise RuntimeError(
+            "copy.deepcopy of a stage-3 model: its parameters are sharded across ranks. "
+            "Build a fresh model and load zeroshard.stage3.full_state_dict(model) into it "
+            "(or deepcopy before zeroshard.initialize)"
+        )
 
 
 class Stage3Engine:
@@ -123,7 +143,7 @@ class Stage3Engine:
             self.module_units[m] = own
         self.external: dict[nn.Module, list[ShardedUnit]] = {}
         self._frames: list[tuple[nn.Module, list[ShardedUnit]]] = []
-        self._mode: _ExternalParamMode | None = None
+        self._mode: ExternalParamMode | None = None
         self.training_state = TrainingState.IDLE
         self.busy = False  # inside a hook: torch calls made here are not parameter uses
         self._orders: dict[str, list[int]] = {}  # last pass's fetch order, per pass kind
@@ -132,6 +152,8 @@ class Stage3Engine:
         self._cursor = 0
         self.queue = InFlight()  # reduce-scatters in flight (shared with stages 0-2)
         self._handles: list = []
+        self._root_depth = 0
+        self._ambient_error: BaseException | None = None
         self._install()
 
     # -- installation -----------------------------------------------------------------------
@@ -139,51 +161,59 @@ class Stage3Engine:
         for m in self.model.modules():
             if m is self.model:
                 continue
-            self._handles.append(m.register_forward_pre_hook(self._pre_forward))
-            self._handles.append(m.register_forward_hook(self._post_forward))
+            self._handles.append(m.register_forward_pre_hook(_Hook(self._pre_forward)))
+            self._handles.append(m.register_forward_hook(_Hook(self._post_forward)))
         for u in self.units:
             for p in u.params:
                 if p.requires_grad:
                     self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
-        root_forward = self.model.forward
-
-        @functools.wraps(root_forward)
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            return self._root_forward(root_forward, *args, **kwargs)
-
-        self.model.forward = forward  # instance attribute: nn.Module.__call__ finds it
+        # The root's own hooks open and close every forward: first of its pre-hooks, and a
+        # post-hook that also runs when forward raises, so nothing stays gathered.
+        self._handles.append(self.model.register_forward_pre_hook(
+            _Hook(self._root_pre_forward), with_kwargs=True, prepend=True))
+        self._handles.append(self.model.register_forward_hook(
+            _Hook(self._root_post_forward), with_kwargs=True, always_call=True))
 
     def remove(self) -> None:
+        """Take every hook off the model: it is left exactly as it was given."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self.model.__dict__.pop("forward", None)
 
     def units_of(self, m: nn.Module) -> list[ShardedUnit]:
         ext = self.external.get(m)
         return self.module_units.get(m, []) + ext if ext else self.module_units.get(m, [])
 
     # -- forward ----------------------------------------------------------------------------
-    def _root_forward(self, forward, *args: Any, **kwargs: Any) -> Any:
-        if self.training_state is TrainingState.FORWARD:  # re-entered inside its own forward
-            return forward(*args, **kwargs)
-        guards.check_ddp_forward()  # issue 8: DDP around a stage-3 model is an error
+    def _root_pre_forward(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        self._root_depth += 1
+        if self._root_depth > 1:  # the root re-entered inside its own forward
+            return
+        guards.check_ddp_forward()  # DDP around a stage-3 model is an error
         if self.training_state is TrainingState.BACKWARD:  # the last backward raised
             for u in self.units:
                 u.unpin()
         self.training_state = TrainingState.FORWARD
         self._start_pass("forward" if torch.is_grad_enabled() else "forward_nograd")
-        self._mode = _ExternalParamMode(self)
-        ok = False
+        # an exception already being handled around this forward is not this forward's
+        self._ambient_error = sys.exc_info()[1]
+        self._mode = ExternalParamMode(self)
+        self._mode.__enter__()
+        self._pre_forward(self.model, args)
+
+    def _root_post_forward(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
+        self._root_depth -= 1
+        if self._root_depth > 0:
+            return None
+        error = sys.exc_info()[1]
+        ok = error is None or error is self._ambient_error
         try:
-            with self._mode:
-                self._pre_forward(self.model, args)
-                out = forward(*args, **kwargs)
-                out = self._post_forward(self.model, args, out)
-            ok = True
-            return out
+            if ok:
+                output = self._post_forward(self.model, args, output)
         finally:
-            self._mode = None
+            mode, self._mode = self._mode, None
+            if mode is not None:
+                mode.__exit__(None, None, None)
             if self.training_state is TrainingState.FORWARD:
                 self.training_state = TrainingState.IDLE
             if ok:
@@ -193,9 +223,10 @@ class Stage3Engine:
                 self._frames.clear()
                 for u in self.units:
                     if not u.pinned:
-                        u.release(force=True)
+                        u.discard()
                 self._recording = []
                 self._pass = ""
+        return output if ok else None
 
     def _pre_forward(self, module: nn.Module, args: Any) -> None:
         units = self.units_of(module)
@@ -255,7 +286,7 @@ class Stage3Engine:
             if again or (again is None and index in self._backward_head()):
                 u.retain()
                 return
-        u.release()
+        u.release_if_unused()
 
     def _backward_head(self) -> set[int]:
         """Units the recorded backward starts with (only after a forward that will be
@@ -275,7 +306,7 @@ class Stage3Engine:
                     u.unretain()  # now an ordinary prefetch for backward
                     u.gather()
                 elif u.users == 0 and not u.pinned:
-                    u.release()
+                    u.release_if_unused()
         finally:
             self.busy = False
 
@@ -328,7 +359,7 @@ class Stage3Engine:
         if u.accumulate(param):
             self._launch_reduce(u)
             u.unpin()
-            u.release()
+            u.release_if_unused()
 
     def _launch_reduce(self, u: ShardedUnit) -> None:
         self._queue_reduce(u)
@@ -351,7 +382,7 @@ class Stage3Engine:
         for u in self.units:
             u.unpin()
             if u.users == 0:
-                u.release()
+                u.release_if_unused()
         self.training_state = TrainingState.IDLE
         self._end_pass()
 
@@ -365,11 +396,7 @@ class Stage3Engine:
     # -- what the optimizer reads ------------------------------------------------------------------
     def zero_grad(self) -> None:
         for u in self.units:
-            if u.grad_shard is not None:
-                u.grad_shard.zero_()
-            u.wrote_grad = False
-            u.grad_full = None
-            u.fired.clear()
+            u.zero_grad()
 
     def held_tensors(self) -> dict[str, list[Tensor]]:
         params: list[Tensor] = []

@@ -19,8 +19,8 @@ from types import TracebackType
 import torch
 from torch import Tensor
 
-from . import registry
-from .unit import ShardedUnit
+from zeroshard.stage3 import registry
+from zeroshard.stage3.unit import ShardedUnit
 
 
 class GatheredParameters:
@@ -73,7 +73,7 @@ class GatheredParameters:
         finally:
             for u in self.units:
                 u.drop_use()
-                u.release()
+                u.release_if_unused()
 
     def _publish(self, u: ShardedUnit) -> None:
         assert u.full is not None and self.modifier_rank is not None

@@ -12,7 +12,7 @@ the largest layer. Every rank must build the same model with the same random see
 values are the same as without Init). Code in a parent's `__init__` that touches children's
 parameters already partitioned (`self.apply(init_fn)`, `nn.init.*_(p)`) is caught by a
 TorchFunctionMode and runs on gathered full tensors, written back after each call.
-`initialize_stage3` later adopts these units.
+`zeroshard.initialize` later adopts these units.
 """
 
 from __future__ import annotations
@@ -26,11 +26,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .. import guards
-from ..collectives import Comm
-from ..config import ZeroConfig, load_config
-from . import registry
-from .unit import RELEASED, GatherTracker, ShardedUnit
+from zeroshard import guards
+from zeroshard.comm.collectives import Comm
+from zeroshard.config.honoured import stage3_bucket_numel
+from zeroshard.config.schema import ZeroConfig, load_config
+from zeroshard.stage3 import registry
+from zeroshard.stage3.unit import RELEASED, GatherTracker, ShardedUnit
 
 # Metadata reads that need no parameter values.
 _METADATA = frozenset(
@@ -71,9 +72,9 @@ class _PartitionedUseMode(TorchFunctionMode):
         self.busy = True
         try:
             for u in units:
-                guards.broadcast_from_rank0(u.comm, u.params)  # issue 8: rank 0's values
+                guards.broadcast_from_rank0(u.comm, u.params)  # every rank takes rank 0's values
                 u.write_back()
-                u.release()
+                u.release_if_unused()
         finally:
             self.busy = False
         return out
@@ -107,12 +108,14 @@ class Init:
         enabled: bool = True,
     ) -> None:
         self.enabled = enabled
+        if enabled:
+            guards.check_world_env(process_group)
         cfg = None if config is None else (
             config if isinstance(config, ZeroConfig) else load_config(config)
         )  # fmt: skip
         zo = cfg.zero_optimization if cfg is not None else None
         self.dtype = cfg.compute_dtype if cfg is not None else None
-        self.bucket_numel = int(zo.allgather_bucket_size) if zo else 500_000_000
+        self.bucket_numel = stage3_bucket_numel(zo) if zo else 500_000_000
         threshold = zo.stage3_param_persistence_threshold if zo else 0
         self.threshold = threshold if isinstance(threshold, int) else 0  # "auto": shard all
         self.comm = Comm(process_group)
@@ -127,12 +130,12 @@ class Init:
             return self
         for cls in _subclasses(nn.Module):
             self._wrap(cls)
-        ctx = self
+        wrap = self._wrap
         self._saved_init_subclass = nn.Module.__dict__.get("__init_subclass__")
 
         def init_subclass(cls: type, **kwargs: Any) -> None:
             super(nn.Module, cls).__init_subclass__(**kwargs)
-            ctx._wrap(cls)
+            wrap(cls)
 
         nn.Module.__init_subclass__ = classmethod(init_subclass)  # type: ignore[assignment]
         self._mode = _PartitionedUseMode()
@@ -161,21 +164,23 @@ class Init:
         if orig is None or cls in self._saved:
             return
         self._saved[cls] = orig
-        ctx = self
+        depths, partition = self._depth, self._partition
 
         @functools.wraps(orig)
         def init(module: nn.Module, *args: Any, **kwargs: Any) -> None:
-            depth = ctx._depth.get(id(module), 0)
-            ctx._depth[id(module)] = depth + 1
+            # nested constructors (super().__init__, a child built inside) partition once,
+            # when the outermost one returns
+            depth = depths.get(id(module), 0)
+            depths[id(module)] = depth + 1
             try:
                 orig(module, *args, **kwargs)
             finally:
                 if depth:
-                    ctx._depth[id(module)] = depth
+                    depths[id(module)] = depth
                 else:
-                    ctx._depth.pop(id(module), None)
+                    depths.pop(id(module), None)
             if depth == 0:
-                ctx._partition(module)
+                partition(module)
 
         cls.__init__ = init  # type: ignore[misc]
 
@@ -197,7 +202,7 @@ class Init:
                     p.data = p.data.to(self.dtype)
             fresh.setdefault(p.dtype, []).append(p)
         for params in fresh.values():  # each parameter keeps its unit alive (the registry)
-            guards.broadcast_from_rank0(self.comm, params)  # issue 8: rank 0's initial weights
+            guards.broadcast_from_rank0(self.comm, params)  # every rank takes rank 0's values
             numel = sum(p.numel() for p in params)
             ShardedUnit(
                 params, self.comm, self.bucket_numel, name=type(module).__name__,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .unit import RELEASED
+from zeroshard.stage3.unit import RELEASED
 
 
 def to_prefetch(order: Sequence[int], cursor: int, units: Sequence[Any], prefetch_numel: int,

@@ -5,13 +5,14 @@ hold their keys weakly, so they never keep a model alive."""
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
-if TYPE_CHECKING:
-    from .engine import Stage3Engine
-    from .unit import ShardedUnit
+# The values are a `unit.ShardedUnit` and an `engine.Stage3Engine`; both modules register
+# here, so this one imports neither (typed `Any`, no import circle).
+ShardedUnit = Any
+Stage3Engine = Any
 
 # Keyed by id(param) (a tensor cannot key a WeakKeyDictionary: weakref equality falls back to
 # the tensors' elementwise ==); a finalizer drops the entry when the parameter dies.

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from . import registry
+from zeroshard.stage3 import registry
 
 if TYPE_CHECKING:
-    from .engine import Stage3Engine
+    from zeroshard.stage3.engine import Stage3Engine
 
 
 def install_state_dict_hooks(model: nn.Module, engine: Stage3Engine, rank0_only: bool) -> None:
@@ -54,7 +54,7 @@ def _make_save_hook(engine: Stage3Engine, module: nn.Module):
                     del state_dict[key]
         finally:
             for u in units:
-                u.release()
+                u.release_if_unused()
         if not keep:  # rank0_only: this rank keeps no buffers either
             for name, _ in module.named_buffers(recurse=False):
                 state_dict.pop(prefix + name, None)
@@ -78,7 +78,7 @@ def _make_load_post_hook(engine: Stage3Engine, module: nn.Module):
             u.write_back()
             u.notify_rewritten()
             u.drop_use()
-            u.release()
+            u.release_if_unused()
 
     return hook
 
@@ -95,4 +95,18 @@ def full_state_dict(model: nn.Module, rank0_only: bool = True) -> dict[str, torc
         sd = model.state_dict()
     finally:
         engine.state_dict_rank0_only = before
-    return sd if (not rank0_only or engine.comm.rank == 0) else {}
+    if rank0_only and engine.comm.rank != 0:
+        return {}
+    return tie_aliases(model, sd)
+
+
+def tie_aliases(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A parameter reachable under several names (tied embeddings) is gathered under each;
+    make every alias the first name's tensor, so writers (save_pretrained, safetensors,
+    torch.save) see one shared tensor and store it once, as for an unsharded model."""
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owner = first.setdefault(id(p), name)
+        if owner != name and owner in sd and name in sd:
+            sd[name] = sd[owner]
+    return sd

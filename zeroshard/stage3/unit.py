@@ -26,9 +26,9 @@ from enum import Enum
 import torch
 from torch import Tensor, nn
 
-from ..collectives import Comm
-from ..layout import BucketPlan, plan_buckets
-from . import registry
+from zeroshard.comm.collectives import Comm
+from zeroshard.shard.layout import BucketPlan, plan_buckets
+from zeroshard.stage3 import registry
 
 
 class UnitState(Enum):
@@ -164,6 +164,8 @@ class ShardedUnit:
 
     def drop_use(self) -> None:
         """One user fewer; the caller decides whether to release."""
+        if self._users == 0:
+            raise RuntimeError(f"unit {self.name!r}: drop_use() without a matching acquire()")
         self._users -= 1
 
     def reset_uses(self) -> None:
@@ -265,13 +267,32 @@ class ShardedUnit:
             self._point_params()
             self.state = GATHERED
 
-    def release(self, force: bool = False) -> None:
-        """Drop the full parameters (unless in use, pinned for backward or persistent)."""
+    def release(self) -> None:
+        """Drop the full parameters; releasing a unit still in use or pinned is a bug."""
+        if self._users > 0 or self._pinned:
+            raise RuntimeError(
+                f"unit {self.name!r}: release() while in use ({self._users} users, "
+                f"pinned={self._pinned})"
+            )
+        self._drop_full()
+
+    def release_if_unused(self) -> bool:
+        """Release unless in use, pinned for backward or persistent; True if released."""
+        if self.persistent or self.state == RELEASED or self._users > 0 or self._pinned:
+            return False
+        self._drop_full()
+        return True
+
+    def discard(self) -> None:
+        """Release whatever the users (a forward that raised): pending gathers are dropped."""
+        self._users = 0
+        self._pinned = False
+        self._drop_full(wait=False)
+
+    def _drop_full(self, wait: bool = True) -> None:
         if self.persistent or self.state == RELEASED:
             return
-        if not force and (self._users > 0 or self._pinned):
-            return
-        if self.state == GATHERING and not force:
+        if self.state == GATHERING and wait:
             self.wait()
         self._works = []
         self._placeholders()
@@ -280,7 +301,6 @@ class ShardedUnit:
         self.state = RELEASED
         self._pinned = False
         self._retained = False
-        self._users = 0 if force else self._users
 
     @torch.no_grad()
     def write_back(self) -> None:
@@ -296,6 +316,14 @@ class ShardedUnit:
         self._point_params()
 
     # -- gradients --------------------------------------------------------------------------
+    def zero_grad(self) -> None:
+        """Forget this step's gradients (the shard stays allocated, zeroed)."""
+        if self.grad_shard is not None:
+            self.grad_shard.zero_()
+        self.wrote_grad = False
+        self.grad_full = None
+        self.fired.clear()
+
     def ensure_grad_shard(self, dtype: torch.dtype) -> None:
         if self.trainable and self.grad_shard is None:
             self.grad_shard = torch.zeros(self.shard_numel, dtype=dtype, device=self.device)

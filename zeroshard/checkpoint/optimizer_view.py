@@ -1,6 +1,6 @@
 """The checkpoint code's one door into the optimizer and the stage-3 units.
 
-Optimizer side: the public shard-layout API (zeroshard/layout.py: `opt.layout(model)`,
+Optimizer side: the public shard-layout API (zeroshard/shard/layout.py: `opt.layout(model)`,
 `opt.shard_state(i)`, `opt.set_step(i, n)`, `opt.sync_params_from_master()`), re-exported
 here as functions. Model side (not covered by the layout API): `model_pieces`, the elements
 of every named parameter this rank holds (frozen parameters, optimizer-less loads), read
@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..layout import Piece, ShardLayout, ShardState  # noqa: F401 - re-exported for callers
-from ..stage3 import registry
+from zeroshard.shard.layout import Piece, ShardLayout, ShardState  # noqa: F401 - re-exported for callers
+from zeroshard.stage3 import registry
 
 
 def layout(opt: Any, model: nn.Module | None = None) -> ShardLayout:

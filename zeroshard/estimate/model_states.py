@@ -9,7 +9,7 @@ are exactly what the optimizer will hold. `tests/test_estimate.py` compares them
 
 Model states are exact. Stage 3's gathered peak and bytes sent depend on the call order, so
 they come from running the stage-3 engine itself on the meta device over an `example_input`
-(estimate_stage3.py): modules called several times per forward, tied weights used through
+(estimate/stage3.py): modules called several times per forward, tied weights used through
 `F.linear`, prefetch and reuse are all what the engine does. Without an example input (or
 when the model's forward fails on meta) the schedule is replayed on registration order,
 which runs low for reused modules; `StageEstimate.schedule` says which one was used.
@@ -26,12 +26,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from .config import ConfigError, ZeroConfig, load_config
-from .estimate_stage3 import ELEM, stage3, state_tensors
-from .flat_buffer import FlatParams
-from .prepare import hidden_size_of
+from zeroshard.comm.meta import MetaComm
+from zeroshard.config.honoured import hidden_size_of
+from zeroshard.config.schema import ConfigError, ZeroConfig, load_config
+from zeroshard.estimate.stage3 import stage3
+from zeroshard.shard.codec import FP32, StateCodec
+from zeroshard.shard.flat import FlatSharding
+from zeroshard.shard.placement import ON_DEVICE
+from zeroshard.timing import progress
 
 CATEGORIES = ("params", "grads", "master", "optimizer_states", "comm_buffers")
 _OPTIMIZER_SECTIONS = {
@@ -119,48 +123,57 @@ def _group_of(model: nn.Module, model_parameters: Any) -> dict[int, int]:
     return out
 
 
-def _entries(groups: list[list[nn.Parameter]]) -> list[list[nn.Parameter]]:
-    """Trainable parameters per (param group, dtype): one flat buffer each, as the optimizer
-    builds them."""
-    out = []
-    for params in groups:
-        by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
-        for p in params:
-            if p.requires_grad:
-                by_dtype.setdefault(p.dtype, []).append(p)
-        out += list(by_dtype.values())
-    return out
-
-
-def _ring(world: int) -> float:
-    return (world - 1) / world
-
-
 def _stage012(
-    groups: list[list[nn.Parameter]], cfg: ZeroConfig, world: int
+    groups: list[list[nn.Parameter]], cfg: ZeroConfig, world: int, codec: StateCodec
 ) -> tuple[dict[str, int], int]:
+    """Bytes and bytes sent per step at stages 0-2, read from the shard groups the optimizer
+    itself builds (`FlatSharding` over a `MetaComm`): buckets, padding, gradient buffers and
+    the codec's stored state are what a real run holds."""
     zo = cfg.zero_optimization
-    stage = zo.stage
-    elem = ELEM[cfg.compute_dtype]
-    red = ELEM[cfg.reduce_dtype]
-    shards = 1 if stage == 0 else world
-    states = state_tensors(cfg)
+    comm = MetaComm(world, 0)
+    sharding = FlatSharding(
+        comm, zo.stage, reduce_dtype=cfg.reduce_dtype, overlap_comm=zo.overlap_comm,
+        accumulation_steps=int(cfg.gradient_accumulation_steps or 1),
+        bucket_numel=zo.reduce_bucket_size, allgather_bucket_size=zo.allgather_bucket_size,
+    )  # fmt: skip
+    rule, hp = cfg.optimizer_spec()
+    built = []
+    seen: set[int] = set()
+    for gi, params in enumerate(groups):
+        trainable = [p for p in params if p.requires_grad and id(p) not in seen]
+        seen.update(id(p) for p in trainable)
+        for g in sharding.build_groups(gi, trainable, codec, ON_DEVICE):
+            g.init_state(rule, hp, None, {})
+            built.append(g)
+    sharding.grads.remove()
+    held = sharding.held_tensors()
     out = dict.fromkeys(CATEGORIES, 0)
-    comm = 0.0
-    for params in _entries(groups):
-        flat = FlatParams(params, shards, 0, int(zo.reduce_bucket_size))
-        out["params"] += flat.numel * elem
-        out["grads"] += (flat.shard_numel if stage == 2 else flat.numel) * red
-        out["master"] += 0 if elem == 4 else flat.shard_numel * 4
-        out["optimizer_states"] += states * flat.shard_numel * 4
-        if world > 1:
-            if stage == 0:
-                comm += 2 * flat.numel * red * _ring(world)
-            else:  # reduce-scatter of the gradients, all-gather of the updated parameters
-                comm += flat.numel * (red + elem) * _ring(world)
-    if world > 1 and stage > 0:
-        comm += 2 * 16 * _ring(world)  # the global grad-norm / inf check all-reduce
-    return out, int(round(comm))
+    out["params"] = sum(_nbytes(t) for t in held["params"])
+    out["grads"] = sum(_nbytes(t) for t in held["grads"])
+    out["master"] = sum(_nbytes(g.master_buffer) for g in built if g.master_buffer is not None)
+    out["optimizer_states"] = sum(_nbytes(t) for g in built for t in g.stored_tensors())
+    # per step: stage 0 all-reduces every gradient buffer; stages 1-2 reduce-scatter it and
+    # all-gather the updated parameters, plus the global grad-norm / inf check all-reduce
+    comm.counter.snapshot()
+    for flat, grad in zip(sharding.flats, _full_grads(sharding, held["grads"])):
+        if zo.stage == 0:
+            comm.all_reduce(grad)
+        else:
+            comm.reduce_scatter(grad, grad)
+            comm.all_gather(flat.flat, flat.flat)
+    if zo.stage > 0:
+        comm.all_reduce(torch.empty(2, dtype=torch.float64, device="meta"))
+    return out, comm.counter.snapshot()["total"]
+
+
+def _full_grads(sharding: FlatSharding, grads: list[Tensor]) -> list[Tensor]:
+    """The full gradient each flat buffer reduces (stage 2 keeps only its shard)."""
+    pairs = zip(sharding.flats, grads)
+    return [g if g.numel() == f.numel else g.new_empty(f.numel) for f, g in pairs]
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 class Numel(nn.Module):
@@ -188,6 +201,7 @@ def estimate(
     device_memory: int | None = None,
     model_parameters: Any = None,
     example_input: Any = None,
+    codec: StateCodec = FP32,
 ) -> list[StageEstimate]:
     """Per stage: bytes per rank by category, stage-3 gathered peak, bytes sent per step.
 
@@ -200,24 +214,25 @@ def estimate(
     arguments or a dict of keyword arguments; moved to the model's device, floating tensors
     cast to the compute dtype). With it, stage 3's gathered peak and bytes sent come from the
     engine run on it; without it, from a replay in registration order (`schedule` says so).
+    `codec`: how optimizer state is stored (its `stored_bytes` counts the state bytes).
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     structured = not isinstance(model, Numel)
     out = []
-    for stage in stages:
+    for stage in progress(stages, f"estimating {world_size} ranks", unit="stage"):
         cfg = zero_config(config, stage=stage, world_size=world_size, precision=precision,
                           optimizer=optimizer)  # fmt: skip
         cfg = cfg.resolve_auto(hidden_size_of(model))
         model.to(cfg.compute_dtype)
         schedule = None
         if stage < 3:
-            report, comm = _stage012(_groups(model, model_parameters), cfg, world_size)
+            report, comm = _stage012(_groups(model, model_parameters), cfg, world_size, codec)
             per_rank, peak = [report], None
         else:
             s3 = stage3(model, cfg, world_size, _sample_ranks(world_size), structured=structured,
                         group_of=_group_of(model, model_parameters),
-                        example_input=example_input)  # fmt: skip
+                        example_input=example_input, codec=codec)  # fmt: skip
             per_rank, comm, schedule = s3.per_rank, s3.comm, s3.schedule
             peak = s3.peak if structured else None
         for r in per_rank:

@@ -1,4 +1,4 @@
-"""Per-device buffers reused by every optimizer step (zeroshard/update.py, update_lion.py).
+"""Per-device buffers reused by every optimizer step (apply.py, lion.py).
 
 lr/step/scale live in 0-d tensors rewritten only when they change, so neither a scheduler nor a
 new step forces a recompile, an allocation or a host sync; the upcast scratch buffer is grown,

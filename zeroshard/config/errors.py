@@ -1,4 +1,4 @@
-"""Error reporting for :mod:`zeroshard.config`.
+"""Error reporting for :mod:`zeroshard.config.schema`.
 
 Kept apart from the schema so that the models stay readable. Everything here exists to turn
 pydantic's machine-oriented errors into one message a DeepSpeed user can act on: the full key

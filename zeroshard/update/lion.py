@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .update_buffers import scalar, scratch
+from zeroshard.update.buffers import scalar, scratch
 
 # The eager path works on chunks small enough that its 5 ops hit L2, not DRAM.
 CHUNK = 1 << 16

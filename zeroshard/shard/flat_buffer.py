@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .layout import ALIGN, Bucket, BucketPlan, plan_buckets
+from zeroshard.shard.layout import ALIGN, Bucket, BucketPlan, plan_buckets
 
 __all__ = ["ALIGN", "Bucket", "FlatParams", "Slot"]
 

@@ -5,13 +5,13 @@ agreed launch order, the in-flight queue); a strategy owns where the gradient li
 collective averages it:
 
 - `ReplicatedAllReduce` (stage 0): a full-size gradient buffer, all-reduced in place;
-- `ShardedStates` (stage 1): a full-size buffer, reduce-scattered so this rank's chunk holds
+- `ReduceToOwnChunk` (stage 1): a full-size buffer, reduce-scattered so this rank's chunk holds
   the averaged gradient of the parameters it updates (out of place during backward: the raw
   local sums stay intact for an undeclared second backward; `finish` copies the result in);
-- `ShardedGrads` (stage 2): only this rank's gradient shard; each bucket's gradients collect
+- `ReduceToGradShard` (stage 2): only this rank's gradient shard; each bucket's gradients collect
   in a recycled bucket buffer that is reduce-scattered straight into the shard.
 
-Stage 3 (sharded parameters) keeps its gradients in the units: stage3/optimizer.py adapts the
+Stage 3 (sharded parameters) keeps its gradients in the units: stage3/sharding.py adapts the
 engine to the same `GradPath` protocol the optimizer talks to.
 """
 
@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .collectives import Comm
-from .flat_buffer import Bucket, FlatParams, Slot
-from .inflight import MAX_IN_FLIGHT, InFlight
+from zeroshard.comm.collectives import Comm
+from zeroshard.comm.inflight import MAX_IN_FLIGHT, InFlight
+from zeroshard.shard.flat_buffer import Bucket, FlatParams, Slot
 
 
 class BucketState:
@@ -99,7 +99,7 @@ class ReplicatedAllReduce(_Strategy):
         self.queue.add(self.comm.all_reduce(full, async_op=True), tag=state)
 
 
-class ShardedStates(_Strategy):
+class ReduceToOwnChunk(_Strategy):
     """Stage 1: full gradients, reduce-scattered; this rank reads its chunk."""
 
     def launch(self, state: BucketState, in_backward: bool, overlap_comm: bool) -> None:
@@ -128,7 +128,7 @@ class ShardedStates(_Strategy):
                 state.reduced = None
 
 
-class ShardedGrads(_Strategy):
+class ReduceToGradShard(_Strategy):
     """Stage 2: only this rank's gradient shard is kept; buckets are reduce-scattered into it
     during backward, their buffers recycled for later buckets."""
 
@@ -193,6 +193,6 @@ class ShardedGrads(_Strategy):
 
 STRATEGIES: dict[int, type[_Strategy]] = {
     0: ReplicatedAllReduce,
-    1: ShardedStates,
-    2: ShardedGrads,
+    1: ReduceToOwnChunk,
+    2: ReduceToGradShard,
 }

@@ -1,5 +1,5 @@
 """The stage-3 schedule replayed on module registration order: the fallback of
-`estimate_stage3` when the model cannot be run (no example input, or its forward fails on
+`estimate/stage3.py` when the model cannot be run (no example input, or its forward fails on
 the meta device).
 
 It mirrors the engine's rules (stage3/engine.py, prefetch.py) over an assumed call order:
@@ -8,7 +8,7 @@ parameters of its own fetches its children's with them); backward in reverse. A 
 called several times per forward, or a parameter used outside its owner (`F.linear(x,
 self.embed.weight)`), breaks the assumption and the peak comes out LOW (measured: 1.9x for
 a block applied 3 times per forward, 1.34x for a tied `F.linear` head); the traced run in
-estimate_stage3.py has neither problem.
+estimate/stage3.py has neither problem.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 
 from torch import nn
 
-from .config import ZeroConfig
-from .stage3.prefetch import backward_head
+from zeroshard.config.schema import ZeroConfig
+from zeroshard.stage3.prefetch import backward_head
 
 
 def replay(model: nn.Module, units: list[Any], cfg: ZeroConfig) -> tuple[int, int]:

@@ -34,12 +34,12 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from . import guards
-from .collectives import Comm
-from .flat_buffer import FlatParams, Slot
-from .grad_strategies import STRATEGIES, BucketState
-from .inflight import InFlight
-from .precision import default_reduce_dtype
+from zeroshard import guards
+from zeroshard.comm.collectives import Comm
+from zeroshard.comm.inflight import InFlight
+from zeroshard.precision import default_reduce_dtype
+from zeroshard.shard.flat_buffer import FlatParams, Slot
+from zeroshard.shard.grad_strategies import STRATEGIES, BucketState
 
 
 class GradPath(Protocol):
@@ -48,7 +48,6 @@ class GradPath(Protocol):
     sharded: bool  # gradients on different ranks are disjoint (their norms add up)
 
     def finish(self) -> None: ...
-    def grad_pieces(self, i: int) -> list[Tensor]: ...
     def end_step(self) -> None: ...
     def zero_grad(self) -> None: ...
     def held_tensors(self) -> dict[str, list[Tensor]]: ...
@@ -73,6 +72,7 @@ class GradReducer:
         self.accumulation_steps = accumulation_steps
         self.flats: list[FlatParams] = []
         self.queue = InFlight()
+        self._handles: list = []
         self.strategy = STRATEGIES[stage](comm, self.queue, self.flats)
         self.sharded = self.strategy.sharded
         self._launches_in_backward = self.strategy.launches_in_backward(
@@ -98,9 +98,16 @@ class GradReducer:
             handle = slot.param.register_post_accumulate_grad_hook(
                 lambda p, _fi=fi, _slot=slot, _st=state: self._on_grad(p, _fi, _slot, _st)
             )
-            guards.track_hook(slot.param, handle)  # issue 8: removed if the optimizer dies
+            guards.track_hook(slot.param, handle)  # removed if the optimizer dies
+            self._handles.append(handle)
         self._order = None  # a new set of buckets: record the launch order again
         self._completed.clear()
+
+    def remove(self) -> None:
+        """Take the gradient hooks off the parameters (the estimator's planning run)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
 
     # -- backward -------------------------------------------------------------------------
     def _on_grad(self, param: Tensor, fi: int, slot: Slot, state: BucketState) -> None:

@@ -1,5 +1,5 @@
-"""Stage 3 for `zeroshard.estimate`: bytes per rank from the unit planner, and the gathered
-peak and bytes sent from the real engine run on the meta device.
+"""Stage 3 for `estimate/model_states.py`: bytes per rank from the unit planner, and the
+gathered peak and bytes sent from the real engine run on the meta device.
 
 The schedule is not modelled: `build_units` and `Stage3Engine` (the code `initialize` runs)
 are built over a `MetaComm` that moves nothing and counts what a rank would send, and the
@@ -9,7 +9,7 @@ repeat (the first pass only records them, as the first training step does). The 
 order: modules called several times, parameters used outside their owner, skipped modules.
 
 Without an example input, or when the forward fails on the meta device (a data-dependent
-branch), the schedule is replayed on registration order instead (estimate_replay.py), which
+branch), the schedule is replayed on registration order instead (replay.py), which
 runs LOW for reused modules; the result says which one was used (`schedule`).
 """
 
@@ -23,46 +23,19 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from . import update
-from .collectives import DONE, Comm, CommCounter
-from .config import ZeroConfig
-from .estimate_replay import replay
-from .stage3 import registry
-from .stage3.build import make_engine, make_units
-from .stage3.unit import GatherTracker
+from zeroshard.comm.meta import MetaComm
+from zeroshard.config.schema import ZeroConfig
+from zeroshard.estimate.replay import replay
+from zeroshard.shard.codec import FP32, StateCodec
+from zeroshard.stage3 import registry
+from zeroshard.stage3.build import make_engine, make_units
+from zeroshard.stage3.unit import GatherTracker
+from zeroshard.update import apply as update
 
 ELEM = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 TRACED = "traced"  # `Stage3Result.schedule` when the engine ran on the example input
 MAX_PASSES = 5  # forward+backward passes at most: one to record, then until two agree
 NORM_BYTES = 16  # the global grad-norm / inf-check all-reduce after each backward
-
-
-class MetaComm(Comm):
-    """The collectives of rank `rank` in a world of `world_size` that does not exist: bytes
-    are counted as `Comm` counts them (ring algorithms), nothing is sent or waited for."""
-
-    def __init__(self, world_size: int, rank: int) -> None:  # no process group: no super()
-        self.initialized = True
-        self.group = None
-        self.rank, self.world_size = rank, world_size
-        self.counter = CommCounter()
-        self.list_forms = False
-
-    def all_reduce(self, tensor: Tensor, op: str = "avg", async_op: bool = False):
-        self.record("all_reduce", tensor)
-        return DONE if async_op else None
-
-    def reduce_scatter(self, output: Tensor, input: Tensor, op: str = "avg",
-                       async_op: bool = False):  # fmt: skip
-        self.record("reduce_scatter", input)
-        return DONE if async_op else None
-
-    def all_gather(self, output: Tensor, input: Tensor, async_op: bool = False):
-        self.record("all_gather", output)
-        return DONE if async_op else None
-
-    def broadcast(self, tensor: Tensor, src: int = 0) -> None:
-        self.record("broadcast", tensor)
 
 
 @dataclass
@@ -152,7 +125,7 @@ def _trace(
 
 def stage3(
     model: nn.Module, cfg: ZeroConfig, world: int, ranks: list[int], *, structured: bool,
-    group_of: dict[int, int] | None, example_input: Any = None,
+    group_of: dict[int, int] | None, example_input: Any = None, codec: StateCodec = FP32,
 ) -> Stage3Result:
     """Per-rank bytes, gathered peak and bytes sent at stage 3. Without layers (`Numel`)
     every parameter is taken as gathered once in forward and once in backward, the paper's
@@ -173,7 +146,7 @@ def stage3(
             "params": sum(u.full_bytes if u.persistent else u.shard_numel * elem for u in units),
             "grads": sum(u.shard_numel * red for u in units if u.trainable),
             "master": 0 if elem == 4 else pieces * 4,
-            "optimizer_states": states * pieces * 4,
+            "optimizer_states": states * codec.stored_bytes(pieces),
             "comm_buffers": 0,
         })  # fmt: skip
     ring = (world - 1) / world

@@ -4,7 +4,7 @@ The optimizer calls `apply_update` on flat 1-D fp32 master pieces and never lear
 ran: fused Triton kernels (`zeroshard_kernels`) on CUDA tensors, torch's own fused CPU kernels
 (`torch._fused_adamw_`, `_fused_adam_`, `_fused_sgd_`) elsewhere. Those run at memory bandwidth
 on CPU; the foreach path is 6-8x slower. Lion has no torch fused kernel: its torch path is in
-update_lion.py.
+lion.py.
 
 Grads are inputs only, but the torch backend may overwrite fp32 grads with their scaled value
 (torch's fused kernels write the unscaled grad back); callers must treat grads as consumed.
@@ -19,8 +19,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .update_buffers import scalar, scratch
-from .update_lion import torch_lion
+from zeroshard.update.buffers import scalar, scratch
+from zeroshard.update.lion import torch_lion
 
 RULES = ("adamw", "adam", "sgd", "lion")
 BACKENDS = ("auto", "triton", "torch")

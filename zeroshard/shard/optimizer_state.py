@@ -1,4 +1,7 @@
-"""Per-rank optimizer checkpoints: each rank saves and restores its own shard.
+"""`ZeroOptimizer.state_dict()` / `load_state_dict()`: each rank saves and restores its own
+shard in memory (torch's optimizer API), and `restore_optimizer`, the one place where a
+checkpoint (this one or a universal one) restores counters, hyperparameters, the loss scaler
+and the lr scheduler, then makes the parameters follow the restored master.
 
 A checkpoint loads back at the same world size, stage and parameter layout; anything else is
 refused with a message that says what differs (re-sharding to another world size is a
@@ -8,12 +11,12 @@ so the file does not depend on bucket boundaries beyond the recorded layout.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from ..optimizer import ZeroOptimizer
+ZeroOptimizer = Any  # the optimizer imports this module: typed by its public API only
 
 FORMAT_VERSION = 1
 
@@ -102,14 +105,11 @@ def _check(opt: ZeroOptimizer, sd: dict[str, Any]) -> None:
 @torch.no_grad()
 def load_optimizer_state_dict(opt: ZeroOptimizer, sd: dict[str, Any]) -> None:
     _check(opt, sd)
-    for group, saved in zip(opt.param_groups, sd["param_groups"]):
-        for k, v in saved.items():
-            if k != "params":
-                group[k] = v
+    steps = {}
     for g in opt.layout().groups:
         i = g.index
         s = sd["state"][i] if i in sd["state"] else sd["state"][str(i)]
-        opt.set_step(i, int(s["step"]))
+        steps[i] = int(s["step"])
         st = opt.shard_state(i)
         if st.generic is not None:
             st.generic.load_state_dict(s["generic"])
@@ -118,13 +118,36 @@ def load_optimizer_state_dict(opt: ZeroOptimizer, sd: dict[str, Any]) -> None:
                 _copy_into(pieces, s[name])
         if g.dtype != torch.float32 and "master" in s:
             _copy_into(st.master, s["master"])
-    if opt.loss_scaler is not None and sd.get("loss_scaler"):
-        opt.loss_scaler.load_state_dict(sd["loss_scaler"])
-    if opt.lr_scheduler is not None and sd.get("lr_scheduler"):
-        opt.lr_scheduler.load_state_dict(sd["lr_scheduler"])
-    # bf16/fp16 models take their weights from the restored fp32 master (DeepSpeed's
-    # load_from_fp32_weights): refresh every rank's full parameters.
-    if any(g.dtype != torch.float32 for g in opt.layout().groups):
+    restore_optimizer(opt, sd["param_groups"], steps, sd.get("loss_scaler"),
+                      sd.get("lr_scheduler"))  # fmt: skip
+
+
+@torch.no_grad()
+def restore_optimizer(
+    opt: ZeroOptimizer,
+    param_groups: Sequence[Mapping[str, Any]],
+    steps: Mapping[int, int],
+    loss_scaler: Mapping[str, Any] | None,
+    lr_scheduler: Mapping[str, Any] | None,
+    sync: bool = True,
+) -> None:
+    """After the master and state tensors were written: shard-group step counts (`steps`:
+    shard group -> count), param-group hyperparameters, the loss scaler and the lr scheduler;
+    then (`sync`; a caller that must first agree with the other ranks calls
+    `opt.sync_params_from_master()` itself) the parameters follow the restored fp32 master
+    on every rank (DeepSpeed's load_from_fp32_weights) and states kept in another form are
+    stored."""
+    for i, n in steps.items():
+        opt.set_step(i, int(n))
+    for group, saved in zip(opt.param_groups, param_groups):
+        for k, v in saved.items():
+            if k != "params":
+                group[k] = tuple(v) if isinstance(group.get(k), tuple) else v
+    if opt.loss_scaler is not None and loss_scaler:
+        opt.loss_scaler.load_state_dict(loss_scaler)
+    if opt.lr_scheduler is not None and lr_scheduler:
+        opt.lr_scheduler.load_state_dict(lr_scheduler)
+    if sync:
         opt.sync_params_from_master()
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 import torch.distributed as dist
 from torch import Tensor
@@ -58,6 +59,67 @@ class CommCounter:
         return report
 
 
+class WireCodec(Protocol):
+    """How a tensor travels: `encode` before it is sent, `decode` into the destination after
+    it arrived. A codec whose encoded form can be summed (a cast to bf16/fp16) says
+    `reducible`; only those may be used for all-reduce and reduce-scatter."""
+
+    reducible: bool
+
+    def encode(self, t: Tensor) -> Tensor: ...
+    def decode(self, wire: Tensor, out: Tensor) -> None: ...
+
+
+@runtime_checkable
+class Collectives(Protocol):
+    """The collectives a stage issues: implemented by `Comm` (torch.distributed) and by the
+    estimator's `MetaComm` (counts only). `codec` changes what travels, not the result's
+    place: each call still fills its output tensor."""
+
+    rank: int
+    world_size: int
+    group: dist.ProcessGroup | None
+    counter: CommCounter
+
+    @property
+    def active(self) -> bool: ...
+    def all_reduce(self, tensor: Tensor, op: str = "avg", async_op: bool = False,
+                   codec: WireCodec | None = None) -> Any: ...  # fmt: skip
+    def reduce_scatter(self, output: Tensor, input: Tensor, op: str = "avg",
+                       async_op: bool = False,
+                       codec: WireCodec | None = None) -> Any: ...  # fmt: skip
+    def all_gather(self, output: Tensor, input: Tensor, async_op: bool = False,
+                   codec: WireCodec | None = None) -> Any: ...  # fmt: skip
+    def broadcast(self, tensor: Tensor, src: int = 0, codec: WireCodec | None = None,
+                  counted: bool = True) -> None: ...  # fmt: skip
+
+
+def count(counter: CommCounter, kind: str, tensor: Tensor, world_size: int) -> None:
+    """Count what collective `kind` on `tensor` sends from one rank of `world_size` (`tensor`:
+    the input of a reduce-scatter, the output of an all-gather): the one ring formula."""
+    counter.add(kind, _RING_FACTOR[kind] * _nbytes(tensor) * (world_size - 1) / world_size)
+
+
+class _Decoded:
+    """A pending collective whose received wire form is decoded into `out` on `wait()`."""
+
+    def __init__(self, work: Any, codec: WireCodec, wire: Tensor, out: Tensor) -> None:
+        self.work, self.codec, self.wire, self.out = work, codec, wire, out
+
+    def wait(self) -> bool:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+            self.codec.decode(self.wire, self.out)
+        return True
+
+
+def _reducible(codec: WireCodec) -> None:
+    if not codec.reducible:
+        raise ValueError(f"{type(codec).__name__} cannot be summed on the wire: use it for "
+                         "all-gather and broadcast only")  # fmt: skip
+
+
 class Comm:
     """A process group plus the counter its collectives report to.
 
@@ -77,26 +139,41 @@ class Comm:
     def active(self) -> bool:
         return self.initialized and self.world_size > 1
 
-    def _ring_fraction(self) -> float:
-        return (self.world_size - 1) / self.world_size
-
     def record(self, kind: str, tensor: Tensor) -> None:
-        """Count what collective `kind` on `tensor` sends from this rank (`tensor`: the input
-        of a reduce-scatter, the output of an all-gather)."""
-        self.counter.add(kind, _RING_FACTOR[kind] * _nbytes(tensor) * self._ring_fraction())
+        count(self.counter, kind, tensor, self.world_size)
 
-    def all_reduce(self, tensor: Tensor, op: str = "avg", async_op: bool = False):
+    def _coded(self, work: Any, codec: WireCodec, wire: Tensor, out: Tensor, async_op: bool):
+        pending = _Decoded(work if async_op else None, codec, wire, out)
+        if not async_op:
+            codec.decode(wire, out)
+            return None
+        return pending
+
+    def all_reduce(self, tensor: Tensor, op: str = "avg", async_op: bool = False,
+                   codec: WireCodec | None = None):  # fmt: skip
         """In-place all-reduce; `op` is "avg", "sum" or "max"."""
         if not self.active:
             return DONE if async_op else None
+        if codec is not None:
+            _reducible(codec)
+            wire = codec.encode(tensor)
+            work = self.all_reduce(wire, op, async_op)
+            return self._coded(work, codec, wire, tensor, async_op)
         self.record("all_reduce", tensor)
         return dist.all_reduce(tensor, op=_reduce_op(op), group=self.group, async_op=async_op)
 
     def reduce_scatter(
-        self, output: Tensor, input: Tensor, op: str = "avg", async_op: bool = False
-    ):
+        self, output: Tensor, input: Tensor, op: str = "avg", async_op: bool = False,
+        codec: WireCodec | None = None,
+    ):  # fmt: skip
         """Reduce `input` (N equal chunks) across ranks; chunk `rank` of the result lands in
         `output`, which may be that chunk of `input` itself (in place)."""
+        if codec is not None and self.active:
+            _reducible(codec)
+            wire_in = codec.encode(input)
+            wire_out = wire_in.chunk(self.world_size)[self.rank]
+            work = self.reduce_scatter(wire_out, wire_in, op, async_op)
+            return self._coded(work, codec, wire_out, output, async_op)
         if not self.active:
             if output.data_ptr() != input.data_ptr() or output.numel() != input.numel():
                 output.copy_(input)
@@ -111,9 +188,15 @@ class Comm:
             output, input, op=_reduce_op(op), group=self.group, async_op=async_op
         )
 
-    def all_gather(self, output: Tensor, input: Tensor, async_op: bool = False):
+    def all_gather(self, output: Tensor, input: Tensor, async_op: bool = False,
+                   codec: WireCodec | None = None):  # fmt: skip
         """Concatenate every rank's `input` into `output`; `input` may be this rank's chunk of
         `output` (in place)."""
+        if codec is not None and self.active:
+            wire_in = codec.encode(input)
+            wire_out = wire_in.new_empty(wire_in.numel() * self.world_size)
+            work = self.all_gather(wire_out, wire_in, async_op)
+            return self._coded(work, codec, wire_out, output, async_op)
         if not self.active:
             if output.data_ptr() != input.data_ptr():
                 output.copy_(input)
@@ -124,11 +207,19 @@ class Comm:
             return dist.all_gather(chunks, input, group=self.group, async_op=async_op)
         return _all_gather_single(output, input, group=self.group, async_op=async_op)
 
-    def broadcast(self, tensor: Tensor, src: int = 0) -> None:
-        """Broadcast from group rank `src` (a group-local rank, like every rank here)."""
+    def broadcast(self, tensor: Tensor, src: int = 0, codec: WireCodec | None = None,
+                  counted: bool = True) -> None:  # fmt: skip
+        """Broadcast from group rank `src` (a group-local rank, like every rank here);
+        `counted=False` for set-up traffic that is no training step's (initial weights)."""
         if not self.active:
             return
-        self.record("broadcast", tensor)
+        if codec is not None:
+            wire = codec.encode(tensor)
+            self.broadcast(wire, src, counted=counted)
+            codec.decode(wire, tensor)
+            return
+        if counted:
+            self.record("broadcast", tensor)
         global_src = dist.get_global_rank(self.group, src) if self.group is not None else src
         dist.broadcast(tensor, src=global_src, group=self.group)
 

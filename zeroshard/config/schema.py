@@ -29,8 +29,9 @@ from pydantic import (
     model_validator,
 )
 
-from zeroshard.config_errors import ConfigError, format_path, translate_validation_error
-from zeroshard.config_sections import (
+from zeroshard.config.errors import ConfigError, format_path, translate_validation_error
+from zeroshard.config.honoured import BATCH_AUTOS, hidden_size_autos
+from zeroshard.config.sections import (
     _OPTIMIZERS,
     _SCHEDULERS,
     MAX_BATCH,
@@ -86,7 +87,7 @@ __all__ = [
 
 # --------------------------------------------------------------------------- top level
 
-_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+_BATCH_KEYS = BATCH_AUTOS  # "auto" batch sizes are derived from the others (config/honoured.py)
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -253,30 +254,17 @@ class ZeroConfig(_Section):
         return "lion", {"lr": p.lr, "betas": tuple(p.betas), "weight_decay": p.weight_decay}
 
     def resolve_auto(self, hidden_size: int | None) -> ZeroConfig:
-        """Copy with "auto" bucket sizes replaced by the Hugging Face integration's rules:
-        reduce_bucket_size = h*h, stage3_prefetch_bucket_size = 0.9*h*h,
-        stage3_param_persistence_threshold = 10*h."""
+        """Copy with "auto" bucket sizes replaced by the Hugging Face integration's rules
+        (honoured.HIDDEN_SIZE_AUTOS: reduce_bucket_size = h*h,
+        stage3_prefetch_bucket_size = 0.9*h*h, stage3_param_persistence_threshold = 10*h)."""
         zo = self.zero_optimization
         autos = [k for k in sorted(zo._auto_ok) if getattr(zo, k) == "auto"]
-        if not autos:
-            return self.model_copy(deep=True)
-        if hidden_size is None or isinstance(hidden_size, bool) or hidden_size < 1:
-            raise ConfigError(
-                [
-                    f'`zero_optimization.{k}` is "auto" but the model\'s hidden size is unknown '
-                    f"(got hidden_size={hidden_size!r}); give a number in the config or pass "
-                    "hidden_size"
-                    for k in autos
-                ]
-            )
-        rules = {
-            "reduce_bucket_size": hidden_size * hidden_size,
-            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-            "stage3_param_persistence_threshold": 10 * hidden_size,
-        }
+        values = hidden_size_autos([f"zero_optimization.{k}" for k in autos], hidden_size)
         new = self.model_copy(deep=True)
-        new.zero_optimization = zo.model_copy(update={k: rules[k] for k in autos})
-        new._world_size = self._world_size
+        if values:
+            new.zero_optimization = zo.model_copy(
+                update={k.split(".", 1)[1]: v for k, v in values.items()}
+            )
         return new
 
 

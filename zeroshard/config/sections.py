@@ -1,7 +1,7 @@
 """Section models of the zeroshard config (optimizer, scheduler, precision, ZeRO).
 
-Split from :mod:`zeroshard.config` (which holds the top-level model and loading) to keep each
-file readable; import these names from :mod:`zeroshard.config`.
+Split from :mod:`zeroshard.config.schema` (which holds the top-level model and loading) to keep each
+file readable; import these names from :mod:`zeroshard.config.schema`.
 """
 
 # pydantic evaluates field annotations at runtime, and `X | Y` fails there on Python 3.9
@@ -25,13 +25,27 @@ from pydantic import (
     model_validator,
 )
 
-from . import config_seams as _seams
+from zeroshard.config import honoured
 
 Auto = Literal["auto"]
 _AUTO_HELP = (
-    'is "auto", which zeroshard cannot resolve (the Hugging Face Trainer replaces "auto" '
-    "values before handing the config over); give a number"
+    'is "auto", which only a Trainer fills (ZeroShardTrainer and the Hugging Face Trainer fill '
+    'it from their arguments; `zeroshard check-config --hf` lists them); outside one, {give}'
 )
+_NO_AUTO = '"auto" has no meaning for this key; {give}'
+# field names a Trainer fills when "auto" (confighonoured.TRAINER_AUTOS, by leaf name)
+_TRAINER_FILLED = frozenset(k.rsplit(".", 1)[-1] for k in honoured.TRAINER_AUTOS)
+
+
+def _give(annotation: Any) -> str:
+    """What a value of this field type looks like, in the words of an error message."""
+    if _accepts_bool(annotation):
+        return "give true or false"
+    if get_origin(annotation) in (tuple, list) or any(
+        get_origin(a) in (tuple, list) for a in get_args(annotation)
+    ):
+        return "give a list of numbers"
+    return "give a number"
 
 
 # Sane ranges: a size beyond these is a typo (an exponent too many), not a setting.
@@ -58,15 +72,17 @@ class _Section(BaseModel):
         # pydantic's lax mode would read `true` as 1 for a number and silently accept it;
         # "auto" only has meaning where zeroshard can resolve it.
         name = info.field_name or ""
-        if isinstance(value, str) and value == "auto" and name not in cls._auto_ok:
-            raise ValueError(_AUTO_HELP)
         field = cls.model_fields.get(name)
+        if isinstance(value, str) and value == "auto" and name not in cls._auto_ok:
+            text = _AUTO_HELP if name in _TRAINER_FILLED else _NO_AUTO
+            raise ValueError(text.format(give=_give(field.annotation if field else None)))
         if isinstance(value, bool) and field is not None and not _accepts_bool(field.annotation):
             if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-                # `"fp16": true` (issue 8): a section, not a switch
+                # `"fp16": true`: a section, not a switch (DeepSpeed accepts both)
                 flag = "true" if value else "false"
                 raise ValueError(f'must be an object like {{"enabled": {flag}}}, not a boolean')
-            raise ValueError("must be a number, not a boolean")
+            what = _give(field.annotation).removeprefix("give ")
+            raise ValueError(f"must be {what}, not a boolean")
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         limit = cls._float_ints.get(name)
         if limit is not None and number and value > limit:
@@ -328,8 +344,9 @@ Elements0 = Annotated[int, Field(ge=0, le=MAX_ELEMENTS)]
 class ZeroOptimizationConfig(_Section):
     """DeepSpeed's `zero_optimization` section. Sizes are element counts, as in DeepSpeed."""
 
+    # "auto" here means "from the model's hidden size" (confighonoured.HIDDEN_SIZE_AUTOS)
     _auto_ok: ClassVar[frozenset[str]] = frozenset(
-        {"reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"}
+        k.split(".", 1)[1] for k in honoured.HIDDEN_SIZE_AUTOS
     )
     _float_ints: ClassVar[dict[str, int]] = dict.fromkeys(
         ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
@@ -351,6 +368,6 @@ class ZeroOptimizationConfig(_Section):
     stage3_gather_16bit_weights_on_model_save: bool = False
     load_from_fp32_weights: bool = True
 
-    # issue 8: every key honoured as DeepSpeed defines it, or rejected by name
-    _no_offload = model_validator(mode="before")(_seams.drop_no_offload)
-    _honoured = model_validator(mode="after")(_seams.check_honoured)
+    # every key honoured as DeepSpeed defines it, or rejected by name: never silently ignored
+    _no_offload = model_validator(mode="before")(honoured.drop_no_offload)
+    _honoured = model_validator(mode="after")(honoured.check_honoured)

@@ -1,0 +1,8 @@
+"""Memory and communication per rank before a run, from the real planners and engine.
+
+- model_states.py: `estimate()`, per stage: params, grads, master, optimizer states and
+  communication, each from the layout the optimizer would build;
+- stage3.py: stage 3's gathered peak and bytes sent, from the real engine run on the meta
+  device over an example input;
+- replay.py: the labelled fallback when no example input can run on meta.
+"""

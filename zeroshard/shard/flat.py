@@ -1,0 +1,116 @@
+"""Stages 0-2 as a builder of shard groups: parameters packed into flat buffers.
+
+Each (param group, dtype) becomes one `FlatParams` (the parameters become views of one flat
+buffer, laid out by `layout.plan_buckets`) and one `ShardGroup` over this rank's chunks of it.
+Gradients come from `GradReducer` (all-reduced at stage 0, reduce-scattered at stages 1-2);
+after the update every rank's chunks are all-gathered back into the full parameters (stages
+1-2; at stage 0 every rank updated everything).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from zeroshard import guards
+from zeroshard.comm.collectives import Comm, wait_all
+from zeroshard.shard.codec import StateCodec
+from zeroshard.shard.flat_buffer import FlatParams
+from zeroshard.shard.grad_reducer import GradReducer
+from zeroshard.shard.group import HeldParam, ShardGroup
+from zeroshard.shard.placement import Placement
+
+
+class FlatSharding:
+    """Builds and serves the shard groups of stages 0, 1 and 2."""
+
+    def __init__(
+        self, comm: Comm, stage: int, *, reduce_dtype: torch.dtype | None, overlap_comm: bool,
+        accumulation_steps: int, bucket_numel: int, allgather_bucket_size: int,
+    ) -> None:  # fmt: skip
+        if stage not in (0, 1, 2):
+            raise ValueError(f"flat sharding covers stages 0, 1 and 2, got {stage}")
+        self.stage = stage
+        self.comm = comm
+        self.model = None  # parameter names come from the caller's model, when given
+        self.grads = GradReducer(comm, stage, reduce_dtype, overlap_comm, accumulation_steps)
+        self.bucket_numel = int(bucket_numel)
+        self.allgather_bucket_size = int(allgather_bucket_size)
+        self.flats: list[FlatParams] = []
+        self._groups: list[ShardGroup] = []
+
+    def build_groups(
+        self, group_index: int, params: list[Tensor], codec: StateCodec, placement: Placement
+    ) -> list[ShardGroup]:
+        """One shard group per dtype among `params` (a param group's trainable parameters)."""
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for p in params:
+            by_dtype.setdefault(p.dtype, []).append(p)
+        out = []
+        sharded = self.grads.sharded  # stage 0 replicates: one shard, every rank owns it all
+        num_shards, shard = (self.comm.world_size, self.comm.rank) if sharded else (1, 0)
+        for dtype, members in by_dtype.items():
+            flat = FlatParams(members, num_shards, shard, self.bucket_numel)
+            guards.broadcast_from_rank0(self.comm, [flat.flat])  # every rank starts as rank 0
+            fi = len(self.flats)
+            self.flats.append(flat)
+            self.grads.add(flat)
+            group = ShardGroup(
+                group=group_index, dtype=dtype, shard=flat.own_chunks(flat.flat),
+                grads=lambda fi=fi: self.grads.grad_pieces(fi),
+                describe=lambda flat=flat: _describe(flat),
+                shard_numel=flat.shard_numel, num_shards=flat.num_shards,
+                codec=codec, placement=placement,
+            )  # fmt: skip
+            self._groups.append(group)
+            out.append(group)
+        return out
+
+    def gather_params(self) -> None:
+        """Every rank updated its chunks; all-gather them back into the full parameters,
+        at most `allgather_bucket_size` elements in flight."""
+        if not self.grads.sharded:
+            return
+        works: list = []
+        in_flight = 0
+        for flat in self.flats:
+            for bucket, chunk in zip(flat.buckets, flat.own_chunks(flat.flat)):
+                full = flat.bucket_view(flat.flat, bucket)
+                works.append(self.comm.all_gather(full, chunk, async_op=True))
+                in_flight += full.numel()
+                if in_flight >= self.allgather_bucket_size:
+                    wait_all(works)
+                    in_flight = 0
+        wait_all(works)
+
+    def held_tensors(self) -> dict[str, list[Tensor]]:
+        held = self.grads.held_tensors()
+        return {
+            "params": [f.flat for f in self.flats],
+            "grads": held.get("grads", []),
+            "comm_buffers": held.get("comm_buffers", []),
+        }
+
+    @torch.no_grad()
+    def relink_moved(self) -> None:
+        """A parameter whose storage was replaced after construction (`model.to()` copies,
+        `p.data = ...`) no longer views the flat buffer, so the update would miss it: its
+        current values go into the buffer and it views the buffer again."""
+        for flat, group in zip(self.flats, self._groups):
+            changed = False
+            for s in flat.slots:
+                view = flat.param_view(flat.flat, s)
+                p = s.param
+                if p.data.data_ptr() == view.data_ptr() and p.data.is_contiguous():
+                    continue
+                changed |= guards.relink(p, view, p.shape)
+            if changed:
+                group.refresh_master()
+
+
+def _describe(flat: FlatParams) -> list[HeldParam]:
+    plan = flat.plan
+    return [
+        HeldParam(slot.param, tuple(slot.param.shape), slot.offset, tuple(plan.pieces(sp)))
+        for slot, sp in zip(flat.slots, plan.slots)
+    ]
