@@ -34,8 +34,8 @@ from pydantic import (
     ValidationError,
 )
 
-from . import verify
-from .st_stream import DTYPES
+from zeroshard.checkpoint import verify
+from zeroshard.checkpoint.st_stream import DTYPES
 
 FORMAT = "zeroshard-universal"
 VERSION = 2

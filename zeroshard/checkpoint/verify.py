@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .st_stream import DTYPE_NAMES
+from zeroshard.checkpoint.st_stream import DTYPE_NAMES
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors refuses larger headers too
 BLOCK = 1 << 22
