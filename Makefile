@@ -4,7 +4,7 @@ PY ?= python
 NPROC ?= 2
 CONFIG ?= configs/zero2.json
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test lint bench gpu-check
 
 install:
 	$(PY) -m pip install -q torch==2.13.0
@@ -23,3 +23,9 @@ test: install lint
 
 bench: install
 	$(PY) bench/bench_step.py
+
+# On a CUDA machine: kernel tests on the GPU, update bandwidth vs HBM peak, stages 0-3 vs
+# torch.optim, offload step time; writes bench/results/gpu_check.{json,png}. Without CUDA it
+# says so and exits 0. Install first (`make install` takes PyPI's CUDA torch on a GPU host).
+gpu-check:
+	$(PY) bench/gpu_check.py $(GPU_CHECK_ARGS)

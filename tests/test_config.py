@@ -1,4 +1,4 @@
-"""zeroshard.config: shipped configs, defaults, batch derivation, "auto", and error messages."""
+"""The run configuration: shipped configs, defaults, batch derivation, "auto", error messages."""
 
 from __future__ import annotations
 
@@ -351,8 +351,9 @@ BAD: list[tuple[str, dict[str, Any], list[str]]] = [
     ),
     (
         "deepspeed_nested",
-        {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}},
-        ["`zero_optimization.offload_param` is a DeepSpeed option not supported by zeroshard yet"],
+        {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/x"}}},
+        ['`zero_optimization.offload_param.device` = "nvme" is not supported by zeroshard yet '
+         '(offload to NVMe is not built); use "cpu", or "none" for no offload'],
     ),
     (
         "deepspeed_nested_fp16",
@@ -500,7 +501,7 @@ def test_all_problems_are_collected() -> None:
         "`kernel`",
         "`gradient_clipping`",
         "`zero_optimization.stage`",
-        "`zero_optimization.offload_optimizer`",
+        "`zero_optimization.offload_optimizer.device`",
     ):
         assert path in str(err)
 

@@ -234,8 +234,8 @@ def test_9_offload_device_none_is_no_offload():
     }})  # fmt: skip
     assert cfg.zero_optimization.stage == 3
     assert _config_error({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}) == (
-        "invalid zeroshard config: `zero_optimization.offload_optimizer` is a DeepSpeed option "
-        "not supported by zeroshard yet"
+        "invalid zeroshard config: `zero_optimization.offload_optimizer` needs stage 1, 2 or 3 "
+        "(stage is 0: nothing is sharded); raise the stage or remove the key"
     )
 
 

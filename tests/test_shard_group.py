@@ -55,6 +55,10 @@ class SeparateMaster:
         self.grad_copies += len(grads)
         return [g.to(torch.float32, copy=True) for g in grads]
 
+    def write_params(self, master, params):
+        for p, m in zip(params, master):
+            p.view(-1).copy_(m)
+
 
 def _train(stage: int, codec: str, placement: str) -> dict:
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \

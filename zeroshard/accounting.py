@@ -20,10 +20,21 @@ def _storage_key(t: Tensor) -> tuple[str, int]:
     return (str(t.device), s.data_ptr())
 
 
-def memory_report(held: Mapping[str, Iterable[Tensor]]) -> dict[str, int]:
-    """Bytes per category (`CATEGORIES` order decides who owns shared storage) and `total`."""
+def memory_report(
+    held: Mapping[str, Iterable[Tensor]], host: Iterable[Tensor] = (), memory: str = "all"
+) -> dict[str, int]:
+    """Bytes per category (`CATEGORIES` order decides who owns shared storage) and `total`.
+
+    `host`: tensors living in host memory (an offload placement's buffers, offloaded stage-3
+    shards); every other tensor is device memory. `memory` = "all" counts both and adds the
+    `device` and `host` totals; "device" or "host" counts only that memory, per category.
+    """
+    if memory not in ("all", "device", "host"):
+        raise ValueError(f'memory must be "all", "device" or "host", got {memory!r}')
+    in_host = {_storage_key(t) for t in host if t is not None}
     seen: set[tuple[str, int]] = set()
     report: dict[str, int] = {}
+    host_total = 0
     for cat in CATEGORIES:
         total = 0
         for t in held.get(cat, ()):
@@ -33,9 +44,16 @@ def memory_report(held: Mapping[str, Iterable[Tensor]]) -> dict[str, int]:
             if key in seen:
                 continue
             seen.add(key)
-            total += t.untyped_storage().nbytes()
+            nbytes = t.untyped_storage().nbytes()
+            is_host = key in in_host
+            host_total += nbytes if is_host else 0
+            if memory == "all" or is_host == (memory == "host"):
+                total += nbytes
         report[cat] = total
     report["total"] = sum(report[c] for c in CATEGORIES)
+    if memory == "all":
+        report["device"] = report["total"] - host_total
+        report["host"] = host_total
     return report
 
 

@@ -23,6 +23,7 @@ from zeroshard.precision import LossScaler
 from zeroshard.prepare import (
     ParamsArg,
     group_index,
+    placement_for,
     resolve_config,
     start_process_group,
     trainable_params,
@@ -50,12 +51,14 @@ def initialize(
     path in $ZEROSHARD_CONFIG, which `zeroshard run --config CFG` sets. Launched by torchrun
     without a process group, it starts the default one from the launcher's environment.
     `codec` and `placement` choose how and where every shard group keeps its state
-    (`zeroshard.shard`).
+    (`zeroshard.shard`); the config's `offload_optimizer` chooses host memory
+    (`zeroshard.shard.offload`).
     """
     guards.check_not_ddp(model)  # zeroshard replaces DDP: a wrapped model is an error
     start_process_group(model, process_group)  # under torchrun, never one rank alone
     cfg = resolve_config(model, config, process_group)
     params = trainable_params(model, model_parameters)
+    placement = placement_for(cfg, placement)  # offload_optimizer: master and state on the host
     if cfg.zero_optimization.stage == 3:
         optimizer = build_stage3(
             model, cfg, params, process_group, codec=codec, placement=placement

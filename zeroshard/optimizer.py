@@ -26,10 +26,12 @@ from zeroshard import guards, torch_clip
 from zeroshard.accounting import memory_report
 from zeroshard.comm.collectives import Comm
 from zeroshard.precision import LossScaler
+from zeroshard.quant8.codec import codec_for
 from zeroshard.shard.codec import FP32, StateCodec
 from zeroshard.shard.flat import FlatSharding
 from zeroshard.shard.group import ShardGroup
 from zeroshard.shard.layout import ParamLayout, ShardGroupLayout, ShardLayout, ShardState
+from zeroshard.shard.offload import HostOffload
 from zeroshard.shard.optimizer_state import load_optimizer_state_dict, optimizer_state_dict
 from zeroshard.shard.placement import ON_DEVICE, Placement
 from zeroshard.shard.sharding import Sharding
@@ -50,8 +52,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
     Args:
         params: parameters or param-group dicts, as for any torch optimizer. Parameters with
             `requires_grad=False` are left alone.
-        optimizer: "adamw", "adam", "sgd", "lion", or a `torch.optim.Optimizer` subclass
-            (run on this rank's flat shard; its state is sharded too).
+        optimizer: "adamw", "adam", "sgd", "lion", "adamw8bit" (AdamW with blockwise 8-bit
+            states: hyperparams block_size=256, min_8bit_size=4096), or a
+            `torch.optim.Optimizer` subclass (run on this rank's flat shard; its state is
+            sharded too).
         stage: 0 (replicated, DDP-like), 1 (optimizer state + fp32 master sharded) or 2
             (+ gradients reduce-scattered as backward runs); stage 3 comes from
             `zeroshard.initialize`, which passes its `sharding`.
@@ -103,6 +107,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 overlap_comm=overlap_comm, accumulation_steps=gradient_accumulation_steps,
                 bucket_numel=reduce_bucket_size, allgather_bucket_size=allgather_bucket_size,
             )  # fmt: skip
+        # "adamw8bit": block_size / min_8bit_size build its codec (quant8/codec.py)
+        codec, hyperparams = codec_for(optimizer, hyperparams, codec)
         self.rule, defaults, self._generic_cls = resolve_rule(optimizer, hyperparams)
         self.sharding = sharding
         self.stage = sharding.stage
@@ -300,6 +306,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """Live fp32 tensors of shard group i on this rank. Write into them to load, then call
         `sync_params_from_master()` (which also stores state a codec keeps in another form)."""
         g = self.shard_groups[i]
+        if g.coded:  # decoded only if read: checkpoints move the stored form as it is
+            return ShardState(list(g.master), g.lazy_state(), g.step, g.generic,
+                              g.piece_states, tuple(sorted(g.stored)))  # fmt: skip
         return ShardState(list(g.master), g.state(), g.step, g.generic)
 
     def set_step(self, i: int, step: int) -> None:
@@ -315,15 +324,23 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.sharding.gather_params()
 
     # -- accounting -----------------------------------------------------------------------
-    def memory_report(self) -> dict[str, int]:
-        """Bytes held on this rank: params, grads, master, optimizer_states, comm_buffers."""
+    def memory_report(self, memory: str = "all") -> dict[str, int]:
+        """Bytes held on this rank: params, grads, master, optimizer_states, comm_buffers,
+        `total`, and how much of it is `device` and `host` memory (offload). `memory` =
+        "device" or "host" reports only that memory, per category."""
+        held = self.sharding.held_tensors()
+        master = [m for g in self.shard_groups for m in g.master]
+        states = [t for g in self.shard_groups for t in g.stored_tensors()]
+        host = list(held.get("host", []))  # offloaded stage-3 parameter shards
+        staged: list[Tensor] = []
+        if isinstance(self.placement, HostOffload):  # master, state and staged gradients
+            host += [*master, *states]
+            staged = self.placement.staging_buffers()
         return memory_report(
-            {
-                **self.sharding.held_tensors(),
-                "master": [m for g in self.shard_groups for m in g.master],
-                "optimizer_states": [t for g in self.shard_groups for t in g.stored_tensors()],
-            }
-        )
+            {**held, "grads": [*held.get("grads", []), *staged], "master": master,
+             "optimizer_states": states},
+            host=[*host, *staged], memory=memory,
+        )  # fmt: skip
 
     def comm_report(self) -> dict[str, int]:
         """Bytes this rank sent during the last step, per collective, and `total`."""

@@ -20,6 +20,8 @@ from torch import nn
 from zeroshard.config.honoured import hidden_size_of
 from zeroshard.config.schema import ConfigError, ZeroConfig, load_config
 from zeroshard.guards import launched_world_size
+from zeroshard.shard.offload import HostOffload
+from zeroshard.shard.placement import ON_DEVICE, Placement
 
 ParamsArg = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | None
 
@@ -102,3 +104,17 @@ def group_index(params: list) -> dict[int, int]:
         for p in params:
             out.setdefault(id(p), 0)
     return out
+
+
+def placement_for(cfg: ZeroConfig, placement: Placement) -> Placement:
+    """The placement `zero_optimization.offload_optimizer` asks for, or the one passed in
+    (both at once is ambiguous: an error)."""
+    off = cfg.zero_optimization.offload_optimizer
+    if off is None:
+        return placement
+    if placement is not ON_DEVICE:
+        raise ValueError(
+            "zero_optimization.offload_optimizer is set and a placement was passed to "
+            "initialize(): give one or the other"
+        )
+    return HostOffload(pin_memory=off.pin_memory, threads=off.threads)

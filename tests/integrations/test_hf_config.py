@@ -55,10 +55,11 @@ def test_mismatch_is_reported_like_hf():
         "TrainingArguments.learning_rate = 0.0003" in msg  # fmt: skip
 
 
-def test_offload_to_cpu_is_kept_for_the_core_to_reject():
+def test_offload_to_cpu_is_kept_for_the_core():
     cfg = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
     out = resolve_hf_auto(cfg, _args(), hidden_size=32, num_training_steps=10)
     assert out["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+    assert load_config(out, world_size=2).zero_optimization.offload_optimizer.device == "cpu"
 
 
 def test_trainer_fills_every_setting_the_config_leaves_out():

@@ -1,5 +1,6 @@
 """ZeroShardTrainer vs transformers' Trainer + torch AdamW under DDP (2 gloo ranks, tiny
-GPT-2, accumulation 2, max_grad_norm 1.0 active), resume, stage-3 save, HF's templates."""
+GPT-2, accumulation 2, max_grad_norm 1.0 active), resume, stage-3 save, HF's templates
+(as HF's docs ship them, offload to cpu: the same losses as with the offload removed)."""
 
 import numpy as np
 
@@ -36,3 +37,11 @@ def test_trainer_matches_ddp_adamw_and_resumes(tmp_path):
             "stage": stage, "lr": 1e-3, "clip": 1.0, "batch": 16, "sched": "WarmupLR",
             "loss": [ddp["loss"][0]],
         }  # fmt: skip
+    for stage in (2, 3):
+        runs = r[f"offload{stage}"]
+        off, removed = runs["offload"], runs["removed"]
+        assert len(off["loss"]) == 4 and off["placement"] == "host"
+        assert removed["placement"] == "device" and removed["host_master"] == 0
+        assert off["loss"] == removed["loss"]  # exactly: the same arithmetic on the host
+        assert off["host_master"] > 0 and off["host_states"] == 2 * off["host_master"]
+        assert (off["host_params"] > 0) == (stage == 3)  # offload_param moves stage-3 shards

@@ -1,6 +1,7 @@
 """Run under torchrun (2 gloo ranks): HF Trainer + AdamW under DDP vs ZeroShardTrainer at
 stages 2 and 3 (accumulation 2, max_grad_norm 1.0), resume from checkpoint-10, stage-3
-save_model, and HF's ZeRO-2/3 templates. Rank 0 writes the results as JSON to argv[1]."""
+save_model, and HF's ZeRO-2/3 templates (with and without their offload sections). Rank 0
+writes the results as JSON to argv[1]."""
 
 import json
 import os
@@ -102,6 +103,24 @@ for stage in (2, 3):  # HF's own templates, "auto" everywhere: build and take 2 
         "clip": c.gradient_clipping, "batch": c.train_batch_size,
         "sched": type(t.lr_scheduler).__name__, "loss": history(t)["loss"],
     }
+for stage in (2, 3):  # HF's templates as its docs ship them (offload to cpu), and without
+    with open(os.path.join(DATA, f"hf_ds_config_zero{stage}_offload.json")) as f:
+        shipped = json.load(f)
+    runs = {}
+    for name in ("offload", "removed"):
+        cfg = json.loads(json.dumps(shipped))
+        if name == "removed":
+            for key in ("offload_optimizer", "offload_param"):
+                cfg["zero_optimization"].pop(key, None)
+        t = ZeroShardTrainer(model=model(), args=args(f"off{stage}{name}", max_steps=4,
+                                                      save_steps=100),
+                             train_dataset=Tokens(), zeroshard_config=cfg)
+        t.train()
+        mem = t.optimizer.memory_report("host")
+        runs[name] = {"loss": history(t)["loss"], "placement": t.optimizer.placement.name,
+                      "host_master": mem["master"], "host_states": mem["optimizer_states"],
+                      "host_params": mem["params"]}
+    results[f"offload{stage}"] = runs
 results["world"] = dist.get_world_size()
 if dist.get_rank() == 0:
     with open(OUT, "w") as f:

@@ -18,6 +18,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from math import prod
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 from zeroshard.checkpoint import async_save as background
 from zeroshard.checkpoint import commit, dist_util, manifest, verify
 from zeroshard.checkpoint import optimizer_view as L
-from zeroshard.checkpoint.save import _persistent_buffers, shard_slice
+from zeroshard.checkpoint.save import _persistent_buffers, shard_slice, state_codec
 from zeroshard.shard.optimizer_state import restore_optimizer
 from zeroshard.timing import progress
 
@@ -51,19 +52,23 @@ class _Index:
             for kind, name, start, numel in info["pieces"]:
                 self.pieces.setdefault((kind, name), []).append((start, numel, fname))
 
-    def reads(self, kind: str, saved_kind: str, name: str, start: int, dst: Tensor) -> list[Read]:
-        """Reads filling param `name`'s elements [start, start+numel(dst)) into `dst`."""
-        end = start + dst.numel()
+    def reads(self, kind: str, saved_kind: str, name: str, start: int, dst: Tensor,
+              per: int = 1) -> list[Read]:  # fmt: skip
+        """Reads filling param `name`'s elements [start, ...) into `dst`, which holds one
+        entry per `per` elements (8-bit absmax: one per block; pieces start on blocks)."""
+        first = start // per
+        end = first + dst.numel()
         out, covered = [], 0
         for s, n, fname in self.pieces.get((kind, name), []):
-            a, z = max(s, start), min(s + n, end)
+            lo, hi = s // per, -(-(s + n) // per)
+            a, z = max(lo, first), min(hi, end)
             if a < z:
-                out.append(Read(fname, manifest.key(saved_kind, name, s), a - s, z - s,
-                                dst[a - start : z - start]))  # fmt: skip
+                out.append(Read(fname, manifest.key(saved_kind, name, s), a - lo, z - lo,
+                                dst[a - first : z - first]))  # fmt: skip
                 covered += z - a
         if covered != dst.numel():
             raise ValueError(
-                f"parameter {name!r} elements [{start}, {end}): the checkpoint's {kind} pieces "
+                f"parameter {name!r} entries [{first}, {end}): the checkpoint's {kind} pieces "
                 f"cover {covered} of {dst.numel()} (files missing from the manifest?)"
             )
         return out
@@ -136,6 +141,10 @@ def _check_fit(body: dict[str, Any], model: nn.Module, opt: Any, folder: Path) -
             problems.append("the checkpoint has no optimizer state (saved without optimizer)")
         elif body["rule"] != opt.rule:
             problems.append(f"optimizer rule: checkpoint {body['rule']!r}, this run {opt.rule!r}")
+        if body.get("state_codec") != state_codec(opt):
+            problems.append(f"optimizer state codec: checkpoint {body.get('state_codec')}, this "
+                            f"run {state_codec(opt)} (None: fp32 states; states are not "
+                            "converted between codecs)")  # fmt: skip
         if len(body["param_groups"]) != len(opt.param_groups):
             problems.append(f"param groups: checkpoint {len(body['param_groups'])}, "
                             f"optimizer {len(opt.param_groups)}")  # fmt: skip
@@ -152,7 +161,7 @@ def plan_reads(body: dict[str, Any], model: nn.Module, opt: Any, rank: int) -> l
     if opt is not None:
         lay = L.layout(opt, model)
         states = [L.shard_state(opt, i) for i in range(len(lay.groups))]
-        names = sorted({k for s in states for k in s.state})
+        names = sorted({k for s in states for k in s.state_names()})
         if states and names != sorted(body["state_names"]) and any(s.step for s in states):
             raise ValueError(f"optimizer states: checkpoint {body['state_names']}, this run "
                              f"{names}")  # fmt: skip
@@ -161,6 +170,10 @@ def plan_reads(body: dict[str, Any], model: nn.Module, opt: Any, rank: int) -> l
             st = states[p.shard_group]
             dst = shard_slice(st.master, pc.shard_offset, pc.numel)
             reads += index.reads("master", "master", p.name, pc.start, dst)
+            if st.pieces is not None:  # a codec's stored form: moved as it is
+                for sname, (dst, per) in sorted(st.pieces(pc.shard_offset, pc.numel).items()):
+                    reads += index.reads("master", f"state.{sname}", p.name, pc.start, dst, per)
+                continue
             for sname, ts in st.state.items():
                 dst = shard_slice(ts, pc.shard_offset, pc.numel)
                 reads += index.reads("master", f"state.{sname}", p.name, pc.start, dst)
@@ -220,9 +233,20 @@ def _check_header(path: Path, head: dict[str, Any], body: dict[str, Any], info: 
     for k, t in head.items():
         shape, dt = allowed[k]
         dt_ok = dt is None or verify.DTYPE_NAMES[t["dtype"]] == manifest.dtype_of(dt)
-        if t["shape"] != shape or not dt_ok:
+        # a codec's stored state (8-bit codes, per-block absmax) has at most one entry per
+        # element of its piece; fp32 states and everything else match the piece exactly
+        state = k.startswith("state.") and len(t["shape"]) == 1 and t["shape"][0] <= shape[0]
+        if (t["shape"] != shape and not state) or not dt_ok:
             raise ValueError(f"{path}: tensor {k!r} is {t['dtype']} {t['shape']}, the manifest "
                              f"says {dt or 'float'} {shape}")  # fmt: skip
+    for r in reads:  # every slice the apply step takes lies inside its tensor
+        shape = head[r.key]["shape"]
+        n = prod(shape)
+        fits = (n == r.dst.numel() if r.lo < 0 else
+                len(shape) == 1 and 0 <= r.lo <= r.hi <= n and r.hi - r.lo == r.dst.numel())
+        if not fits:
+            raise ValueError(f"{path}: tensor {r.key!r} of shape {shape} cannot fill the "
+                             f"{r.dst.numel()} elements this rank reads from it")  # fmt: skip
 
 
 class _Undo:

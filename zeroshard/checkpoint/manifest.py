@@ -138,6 +138,7 @@ class Body(_Strict):
     param_groups: list[dict[StrictStr, Any]]
     steps: dict[Annotated[StrictStr, Field(pattern=r"^[0-9]{1,9}$")], NonNeg]
     state_names: list[Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_]{1,64}$")]]
+    state_codec: Optional[dict[StrictStr, Any]] = None  # how states are stored (None: fp32)
     loss_scaler: Optional[dict[StrictStr, Any]]
     lr_scheduler: Optional[dict[StrictStr, Any]]
     client_state: Any

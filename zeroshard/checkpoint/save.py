@@ -56,6 +56,20 @@ def shard_slice(tensors: list[Tensor], offset: int, numel: int) -> Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])[offset : offset + numel]
 
 
+def _state_pieces(st: L.ShardState, offset: int, numel: int) -> list[tuple[str, Tensor]]:
+    """(state name, 1-D tensor) of one parameter piece: the codec's stored form (8-bit codes
+    and absmax, saved as they are) when it keeps one, else the fp32 state."""
+    if st.pieces is not None:
+        return [(k, t) for k, (t, _) in sorted(st.pieces(offset, numel).items())]
+    return [(k, shard_slice(st.state[k], offset, numel)) for k in sorted(st.state)]
+
+
+def state_codec(opt: Any) -> dict[str, Any] | None:
+    """How the optimizer stores its state, as the manifest records it (None: fp32)."""
+    config = getattr(getattr(opt, "codec", None), "config", None)
+    return config() if config is not None else None
+
+
 def _hyper(group: dict[str, Any]) -> dict[str, Any]:
     return manifest.to_json({k: v for k, v in group.items() if k != "params"}, "param_groups")
 
@@ -71,7 +85,7 @@ def build_plan(model: nn.Module, opt: Any, client_state: Any) -> Plan:
         states = [L.shard_state(opt, i) for i in range(len(lay.groups))]
         for g in lay.groups:
             steps[str(g.group)] = max(steps.get(str(g.group), 0), states[g.index].step)
-        state_names = sorted({k for s in states for k in s.state})
+        state_names = sorted({k for s in states for k in s.state_names()})
         covered = {p.name for p in lay.params if p.name is not None}
         if lay.stage > 0 or rank == 0:  # stage 0: replicated, rank 0 writes
             for p, pc in lay.local_pieces():
@@ -79,10 +93,9 @@ def build_plan(model: nn.Module, opt: Any, client_state: Any) -> Plan:
                 src = shard_slice(st.master, pc.shard_offset, pc.numel)
                 plan.entries.append(Entry(manifest.key("master", p.name, pc.start),
                                           (pc.numel,), src.dtype, src))  # fmt: skip
-                for sname in sorted(st.state):
-                    t = shard_slice(st.state[sname], pc.shard_offset, pc.numel)
+                for sname, t in _state_pieces(st, pc.shard_offset, pc.numel):
                     plan.entries.append(Entry(manifest.key(f"state.{sname}", p.name, pc.start),
-                                              (pc.numel,), t.dtype, t))  # fmt: skip
+                                              (t.numel(),), t.dtype, t))  # fmt: skip
                 plan.pieces.append(["master", p.name, pc.start, pc.numel])
     params = []
     for mp in L.model_pieces(model, rank):
@@ -108,7 +121,7 @@ def build_plan(model: nn.Module, opt: Any, client_state: Any) -> Plan:
         "format": manifest.FORMAT, "version": manifest.VERSION, "world_size": world,
         "stage": getattr(opt, "stage", L.stage_of(model)), "rule": getattr(opt, "rule", None),
         "params": params, "buffers": buffers, "param_groups": groups, "steps": steps,
-        "state_names": state_names,
+        "state_names": state_names, "state_codec": state_codec(opt),
         "loss_scaler": manifest.to_json(scaler.state_dict(), "loss_scaler") if scaler else None,
         "lr_scheduler": manifest.to_json(sched.state_dict(), "lr_scheduler") if sched else None,
         "client_state": manifest.to_json(client_state or {}, "client_state"),

@@ -22,9 +22,11 @@ EPILOG = """examples:
   zeroshard estimate --hf-config path/to/config.json --nodes 2 --gpus-per-node 8 \\
       --precision bf16 --config configs/zero3_bf16.json --device-memory 80GB
   zeroshard estimate --model mypkg.models:build_model --world-size 4 --json
+  zeroshard estimate --params 7e9 --world-size 8 --precision bf16 --optimizer adamw8bit
 
 Bytes are decimal (1 GB = 1e9 B). "model states" are what the optimizer holds between steps
 (params, grads, fp32 master, optimizer states; communication buffers are 0 between steps);
+with offload in the config, a `host` column says how much of it lives in host memory;
 stage 3 adds the full parameters gathered at the peak of forward/backward. That peak and the
 bytes sent come from running the stage-3 engine on the meta device over an example input:
 for --hf-config, 8 token ids; for --model, what --example-input (or a callable named
@@ -54,7 +56,7 @@ def add_parser(sub: Any, name: str) -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-node", type=int, help="ranks per node")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
                    help="default: the config's, else fp32")
-    p.add_argument("--optimizer", choices=("adamw", "adam", "sgd", "lion"),
+    p.add_argument("--optimizer", choices=("adamw", "adam", "sgd", "lion", "adamw8bit"),
                    help="default: the config's, else adamw")
     p.add_argument("--config", help="config for bucket/prefetch/persistence sizes")
     p.add_argument("--stage", type=int, action="append", choices=(0, 1, 2, 3),
@@ -133,6 +135,22 @@ def build_model(args: argparse.Namespace) -> tuple[nn.Module, Any]:
                        f"{make_input.__qualname__}) failed: {type(e).__name__}: {e}") from None
 
 
+def _fp32_adamw(args: argparse.Namespace, model: nn.Module, world: int, memory: int | None,
+                example: Any) -> list[Any]:  # fmt: skip
+    """The estimate with fp32 AdamW states when the run uses 8-bit ones, else []."""
+    from zeroshard.estimate.model_states import estimate, zero_config
+
+    rule = args.optimizer or zero_config(args.config, stage=0, world_size=world,
+                                         precision=args.precision).optimizer_spec()[0]
+    if rule != "adamw8bit":
+        return []
+    return estimate(
+        model, world_size=world, config=args.config, precision=args.precision,
+        optimizer="adamw", stages=tuple(sorted(set(args.stage or (0, 1, 2, 3)))),
+        device_memory=memory, example_input=example,
+    )  # fmt: skip
+
+
 def handle(args: argparse.Namespace) -> int:
     from zeroshard.config.schema import ConfigError
     from zeroshard.estimate.model_states import as_dict, estimate
@@ -147,28 +165,44 @@ def handle(args: argparse.Namespace) -> int:
             optimizer=args.optimizer, stages=tuple(sorted(set(args.stage or (0, 1, 2, 3)))),
             device_memory=memory, example_input=example,
         )  # fmt: skip
+        # 8-bit states: the same run with fp32 AdamW states, to show what they save
+        base = _fp32_adamw(args, model, world, memory, example)
     except ConfigError as e:
         raise CliError(str(e)) from None
     if args.json:
-        for e in ests:
+        for e in ests + base:
             e.per_rank = []  # the worst rank is in `bytes`
-        print(json.dumps({"world_size": world, "trainable_params": numel,
-                          "device_memory": memory, "stages": as_dict(ests)}, indent=2))
+        body = {"world_size": world, "trainable_params": numel, "device_memory": memory,
+                "stages": as_dict(ests)}  # fmt: skip
+        if base:
+            body["fp32_adamw_stages"] = as_dict(base)
+        print(json.dumps(body, indent=2))
         return 0
     print(f"{numel:,} trainable parameters on {world} rank(s); bytes per rank (worst rank):")
-    head = ["stage", *CATS, "gathered peak", "total", "sent/step"]
+    offload = any(e.bytes["host"] for e in ests)  # then the device and host columns differ
+    totals = ["device total", "host"] if offload else ["total"]
+    head = ["stage", *CATS, "gathered peak", *totals, "sent/step"]
     if memory is not None:
         head.append(f"fits {human(memory)}")
     rows = [head]
     for e in ests:
+        host = [human(e.bytes["host"])] if offload else []
         row = [str(e.stage), *(human(e.bytes[c]) for c in CATS), human(e.gathered_peak),
-               human(e.peak_total), human(e.comm_bytes)]  # fmt: skip
+               human(e.peak_total), *host, human(e.comm_bytes)]  # fmt: skip
         if memory is not None:
             row.append("yes" if e.fits else "no")
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     for r in rows:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+    for e, b in zip(ests, base):
+        saved = b.peak_total - e.peak_total
+        print(f"stage {e.stage}: 8-bit states {human(e.bytes['optimizer_states'])} vs fp32 "
+              f"AdamW {human(b.bytes['optimizer_states'])}; total {human(e.peak_total)} vs "
+              f"{human(b.peak_total)} ({human(saved)} less per rank)")
+    if offload:
+        print("offload: each category counts device and host bytes; `device total` is what "
+              "stays on the device (with the gathered peak), `host` what moved to host memory")
     if args.params is not None and any(e.stage == 3 for e in ests):
         print("stage 3 gathered peak needs the model's layers: use --hf-config or --model")
     elif any(e.schedule not in (None, "traced") for e in ests):

@@ -89,8 +89,6 @@ DEEPSPEED_UNSUPPORTED: dict[str, frozenset[str]] = {
     ),
     "zero_optimization": frozenset(
         {
-            "offload_optimizer",
-            "offload_param",
             "zero_hpz_partition_size",
             "zero_quantized_weights",
             "zero_quantized_nontrainable_weights",
@@ -129,6 +127,14 @@ DEEPSPEED_UNSUPPORTED: dict[str, frozenset[str]] = {
             "bf16_master_weights_and_grads",
             "bf16_optimizer_states",
         }
+    ),
+    # NVMe and pipelining knobs of DeepSpeed's offload (only host offload is built)
+    "zero_optimization.offload_optimizer": frozenset(
+        {"nvme_path", "buffer_count", "pipeline", "pipeline_read", "pipeline_write",
+         "fast_init", "ratio"}
+    ),
+    "zero_optimization.offload_param": frozenset(
+        {"nvme_path", "buffer_count", "buffer_size", "max_in_cpu"}
     ),
     "optimizer": frozenset({"legacy_fusion"}),
     "optimizer.params": frozenset({"bias_correction", "set_grad_none", "fused", "foreach"}),

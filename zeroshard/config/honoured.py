@@ -2,7 +2,8 @@
 
 - ZeRO keys zeroshard cannot honour as DeepSpeed defines them are rejected by name (nothing is
   accepted and silently ignored), and DeepSpeed's / HF's "no offload" (`{"device": "none"}`)
-  is accepted as what it says;
+  is accepted as what it says; offload to the host is checked against the stage, and NVMe is
+  refused by name;
 - `"auto"`: which keys may hold it, what each becomes and where from (the model's hidden
   size, or the Trainer's arguments as in HF's DeepSpeed integration). The config's
   `resolve_auto`, `zeroshard check-config` and the HF integration all read these tables;
@@ -41,7 +42,7 @@ _OFFLOAD_FIELDS = {
                       "pin_memory"),
     "offload_optimizer": ("device", "nvme_path", "buffer_count", "pin_memory", "pipeline_read",
                           "pipeline_write", "fast_init", "ratio", "super_offload",
-                          "cpuadam_cores_perc"),
+                          "cpuadam_cores_perc", "threads"),
 }  # fmt: skip
 
 
@@ -62,7 +63,24 @@ def drop_no_offload(data: Any) -> Any:
                     raise ValueError(f"`zero_optimization.{key}.{k}` is an unknown key{hint}; "
                                      f"allowed keys in `zero_optimization.{key}`: "
                                      f"{', '.join(allowed)}")  # fmt: skip
-            del data[key]  # any other value is rejected by name as an unsupported option
+            del data[key]  # "cpu" offloads; anything else fails validation with the key path
+    return data
+
+
+def check_offload_device(key: str, data: Any) -> Any:
+    """Before an offload section is read: its device is "cpu" ("none" was dropped already);
+    NVMe is named, whatever other keys came with it."""
+    device = data.get("device") if isinstance(data, Mapping) else None
+    if device == "nvme":
+        raise ValueError(
+            f'`zero_optimization.{key}.device` = "nvme" is not supported by zeroshard yet '
+            '(offload to NVMe is not built); use "cpu", or "none" for no offload'
+        )
+    if isinstance(data, Mapping) and "device" in data and device != "cpu":
+        raise ValueError(
+            f"`zero_optimization.{key}.device` = {json.dumps(device)}: must be "
+            '"cpu" (host memory) or "none" (no offload)'
+        )
     return data
 
 
@@ -76,9 +94,32 @@ def check_honoured(zo: Any) -> Any:
                 f"`zero_optimization.{key}` = {json.dumps(bad)} is not supported: {why}; "
                 "remove the key or set it to true"
             )
+    problems += _offload_problems(zo)
     if problems:
         raise ValueError("; ".join(problems))
     return zo
+
+
+def _offload_problems(zo: Any) -> list[str]:
+    """Offload to the host at the stages it is built for; NVMe is refused by name."""
+    out = []
+    if zo.offload_optimizer is not None and zo.stage == 0:
+        out.append(
+            "`zero_optimization.offload_optimizer` needs stage 1, 2 or 3 (stage is 0: "
+            "nothing is sharded); raise the stage or remove the key"
+        )
+    if zo.offload_param is not None:
+        if zo.stage != 3:
+            out.append(
+                f"`zero_optimization.offload_param` is a stage-3 option (stage is {zo.stage}): "
+                "only stage 3 partitions parameters; remove the key or use stage 3"
+            )
+        elif zo.offload_optimizer is None:
+            out.append(
+                "`zero_optimization.offload_param` needs `zero_optimization.offload_optimizer` "
+                '= {"device": "cpu"} too: the update runs where the parameter shards live'
+            )
+    return out
 
 
 def stage3_bucket_numel(zo: Any) -> int:

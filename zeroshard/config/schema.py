@@ -37,6 +37,8 @@ from zeroshard.config.sections import (
     MAX_BATCH,
     AdamOptimizer,
     AdamParams,
+    AdamW8bitOptimizer,
+    AdamW8bitParams,
     AdamWOptimizer,
     AdamWParams,
     Auto,
@@ -45,6 +47,8 @@ from zeroshard.config.sections import (
     FP16Config,
     LionOptimizer,
     LionParams,
+    OffloadOptimizerConfig,
+    OffloadParamConfig,
     OptimizerConfig,
     PositiveInt,
     SchedulerConfig,
@@ -70,6 +74,8 @@ __all__ = [
     "FP16Config",
     "LionOptimizer",
     "LionParams",
+    "AdamW8bitOptimizer",
+    "AdamW8bitParams",
     "OptimizerConfig",
     "SGDOptimizer",
     "SGDParams",
@@ -250,6 +256,12 @@ class ZeroConfig(_Section):
                 "weight_decay": p.weight_decay,
                 "maximize": False,
             }
+        if isinstance(p, AdamW8bitParams):
+            return "adamw8bit", {
+                "lr": p.lr, "betas": tuple(p.betas), "eps": p.eps,
+                "weight_decay": p.weight_decay, "block_size": p.block_size,
+                "min_8bit_size": p.min_8bit_size,
+            }  # fmt: skip
         assert isinstance(p, LionParams)
         return "lion", {"lr": p.lr, "betas": tuple(p.betas), "weight_decay": p.weight_decay}
 
@@ -290,6 +302,9 @@ def _section_keys() -> tuple[dict[tuple, list[str]], dict[str, frozenset[str]]]:
             else (FP16Config if name == "fp16" else BF16Config)
         )
         allowed[(name,)] = keys(model)
+    for name, model in (("offload_optimizer", OffloadOptimizerConfig),
+                        ("offload_param", OffloadParamConfig)):  # fmt: skip
+        allowed[("zero_optimization", name)] = keys(model)
     for section, table in (("optimizer", _OPTIMIZERS), ("scheduler", _SCHEDULERS)):
         for tag, model in table.items():
             allowed[(section, tag)] = keys(model)

@@ -179,6 +179,25 @@ class LionParams(_Section):
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
 
 
+class AdamW8bitParams(_Section):
+    """AdamW with blockwise 8-bit states (docs/adamw8bit.md): AdamW's hyperparameters plus
+    the block size and the global element count below which a parameter keeps fp32 states."""
+
+    lr: LR = 1e-3
+    betas: Betas = (0.9, 0.999)
+    eps: Annotated[float, Field(gt=0.0)] = 1e-8
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
+    block_size: Annotated[int, Field(ge=16, le=4096)] = 256
+    min_8bit_size: Annotated[int, Field(ge=1)] = 4096
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(f"block_size must be a power of two, got {value}")
+        return value
+
+
 class _OptimizerBase(_Section):
     @field_validator("type", mode="before", check_fields=False)
     @classmethod
@@ -206,11 +225,17 @@ class LionOptimizer(_OptimizerBase):
     params: LionParams = Field(default_factory=LionParams)
 
 
+class AdamW8bitOptimizer(_OptimizerBase):
+    type: Literal["AdamW8bit"]
+    params: AdamW8bitParams = Field(default_factory=AdamW8bitParams)
+
+
 _OPTIMIZERS: dict[str, type[_OptimizerBase]] = {
     "AdamW": AdamWOptimizer,
     "Adam": AdamOptimizer,
     "SGD": SGDOptimizer,
     "Lion": LionOptimizer,
+    "AdamW8bit": AdamW8bitOptimizer,
 }
 _OPTIMIZER_NAMES = {name.lower(): name for name in _OPTIMIZERS}
 
@@ -227,7 +252,7 @@ OptimizerConfig = Annotated[
         lambda v: _tag(v, _OPTIMIZER_NAMES),
         custom_error_type="optimizer_type",
         custom_error_message=(
-            "must be one of AdamW, Adam, SGD, Lion (case-insensitive); "
+            "must be one of AdamW, Adam, SGD, Lion, AdamW8bit (case-insensitive); "
             "other DeepSpeed optimizers (Lamb, OneBitAdam, ...) are not supported by zeroshard yet"
         ),
     ),
@@ -341,6 +366,30 @@ Elements = Annotated[int, Field(ge=1, le=MAX_ELEMENTS)]
 Elements0 = Annotated[int, Field(ge=0, le=MAX_ELEMENTS)]
 
 
+class _Offload(_Section):
+    _key: ClassVar[str] = ""
+    device: Literal["cpu"]
+    pin_memory: bool = False
+
+    _devices = model_validator(mode="before")(
+        lambda cls, data: honoured.check_offload_device(cls._key, data)
+    )
+
+
+class OffloadOptimizerConfig(_Offload):
+    """`zero_optimization.offload_optimizer`: fp32 master and optimizer state in host memory,
+    the update on the host. `threads` (zeroshard's) sizes torch's CPU thread pool for it."""
+
+    _key: ClassVar[str] = "offload_optimizer"
+    threads: Optional[PositiveInt] = None
+
+
+class OffloadParamConfig(_Offload):
+    """`zero_optimization.offload_param` (stage 3): parameter shards in host memory."""
+
+    _key: ClassVar[str] = "offload_param"
+
+
 class ZeroOptimizationConfig(_Section):
     """DeepSpeed's `zero_optimization` section. Sizes are element counts, as in DeepSpeed."""
 
@@ -367,6 +416,8 @@ class ZeroOptimizationConfig(_Section):
     stage3_max_reuse_distance: Elements0 = 1_000_000_000
     stage3_gather_16bit_weights_on_model_save: bool = False
     load_from_fp32_weights: bool = True
+    offload_optimizer: Optional[OffloadOptimizerConfig] = None
+    offload_param: Optional[OffloadParamConfig] = None
 
     # every key honoured as DeepSpeed defines it, or rejected by name: never silently ignored
     _no_offload = model_validator(mode="before")(honoured.drop_no_offload)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -31,7 +32,8 @@ from torch import Tensor, nn
 from zeroshard.comm.meta import MetaComm
 from zeroshard.config.honoured import hidden_size_of
 from zeroshard.config.schema import ConfigError, ZeroConfig, load_config
-from zeroshard.estimate.stage3 import stage3
+from zeroshard.estimate.offload import with_offload
+from zeroshard.estimate.stage3 import stage3, state_codec
 from zeroshard.shard.codec import FP32, StateCodec
 from zeroshard.shard.flat import FlatSharding
 from zeroshard.shard.placement import ON_DEVICE
@@ -43,6 +45,7 @@ _OPTIMIZER_SECTIONS = {
     "adam": {"type": "Adam", "params": {"adam_w_mode": False}},
     "sgd": {"type": "SGD", "params": {"momentum": 0.9}},
     "lion": {"type": "Lion", "params": {}},
+    "adamw8bit": {"type": "AdamW8bit", "params": {}},
 }
 
 
@@ -52,9 +55,11 @@ class StageEstimate:
     gathered peak, and bytes it sends per step."""
 
     stage: int
-    bytes: dict[str, int]  # CATEGORIES + "total" (model states + comm buffers between steps)
+    # CATEGORIES + "total" (model states + comm buffers between steps), and how much of the
+    # total is "device" and "host" memory (offload), as `memory_report()` reports them
+    bytes: dict[str, int]
     gathered_peak: int | None  # stage 3: full parameters alive at the peak (forward/backward)
-    peak_total: int  # total + gathered_peak
+    peak_total: int  # device bytes + gathered_peak: what the device must hold
     comm_bytes: int  # bytes this rank sends per step
     per_rank: list[dict[str, int]] = field(default_factory=list)
     fits: bool | None = None
@@ -89,7 +94,12 @@ def zero_config(
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu",
                 "gradient_accumulation_steps"):  # fmt: skip
         raw.pop(key, None)
-    raw["zero_optimization"] = {**raw.get("zero_optimization", {}), "stage": stage}
+    zo = raw["zero_optimization"] = {**raw.get("zero_optimization", {}), "stage": stage}
+    # an offload the stage does not have (stage 0: nothing sharded; params below 3) is left out
+    if stage == 0:
+        zo.pop("offload_optimizer", None)
+    if stage < 3:
+        zo.pop("offload_param", None)
     if precision is not None:
         raw.pop("bfloat16", None)
         for name in ("bf16", "fp16"):
@@ -137,6 +147,7 @@ def _stage012(
         bucket_numel=zo.reduce_bucket_size, allgather_bucket_size=zo.allgather_bucket_size,
     )  # fmt: skip
     rule, hp = cfg.optimizer_spec()
+    codec = state_codec(cfg) or codec  # a rule that stores its state per piece (AdamW8bit)
     built = []
     seen: set[int] = set()
     for gi, params in enumerate(groups):
@@ -152,6 +163,15 @@ def _stage012(
     out["grads"] = sum(_nbytes(t) for t in held["grads"])
     out["master"] = sum(_nbytes(g.master_buffer) for g in built if g.master_buffer is not None)
     out["optimizer_states"] = sum(_nbytes(t) for g in built for t in g.stored_tensors())
+    piece_bytes = getattr(codec, "piece_bytes", None)
+    if piece_bytes is not None:  # per-piece state differs between ranks: the worst one
+        per_rank = [0] * max(1, sharding.flats[0].num_shards if sharding.flats else 1)
+        for g in built:
+            for h in g.held_params():
+                for q in h.pieces:
+                    per_rank[q.rank] += piece_bytes(math.prod(h.shape), q.numel)
+        out["optimizer_states"] = max(per_rank)
+    master_numel = sum(m.numel() for g in built for m in g.master)
     # per step: stage 0 all-reduces every gradient buffer; stages 1-2 reduce-scatter it and
     # all-gather the updated parameters, plus the global grad-norm / inf check all-reduce
     comm.counter.snapshot()
@@ -163,7 +183,7 @@ def _stage012(
             comm.all_gather(flat.flat, flat.flat)
     if zo.stage > 0:
         comm.all_reduce(torch.empty(2, dtype=torch.float64, device="meta"))
-    return out, comm.counter.snapshot()["total"]
+    return with_offload(out, cfg, master_numel, 0), comm.counter.snapshot()["total"]
 
 
 def _full_grads(sharding: FlatSharding, grads: list[Tensor]) -> list[Tensor]:
@@ -236,9 +256,11 @@ def estimate(
             per_rank, comm, schedule = s3.per_rank, s3.comm, s3.schedule
             peak = s3.peak if structured else None
         for r in per_rank:
+            host = r.pop("host")
             r["total"] = sum(r[c] for c in CATEGORIES)
+            r["device"], r["host"] = r["total"] - host, host
         worst = max(per_rank, key=lambda r: r["total"])
-        total = worst["total"] + (peak or 0)
+        total = worst["device"] + (peak or 0)
         fits = None if device_memory is None else total <= device_memory
         out.append(StageEstimate(stage, dict(worst), peak, total, comm, per_rank, fits, schedule))
     return out

@@ -25,7 +25,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from zeroshard.comm.meta import MetaComm
 from zeroshard.config.schema import ZeroConfig
+from zeroshard.estimate.offload import with_offload
 from zeroshard.estimate.replay import replay
+from zeroshard.quant8.codec import codec_for
 from zeroshard.shard.codec import FP32, StateCodec
 from zeroshard.stage3 import registry
 from zeroshard.stage3.build import make_engine, make_units
@@ -50,6 +52,24 @@ def state_tensors(cfg: ZeroConfig) -> int:
     """fp32 state tensors per master element for the configured rule."""
     rule, hp = cfg.optimizer_spec()
     return len(update.init_state(rule, hp, [torch.empty(1, device="meta")]))
+
+
+def state_codec(cfg: ZeroConfig) -> Any:
+    """The configured rule's state codec when it stores state per parameter piece (AdamW8bit:
+    `piece_bytes`), else None (fp32 states: `state_tensors` per master element)."""
+    rule, hp = cfg.optimizer_spec()
+    codec, _ = codec_for(rule, hp, FP32)
+    return codec if hasattr(codec, "piece_bytes") else None
+
+
+def _unit_state_bytes(u: Any, codec: Any) -> int:
+    """Bytes of `codec`'s state for this rank's pieces of `u`'s trainable parameters."""
+    total = 0
+    for s in u.slots:
+        if s.param.requires_grad:
+            for _, a, z in u.chunk_overlaps(s.offset, s.offset + s.numel):
+                total += codec.piece_bytes(s.numel, z - a)
+    return total
 
 
 def _unit_pieces(u: Any) -> int:
@@ -132,6 +152,7 @@ def stage3(
     3Ψ per step."""
     elem, red = ELEM[cfg.compute_dtype], ELEM[cfg.reduce_dtype]
     states = state_tensors(cfg)
+    piece_codec = state_codec(cfg)  # AdamW8bit: state per parameter piece
     shapes = {id(p): (p.shape, p.dtype) for p in model.parameters()}
     per_rank = []
     units: list[Any] = []
@@ -140,15 +161,18 @@ def stage3(
         if rank != ranks[0]:
             _forget_units(model, shapes)
         comm = MetaComm(world, rank)
-        units = make_units(model, comm, cfg, tracker, group_of)
+        units = make_units(model, comm, cfg, tracker, group_of, piece_codec or codec)
         pieces = sum(_unit_pieces(u) for u in units if u.trainable)
-        per_rank.append({
+        shards = sum(u.shard_numel * elem for u in units if not u.persistent)
+        state = states * codec.stored_bytes(pieces) if piece_codec is None else sum(
+            _unit_state_bytes(u, piece_codec) for u in units if u.trainable)
+        per_rank.append(with_offload({
             "params": sum(u.full_bytes if u.persistent else u.shard_numel * elem for u in units),
             "grads": sum(u.shard_numel * red for u in units if u.trainable),
             "master": 0 if elem == 4 else pieces * 4,
-            "optimizer_states": states * codec.stored_bytes(pieces),
+            "optimizer_states": state,
             "comm_buffers": 0,
-        })  # fmt: skip
+        }, cfg, pieces, shards))  # fmt: skip
     ring = (world - 1) / world
     persistent = sum(u.numel for u in units if u.trainable and u.persistent)
     # the step's own: persistent units all-gathered after the update, the grad-norm all-reduce

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from zeroshard import guards
 from zeroshard.comm.collectives import Comm, wait_all
-from zeroshard.shard.codec import StateCodec
+from zeroshard.shard.codec import StateCodec, alignment_of
 from zeroshard.shard.flat_buffer import FlatParams
 from zeroshard.shard.grad_reducer import GradReducer
 from zeroshard.shard.group import HeldParam, ShardGroup
@@ -50,7 +50,7 @@ class FlatSharding:
         sharded = self.grads.sharded  # stage 0 replicates: one shard, every rank owns it all
         num_shards, shard = (self.comm.world_size, self.comm.rank) if sharded else (1, 0)
         for dtype, members in by_dtype.items():
-            flat = FlatParams(members, num_shards, shard, self.bucket_numel)
+            flat = FlatParams(members, num_shards, shard, self.bucket_numel, alignment_of(codec))
             guards.broadcast_from_rank0(self.comm, [flat.flat])  # every rank starts as rank 0
             fi = len(self.flats)
             self.flats.append(flat)
@@ -60,7 +60,7 @@ class FlatSharding:
                 grads=lambda fi=fi: self.grads.grad_pieces(fi),
                 describe=lambda flat=flat: _describe(flat),
                 shard_numel=flat.shard_numel, num_shards=flat.num_shards,
-                codec=codec, placement=placement,
+                codec=codec, placement=placement, shard_index=shard,
             )  # fmt: skip
             self._groups.append(group)
             out.append(group)

@@ -16,6 +16,7 @@ With one shard (stage 0) the layout is the same, and each rank "owns" every buck
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,11 +46,13 @@ class FlatParams:
         num_shards: ranks the buffer is split across (1 for replicated stage 0).
         shard: this rank's index among them.
         bucket_numel: largest bucket, in elements (DeepSpeed's `reduce_bucket_size`).
+        align: a state codec's per-parameter alignment (`layout.plan_buckets`), or None.
     """
 
     def __init__(
-        self, params: list[nn.Parameter], num_shards: int, shard: int, bucket_numel: int
-    ) -> None:
+        self, params: list[nn.Parameter], num_shards: int, shard: int, bucket_numel: int,
+        align: Callable[[int], int] | None = None,
+    ) -> None:  # fmt: skip
         if not params:
             raise ValueError("FlatParams needs at least one parameter")
         dtypes = {p.dtype for p in params}
@@ -62,7 +65,9 @@ class FlatParams:
         self.device = params[0].device
         self.num_shards = num_shards
         self.shard = shard
-        self.plan: BucketPlan = plan_buckets([p.numel() for p in params], num_shards, bucket_numel)
+        self.plan: BucketPlan = plan_buckets(
+            [p.numel() for p in params], num_shards, bucket_numel, align
+        )
         self.slots = [Slot(params[s.index], s.index, s.offset, s.numel, s.bucket)
                       for s in self.plan.slots]  # fmt: skip
         self.buckets = list(self.plan.buckets)

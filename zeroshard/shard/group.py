@@ -16,14 +16,16 @@ the estimator and the guards read a group only through the public members below.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import bisect
+import math
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from zeroshard.shard.codec import FP32, StateCodec, States
+from zeroshard.shard.codec import FP32, Segment, StateCodec, States
 from zeroshard.shard.layout import Piece
 from zeroshard.shard.placement import ON_DEVICE, Placement
 from zeroshard.update import apply as update
@@ -54,13 +56,14 @@ class ShardGroup:
         num_shards: int,
         codec: StateCodec = FP32,
         placement: Placement = ON_DEVICE,
+        shard_index: int = 0,
     ) -> None:
         self.group = group  # the optimizer param group it belongs to
         self.dtype = dtype  # the parameters' dtype
         self.shard = shard
         self.shard_numel = shard_numel  # elements of this rank's shard, padding included
         self.num_shards = num_shards  # 1 when replicated (stage 0)
-        self.codec = codec
+        self.shard_index = shard_index  # which rank's pieces of `held_params()` are ours
         self.placement = placement
         self.step = 0
         self.generic: torch.optim.Optimizer | None = None
@@ -78,6 +81,20 @@ class ShardGroup:
             self.master = list(self.master_buffer.split([t.numel() for t in shard]))
             self.model_copies = list(shard)
             self.refresh_master()
+        align = getattr(codec, "alignment", None)
+        if align is not None:  # every rank checks every rank's pieces: all raise or none
+            for h in self.held_params():
+                a = align(math.prod(h.shape))
+                bad = [q.start for q in h.pieces if q.start % a]
+                if bad:
+                    raise ValueError(
+                        f"a parameter of shape {h.shape} has pieces starting at elements "
+                        f"{bad[:3]}, not multiples of {a}, as the {codec.name!r} state codec "
+                        "needs: its layout was not planned with the codec (zeroshard.Init "
+                        "given another optimizer config? give it the same config)"
+                    )  # fmt: skip
+        bind = getattr(codec, "bind", None)  # a codec that needs to know the parameters
+        self.codec: StateCodec = bind(self.segments(), self.master) if bind else codec
 
     # -- state ----------------------------------------------------------------------------
     def init_state(
@@ -110,6 +127,34 @@ class ShardGroup:
             self._decoded = None
         self.write_params()
 
+    def piece_states(self, shard_offset: int, numel: int) -> dict[str, tuple[Tensor, int]]:
+        """The stored state of one parameter piece (elements [shard_offset, +numel) of the
+        shard) as (1-D view, parameter elements per entry), by stored-state name."""
+        own = getattr(self.codec, "piece_states", None)
+        if own is not None:
+            if self._decoded is not None:  # fp32 state written through `state()`: store it
+                self.codec.encode(self._decoded, self.stored)
+                self._decoded = None
+            return own(self.stored, shard_offset, numel)
+        out = {}
+        for name, ts in self.state().items():
+            pos = 0
+            for t in ts:
+                if pos <= shard_offset and shard_offset + numel <= pos + t.numel():
+                    out[name] = (t.reshape(-1)[shard_offset - pos : shard_offset - pos + numel], 1)
+                    break
+                pos += t.numel()
+        return out
+
+    def lazy_state(self) -> Mapping[str, list[Tensor]]:
+        """`state()`, decoded on first access only."""
+        return _Lazy(self.state)
+
+    @property
+    def coded(self) -> bool:
+        """True when the stored state is not the fp32 working form (checkpoints save it)."""
+        return hasattr(self.codec, "piece_states") and self.generic is None
+
     def stored_tensors(self) -> list[Tensor]:
         """Every tensor of optimizer state this group keeps between steps."""
         out = [t for ts in self.stored.values() for t in ts]
@@ -133,14 +178,24 @@ class ShardGroup:
         if self.generic is not None:
             self._generic_update(options, grads, grad_scale)
             return
-        working = self.codec.decode(self.stored)
-        update.apply_update(
-            rule, self.master, grads, working, lr=float(options["lr"]), step=self.step, hp=hp,
+        # A master next to the parameters: the update kernel writes their rounded copies in
+        # its own pass. A master elsewhere: the placement copies it over afterwards.
+        in_pass = self.placement.shares_params(torch.float32)
+        kw: dict[str, Any] = dict(
+            lr=float(options["lr"]), step=self.step, hp=hp,
             grad_scale=grad_scale if grad_scale != 1.0 else None,
-            model_copies=self.model_copies, backend=backend,
+            model_copies=self.model_copies if in_pass else None, backend=backend,
         )  # fmt: skip
-        self.codec.encode(working, self.stored)
         self._decoded = None
+        fused = getattr(self.codec, "update", None)
+        if fused is not None:  # dequantize, update, requantize in one pass per piece
+            fused(rule, self.master, grads, self.stored, **kw)
+        else:
+            working = self.codec.decode(self.stored)
+            update.apply_update(rule, self.master, grads, working, **kw)
+            self.codec.encode(working, self.stored)
+        if not in_pass:
+            self.write_params()
 
     def _generic_update(self, options: dict[str, Any], grads: list[Tensor], scale: float) -> None:
         inner = self.generic.param_groups[0]
@@ -158,8 +213,7 @@ class ShardGroup:
     def write_params(self) -> None:
         """The parameters' shard takes the master's values (rounded when low precision)."""
         if self.model_copies is not None:
-            for c, m in zip(self.model_copies, self.master):
-                c.copy_(m)
+            self.placement.write_params(self.master, self.model_copies)
 
     @torch.no_grad()
     def refresh_master(self, pieces: list[int] | None = None) -> None:
@@ -173,3 +227,45 @@ class ShardGroup:
     def held_params(self) -> list[HeldParam]:
         """Each parameter this group covers, with every rank's pieces of it."""
         return self._describe()
+
+    def segments(self) -> list[Segment]:
+        """This rank's runs of each parameter inside the master pieces, in shard order."""
+        ends, pos = [], 0
+        for m in self.master:
+            pos += m.numel()
+            ends.append(pos)
+        out = []
+        for h in self.held_params():
+            total = math.prod(h.shape)
+            for q in h.pieces:
+                if q.rank != self.shard_index:
+                    continue
+                i = bisect.bisect_right(ends, q.shard_offset)
+                first = ends[i - 1] if i else 0
+                if q.shard_offset + q.numel > ends[i]:
+                    raise ValueError(f"a piece of a parameter of shape {h.shape} spans two "
+                                     "master pieces")  # fmt: skip
+                out.append(Segment(i, q.shard_offset - first, q.numel, q.start, total))
+        return sorted(out, key=lambda s: (s.piece, s.offset))
+
+
+class _Lazy(Mapping):
+    """A mapping that calls `make` on first access (a codec's decode is not free)."""
+
+    def __init__(self, make: Callable[[], States]) -> None:
+        self._make = make
+        self._value: States | None = None
+
+    def _get(self) -> States:
+        if self._value is None:
+            self._value = self._make()
+        return self._value
+
+    def __getitem__(self, key: str) -> list[Tensor]:
+        return self._get()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())

@@ -14,6 +14,7 @@ without torch.distributed initialised.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -92,25 +93,37 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def plan_buckets(numels: list[int], num_shards: int, bucket_numel: int) -> BucketPlan:
-    """Lay `numels` out one after another; close a bucket when the next one would not fit."""
+def plan_buckets(
+    numels: list[int], num_shards: int, bucket_numel: int,
+    align: Callable[[int], int] | None = None,
+) -> BucketPlan:  # fmt: skip
+    """Lay `numels` out one after another; close a bucket when the next one would not fit.
+
+    `align(numel)` (a state codec's need, powers of two): the flat offset each parameter must
+    start at a multiple of; buckets are then padded so every chunk is a multiple of the
+    largest alignment too, and a chunk boundary falls on a multiple of it inside every
+    parameter. None: parameters packed back to back (the default layout).
+    """
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-    unit = num_shards * ALIGN
+    aligns = [max(int(align(n)), 1) if align is not None else 1 for n in numels]
+    unit = num_shards * max([ALIGN, *aligns])
     groups: list[list[int]] = [[]]
     filled = 0
     for i, n in enumerate(numels):
-        if groups[-1] and filled + n > bucket_numel:
+        end = _round_up(filled, aligns[i]) + n
+        if groups[-1] and end > bucket_numel:
             groups.append([])
-            filled = 0
+            end = n
         groups[-1].append(i)
-        filled += n
+        filled = end
     slots: list[SlotPlan] = []
     buckets: list[Bucket] = []
     start = shard_offset = 0
     for b, members in enumerate(groups):
         offset = start
         for i in members:
+            offset = _round_up(offset, aligns[i])
             slots.append(SlotPlan(i, offset, numels[i], b))
             offset += numels[i]
         numel = max(_round_up(offset - start, unit), unit)
@@ -183,7 +196,19 @@ class ShardState:
     """Live tensors of one shard group on this rank (write into them in place to load)."""
 
     master: list[torch.Tensor]  # fp32 pieces; their concatenation IS the shard
-    state: dict[str, list[torch.Tensor]]  # optimizer state per name, aligned with `master`
+    # optimizer state per name, aligned with `master` (a codec that stores another form
+    # decodes it on first access; write, then `sync_params_from_master()` stores it)
+    state: Mapping[str, list[torch.Tensor]]
     step: int  # update count of this group (write back with `optimizer.set_step`)
     # a generic torch.optim optimizer run on the shard, when one is (its own state_dict)
     generic: torch.optim.Optimizer | None = field(default=None, repr=False)
+    # when the codec stores another form (8-bit blocks): the stored tensors of one parameter
+    # piece, `pieces(shard_offset, numel) -> {name: (1-D view, parameter elements per
+    # entry)}`, and every name it can return; None: `state` is what is stored
+    pieces: Callable[[int, int], dict[str, tuple[torch.Tensor, int]]] | None = field(
+        default=None, repr=False)
+    stored_names: tuple[str, ...] = ()
+
+    def state_names(self) -> list[str]:
+        """Names of what a checkpoint saves for this group (never decodes)."""
+        return sorted(self.stored_names if self.pieces is not None else self.state)

@@ -55,9 +55,9 @@ def optimizer_state_dict(opt: ZeroOptimizer) -> dict[str, Any]:
         if st.generic is not None:
             s["generic"] = st.generic.state_dict()
         else:
-            for name, pieces in st.state.items():
+            for name, pieces in _state_lists(opt, g.index, st).items():
                 s[name] = torch.cat([p.detach().reshape(-1) for p in pieces]).clone()
-        if g.dtype != torch.float32:  # the fp32 master is a copy, not the parameters
+        if not opt.placement.shares_params(g.dtype):  # the master is a copy (bf16, offload)
             s["master"] = torch.cat([m.detach().reshape(-1) for m in st.master]).clone()
         state[g.index] = s
     return {
@@ -114,10 +114,13 @@ def load_optimizer_state_dict(opt: ZeroOptimizer, sd: dict[str, Any]) -> None:
         if st.generic is not None:
             st.generic.load_state_dict(s["generic"])
         else:
-            for name, pieces in st.state.items():
+            for name, pieces in _state_lists(opt, i, st).items():
                 _copy_into(pieces, s[name])
-        if g.dtype != torch.float32 and "master" in s:
-            _copy_into(st.master, s["master"])
+        if not opt.placement.shares_params(g.dtype):
+            if "master" in s:
+                _copy_into(st.master, s["master"])
+            else:  # saved where the master was the parameters: they hold its values
+                opt.shard_groups[i].refresh_master()
     restore_optimizer(opt, sd["param_groups"], steps, sd.get("loss_scaler"),
                       sd.get("lr_scheduler"))  # fmt: skip
 
@@ -149,6 +152,20 @@ def restore_optimizer(
         opt.lr_scheduler.load_state_dict(lr_scheduler)
     if sync:
         opt.sync_params_from_master()
+
+
+def _state_lists(opt: ZeroOptimizer, index: int, st: Any) -> Mapping[str, list[torch.Tensor]]:
+    """State tensors of shard group `index` by name: the fp32 pieces, or, when its codec
+    stores another form (8-bit blocks), the stored tensors of each parameter piece in shard
+    order (saved and restored as they are, never re-encoded)."""
+    if st.pieces is None:
+        return st.state
+    out: dict[str, list[torch.Tensor]] = {}
+    for p, pc in opt.layout().local_pieces():
+        if p.shard_group == index:
+            for name, (t, _) in sorted(st.pieces(pc.shard_offset, pc.numel).items()):
+                out.setdefault(name, []).append(t)
+    return out
 
 
 def _copy_into(pieces: list[torch.Tensor], src: torch.Tensor) -> None:

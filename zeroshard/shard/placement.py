@@ -1,9 +1,11 @@
 """Where a shard group keeps its fp32 master and optimizer state: a placement.
 
 `OnDevice` keeps them with the parameters; when the parameters are fp32 the master pieces
-*are* views of the parameters' shard (no copy). A placement elsewhere (host memory) keeps its
-own master buffer: the group copies gradients in before the update and the updated values
-back to the parameters after it, through the same `model_copies` path that bf16/fp16 use.
+*are* views of the parameters' shard (no copy), and for bf16/fp16 parameters the update kernel
+writes the rounded copies in its own pass. A placement elsewhere (host memory:
+`zeroshard.shard.offload.HostOffload`) keeps its own master buffer: the group copies gradients
+in before the update (`stage_grads`) and the updated values back to the parameters after it
+(`write_params`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ class Placement(Protocol):
         """The gradient pieces where the update runs (a copy when the master lives apart)."""
         ...
 
+    def write_params(self, master: list[Tensor], params: list[Tensor]) -> None:
+        """The parameters' pieces take the updated master pieces (rounded when low precision).
+        Called after the update when the master is not the parameters' own shard."""
+        ...
+
 
 class OnDevice:
     """Master and state next to the parameters (the default)."""
@@ -47,6 +54,11 @@ class OnDevice:
 
     def stage_grads(self, grads: list[Tensor]) -> list[Tensor]:
         return grads
+
+    @torch.no_grad()
+    def write_params(self, master: list[Tensor], params: list[Tensor]) -> None:
+        for p, m in zip(params, master):
+            p.view(-1).copy_(m)
 
 
 ON_DEVICE = OnDevice()

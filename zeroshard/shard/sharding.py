@@ -37,7 +37,8 @@ class Sharding(Protocol):
         ...
 
     def held_tensors(self) -> dict[str, list[Tensor]]:
-        """"params", "grads" and "comm_buffers" tensors this rank holds."""
+        """"params", "grads" and "comm_buffers" tensors this rank holds, and under "host"
+        those of them that live in host memory (optional)."""
         ...
 
     def relink_moved(self) -> None:

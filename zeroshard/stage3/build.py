@@ -9,6 +9,8 @@ Parameters built under `zeroshard.Init` arrive already sharded and keep their un
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -20,7 +22,9 @@ from zeroshard.config.schema import ZeroConfig
 from zeroshard.optimizer import ZeroOptimizer
 from zeroshard.precision import LossScaler
 from zeroshard.prepare import group_index
+from zeroshard.quant8.codec import codec_for
 from zeroshard.shard import FP32, ON_DEVICE, Placement, StateCodec
+from zeroshard.shard.codec import alignment_of
 from zeroshard.stage3 import registry
 from zeroshard.stage3.engine import Stage3Engine
 from zeroshard.stage3.sharding import UnitSharding
@@ -37,8 +41,10 @@ def build_units(
     persistence_threshold: int,
     tracker: GatherTracker,
     group_of: dict[int, int] | None = None,
+    align: Callable[[int], int] | None = None,
 ) -> list[ShardedUnit]:
-    """One unit per (owning module, dtype); parameters from `zeroshard.Init` reuse theirs."""
+    """One unit per (owning module, dtype); parameters from `zeroshard.Init` reuse theirs.
+    `align`: the state codec's alignment, honoured by fresh units' layouts."""
     group_of = group_of or {}
     units: list[ShardedUnit] = []
     seen: set[int] = set()
@@ -70,7 +76,7 @@ def build_units(
             units.append(
                 ShardedUnit(
                     params, comm, bucket_numel, name=name or "<root>", tracker=tracker,
-                    persistent=numel < persistence_threshold,
+                    persistent=numel < persistence_threshold, align=align,
                 )
             )  # fmt: skip
     return units
@@ -78,15 +84,15 @@ def build_units(
 
 def make_units(
     model: nn.Module, comm: Comm, cfg: ZeroConfig, tracker: GatherTracker,
-    group_of: dict[int, int] | None,
+    group_of: dict[int, int] | None, codec: StateCodec = FP32,
 ) -> list[ShardedUnit]:
-    """The units with the config's bucket and persistence sizes (training and the
-    estimator's meta-device run build them the same way)."""
+    """The units with the config's bucket and persistence sizes, laid out as `codec` needs
+    (training and the estimator's meta-device run build them the same way)."""
     zo = cfg.zero_optimization
     return build_units(
         model, comm, dtype=cfg.compute_dtype, bucket_numel=stage3_bucket_numel(zo),
         persistence_threshold=int(zo.stage3_param_persistence_threshold), tracker=tracker,
-        group_of=group_of,
+        group_of=group_of, align=alignment_of(codec),
     )  # fmt: skip
 
 
@@ -131,9 +137,14 @@ def build_stage3(
         for b in model.buffers():
             if b.is_floating_point() and b.dtype != dtype:
                 b.data = b.data.to(dtype)
-    units = make_units(model, comm, cfg, tracker, group_index(params))
-    engine = make_engine(model, units, comm, cfg, tracker)
     rule, hp = cfg.optimizer_spec()
+    codec, hp = codec_for(rule, hp, codec)  # the units are laid out as the codec needs
+    units = make_units(model, comm, cfg, tracker, group_index(params), codec)
+    off = cfg.zero_optimization.offload_param
+    if off is not None:  # before the optimizer takes views of the shards
+        for u in units:
+            u.offload_shard(off.pin_memory)
+    engine = make_engine(model, units, comm, cfg, tracker)
     scaler = LossScaler.from_fp16_config(cfg.fp16) if cfg.precision == "fp16" else None
     opt = ZeroOptimizer(
         params, rule, sharding=UnitSharding(engine), codec=codec, placement=placement,

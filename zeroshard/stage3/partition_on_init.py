@@ -30,6 +30,8 @@ from zeroshard import guards
 from zeroshard.comm.collectives import Comm
 from zeroshard.config.honoured import stage3_bucket_numel
 from zeroshard.config.schema import ZeroConfig, load_config
+from zeroshard.quant8.codec import codec_for
+from zeroshard.shard.codec import FP32, alignment_of
 from zeroshard.stage3 import registry
 from zeroshard.stage3.unit import RELEASED, GatherTracker, ShardedUnit
 
@@ -118,6 +120,9 @@ class Init:
         self.bucket_numel = stage3_bucket_numel(zo) if zo else 500_000_000
         threshold = zo.stage3_param_persistence_threshold if zo else 0
         self.threshold = threshold if isinstance(threshold, int) else 0  # "auto": shard all
+        # units laid out as the configured optimizer's state codec needs (AdamW8bit: blocks)
+        codec = codec_for(*cfg.optimizer_spec(), FP32)[0] if cfg is not None else FP32
+        self.align = alignment_of(codec)
         self.comm = Comm(process_group)
         self.tracker = GatherTracker()
         self._saved: dict[type, Any] = {}
@@ -206,5 +211,5 @@ class Init:
             numel = sum(p.numel() for p in params)
             ShardedUnit(
                 params, self.comm, self.bucket_numel, name=type(module).__name__,
-                tracker=self.tracker, persistent=numel < self.threshold,
+                tracker=self.tracker, persistent=numel < self.threshold, align=self.align,
             )  # fmt: skip

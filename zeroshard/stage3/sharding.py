@@ -95,7 +95,7 @@ class UnitSharding:
                 group=group_index, dtype=dtype, shard=shard, grads=lambda g=grads: g,
                 describe=lambda s=spans: self._describe(s),
                 shard_numel=sum(t.numel() for t in shard), num_shards=self.comm.world_size,
-                codec=codec, placement=placement,
+                codec=codec, placement=placement, shard_index=self.comm.rank,
             )  # fmt: skip
             self._groups.append((group, [u for u, _, _, _ in pieces]))
             out.append(group)
@@ -120,9 +120,12 @@ class UnitSharding:
 
     def held_tensors(self) -> dict[str, list[Tensor]]:
         """Parameter shards (plus persistent and currently gathered full parameters), gradient
-        shards and in-flight gradient buffers, from the engine that holds them."""
+        shards and in-flight gradient buffers, from the engine that holds them; `host`: the
+        parameter shards that live in host memory (`offload_param`)."""
         held = self.engine.held_tensors()
-        return {k: held[k] for k in ("params", "grads", "comm_buffers")}
+        out = {k: held[k] for k in ("params", "grads", "comm_buffers")}
+        out["host"] = [u.shard for u in self.engine.units if u.shard_on_host]
+        return out
 
     @torch.no_grad()
     def relink_moved(self) -> None:

@@ -20,6 +20,7 @@ its shard pieces are views of it, and the optimizer all-gathers it after each up
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -93,6 +94,7 @@ class ShardedUnit:
         name: str = "",
         persistent: bool = False,
         tracker: GatherTracker | None = None,
+        align: Callable[[int], int] | None = None,
     ) -> None:
         if not params:
             raise ValueError("a sharded unit needs at least one parameter")
@@ -106,12 +108,14 @@ class ShardedUnit:
         self.persistent = persistent
         self.tracker = tracker or GatherTracker()
         self.num_shards, self.rank = comm.world_size, comm.rank
-        self._plan(params, max(int(bucket_numel), 1))
+        self._plan(params, max(int(bucket_numel), 1), align)
         self.trainable = any(p.requires_grad for p in params)
 
         self.state = RELEASED
         self.full: Tensor | None = None
         self._works: list = []
+        self.shard_on_host = False  # offload_param: the shard lives in host memory
+        self._staging: Tensor | None = None  # device copy of a host shard, while gathering
         # Only this class changes these three (through the methods below).
         self._users = 0  # forward calls (and GatheredParameters) using the unit right now
         self._pinned = False  # gathered for backward, until its gradients are in
@@ -126,9 +130,11 @@ class ShardedUnit:
             registry.set_unit(p, self)
 
     # -- layout ---------------------------------------------------------------------------
-    def _plan(self, params: list[nn.Parameter], bucket_numel: int) -> None:
+    def _plan(self, params: list[nn.Parameter], bucket_numel: int,
+              align: Callable[[int], int] | None) -> None:  # fmt: skip
+        # `align`: the optimizer state codec's per-parameter alignment (layout.plan_buckets)
         self.plan: BucketPlan = plan_buckets([p.numel() for p in params], self.num_shards,
-                                             bucket_numel)  # fmt: skip
+                                             bucket_numel, align)  # fmt: skip
         self.slots = [
             UnitSlot(weakref.ref(params[s.index]), s.offset, s.numel, params[s.index].shape,
                      s.bucket)
@@ -251,10 +257,35 @@ class ShardedUnit:
         self.full = torch.empty(self.numel, dtype=self.dtype, device=self.device)
         self._works = [
             self.comm.all_gather(self.full[b.start : b.start + b.numel], piece, async_op=True)
-            for b, piece in zip(self.buckets, self.shard_pieces)
+            for b, piece in zip(self.buckets, self._gather_sources())
         ]
         self.tracker.add(self.full_bytes)
         self.state = GATHERING
+
+    def _gather_sources(self) -> list[Tensor]:
+        """What each bucket's all-gather sends: the shard pieces, or, when the shard lives in
+        host memory, their copy in a device staging buffer (alive until the gather ends)."""
+        if not self.shard_on_host:
+            return self.shard_pieces
+        assert self.shard is not None
+        staging = torch.empty(self.shard_numel, dtype=self.dtype, device=self.device)
+        staging.copy_(self.shard, non_blocking=staging.is_cuda)
+        self._staging = staging
+        return [staging[b.shard_offset : b.shard_offset + b.chunk] for b in self.buckets]
+
+    @torch.no_grad()
+    def offload_shard(self, pin_memory: bool) -> None:
+        """Keep the parameter shard in host memory (`offload_param`), pinned when the
+        parameters are on CUDA; gathers go through a device staging buffer. Call before the
+        optimizer takes views of the shard. Persistent units keep their full parameters."""
+        if self.persistent or self.shard is None or self.shard_on_host:
+            return
+        pin = pin_memory and self.device.type == "cuda"
+        host = torch.empty(self.shard_numel, dtype=self.dtype, device="cpu", pin_memory=pin)
+        host.copy_(self.shard)
+        self.shard = host
+        self.shard_pieces = [host[b.shard_offset : b.shard_offset + b.chunk] for b in self.buckets]
+        self.shard_on_host = True
 
     def wait(self) -> None:
         """Finish the gather and point the parameters at the full buffer."""
@@ -264,6 +295,7 @@ class ShardedUnit:
             for w in self._works:
                 w.wait()
             self._works = []
+            self._staging = None
             self._point_params()
             self.state = GATHERED
 
@@ -295,6 +327,7 @@ class ShardedUnit:
         if self.state == GATHERING and wait:
             self.wait()
         self._works = []
+        self._staging = None
         self._placeholders()
         self.full = None
         self.tracker.sub(self.full_bytes)

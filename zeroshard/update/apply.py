@@ -44,6 +44,8 @@ def _state_names(rule: str, hp: Mapping[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",) if hp["momentum"] != 0 else ()
     if rule == "lion":
         return ("exp_avg",)
+    if rule == "adamw8bit":
+        return ()  # its state codec creates and stores the state (zeroshard.quant8.codec)
     raise ValueError(f"unknown update rule {rule!r}; expected one of {RULES}")
 
 

@@ -22,6 +22,9 @@ RULE_DEFAULTS: dict[str, dict[str, Any]] = {
         "weight_decay": 0.0, "maximize": False,
     },
     "lion": {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0},
+    # AdamW with blockwise 8-bit states; block_size and min_8bit_size configure its codec
+    # (zeroshard.quant8.codec), not the param groups
+    "adamw8bit": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2},
 }  # fmt: skip
 
 _TORCH_CLASSES = {torch.optim.AdamW: "adamw", torch.optim.Adam: "adam", torch.optim.SGD: "sgd"}

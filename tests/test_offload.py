@@ -1,0 +1,144 @@
+"""CPU offload (`offload_optimizer`, `offload_param`): the same trajectory as without offload
+(2 gloo ranks, 20 steps, clipping active), master and state counted in host memory and not on
+the device, every copy in and out made, and bad settings refused on every rank by key path."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.models import make_model, param_groups
+from tests.offload_jobs import config, resume, train
+from tests.offload_jobs import config_error as _config_error
+from zeroshard.cli.main import main
+from zeroshard.estimate.model_states import CATEGORIES, estimate
+
+STEPS = 20
+
+
+@pytest.mark.parametrize(
+    "stage, offload_param, dtype",
+    [(1, False, "fp32"), (2, False, "fp32"), (2, False, "bf16"), (3, True, "fp32")],
+)
+def test_offload_trains_exactly_as_without(dist_run, stage, offload_param, dtype):
+    plain = dist_run(2, train, stage, False, False, dtype, STEPS)
+    off = dist_run(2, train, stage, True, offload_param, dtype, STEPS)
+    for r in range(2):
+        p, o = plain[r], off[r]
+        assert len(o["losses"]) == STEPS
+        np.testing.assert_allclose(o["losses"], p["losses"], rtol=1e-6, atol=0)
+        for k in p["params"]:
+            torch.testing.assert_close(o["params"][k], p["params"][k], rtol=1e-6, atol=0)
+        n = o["shard_numel"]
+        # master (fp32) and Adam's two fp32 moments live in host memory, none on the device
+        assert o["host"]["master"] == 4 * n and o["host"]["optimizer_states"] == 2 * 4 * n
+        assert o["device"]["master"] == 0 and o["device"]["optimizer_states"] == 0
+        # the reduced gradients were staged in a host fp32 buffer of the shard's size
+        assert o["host"]["grads"] == 4 * n
+        assert o["device"]["grads"] == p["memory"]["grads"]
+        assert o["memory"]["host"] == o["host"]["total"] > 0
+        assert o["memory"]["device"] == o["device"]["total"]
+        assert p["memory"]["host"] == 0 and p["memory"]["device"] == p["memory"]["total"]
+        # separate buffers: the master never shares the parameters' storage
+        assert o["master_apart"] and o["master_device"] == ["cpu"]
+        # every gradient piece in and every master piece out, once per step
+        assert o["copies"] == (STEPS * o["pieces"], STEPS * o["pieces"]) and o["pieces"] > 0
+        if offload_param:
+            # the parameter shards live in host memory; nothing is left on the device
+            assert o["host"]["params"] == p["memory"]["params"] > 0
+            assert o["device"]["params"] == 0
+        else:
+            assert o["host"]["params"] == 0
+    # the estimator's offload rule gives exactly what memory_report() measured
+    for run, offload in ((plain, False), (off, True)):
+        with torch.device("meta"):
+            model = make_model()
+        cfg = config(stage, offload, offload and offload_param, dtype)
+        (est,) = estimate(model, world_size=2, config=cfg, stages=(stage,),
+                          model_parameters=param_groups(model))  # fmt: skip
+        for r in range(2):
+            want = est.per_rank[r if stage == 3 else 0]
+            for key in (*CATEGORIES, "total", "device", "host"):
+                assert want[key] == run[r]["memory"][key], (offload, r, key)
+
+
+def test_offload_with_8bit_states(dist_run):
+    """The AdamW8bit codec's fused step runs on the host pieces: same losses, codes and
+    absmax in host memory only."""
+    adam8 = {"type": "AdamW8bit", "params": {"lr": 3e-3, "block_size": 64, "min_8bit_size": 256}}
+    plain = dist_run(2, train, 2, False, False, "fp32", 8, adam8)
+    off = dist_run(2, train, 2, True, False, "fp32", 8, adam8)
+    for p, o in zip(plain, off):
+        assert o["losses"] == p["losses"]
+        assert o["host"]["optimizer_states"] == p["memory"]["optimizer_states"] > 0
+        assert o["device"]["optimizer_states"] == 0
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_offloaded_runs_resume_from_checkpoints_and_state_dicts(dist_run, tmp_path, stage):
+    got = dist_run(2, resume, stage, str(tmp_path / "ckpt"), stage == 3)
+    for r in got:
+        for name in ("into_plain", "into_offload", "state_dict", "plain_state_dict"):
+            assert r[name] == r["straight"], name  # bit for bit
+        assert len(r["straight"]) == 3
+
+
+BAD = [
+    ({"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": "/local_nvme"}},
+     '`zero_optimization.offload_optimizer.device` = "nvme" is not supported by zeroshard yet '
+     '(offload to NVMe is not built); use "cpu", or "none" for no offload'),
+    ({"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "nvme"}},
+     '`zero_optimization.offload_param.device` = "nvme" is not supported by zeroshard yet '
+     '(offload to NVMe is not built); use "cpu", or "none" for no offload'),
+    ({"stage": 2, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}},
+     "`zero_optimization.offload_param` is a stage-3 option (stage is 2): only stage 3 "
+     "partitions parameters; remove the key or use stage 3"),
+    ({"stage": 3, "offload_param": {"device": "cpu"}},
+     "`zero_optimization.offload_param` needs `zero_optimization.offload_optimizer` = "
+     '{"device": "cpu"} too: the update runs where the parameter shards live'),
+    ({"stage": 2, "offload_optimizer": {"device": "gpu"}},
+     '`zero_optimization.offload_optimizer.device` = "gpu": must be "cpu" (host memory) or '
+     '"none" (no offload)'),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("zo, message", BAD)
+def test_bad_offload_settings_fail_on_every_rank_by_key_path(dist_run, zo, message):
+    got = dist_run(2, _config_error, zo)
+    assert got == [f"invalid zeroshard config: {message}"] * 2
+
+
+def test_offload_and_a_placement_argument_are_refused_together():
+    zo = {"stage": 2, "offload_optimizer": {"device": "cpu"}}
+    assert _config_error(zo, placement=True) == (
+        "zero_optimization.offload_optimizer is set and a placement was passed to "
+        "initialize(): give one or the other"
+    )
+
+
+def test_estimate_cli_shows_device_and_host_bytes(capsys, tmp_path):
+    """Ψ = 7e9, N = 8, fp16 Adam, HF's ZeRO-3 offload template: at stage 3 only the fp16
+    gradient shard stays on the device; the fp32 master, Adam's moments, the staged fp32
+    gradients and the fp16 parameter shard live in host memory."""
+    cfg = tmp_path / "offload.json"
+    cfg.write_text(json.dumps({"zero_optimization": {
+        "stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
+        "offload_param": {"device": "cpu", "pin_memory": True}}}))  # fmt: skip
+    argv = ["estimate", "--params", "7e9", "--world-size", "8", "--precision", "fp16",
+            "--optimizer", "adam", "--config", str(cfg), "--device-memory", "40GB"]  # fmt: skip
+    assert main([*argv, "--json"]) == 0
+    stages = json.loads(capsys.readouterr().out)["stages"]
+    gb = 1_000_000_000
+    # stage 0 has nothing to offload; stages 1-2 offload the optimizer, stage 3 the params too
+    assert [s["bytes"]["device"] for s in stages] == [112 * gb, 28 * gb, 15.75 * gb, 1.75 * gb]
+    assert [s["bytes"]["host"] for s in stages] == [0, 14 * gb, 14 * gb, 15.75 * gb]
+    assert [s["fits"] for s in stages] == [False, True, True, True]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    head = next(ln for ln in lines if ln.lstrip().startswith("stage"))
+    assert "device total      host  sent/step" in head
+    row3 = next(ln for ln in lines if ln.split()[:1] == ["3"])
+    assert "1.75 GB  15.75 GB" in row3
