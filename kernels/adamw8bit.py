@@ -45,7 +45,7 @@ def _quantize(x, mid_ptr):
 
 
 @triton.jit
-def _requantize(s, codes_ptr, absmax_ptr, offs, rows, mask, row_mask, mid_ptr):
+def requantize(s, codes_ptr, absmax_ptr, offs, rows, mask, row_mask, mid_ptr):
     """Store codes and the new per-row absmax of the fp32 tile `s` (masked lanes hold 0)."""
     amax = tl.max(tl.abs(s), axis=1)
     den = tl.where(amax > 0, amax, 1.0)
@@ -90,8 +90,8 @@ def _adamw8bit_tile(p_ptr, g_ptr, mq_ptr, ma_ptr, vq_ptr, va_ptr, copy_ptr, hype
         # Lanes past the piece's end (a short last block) must not reach the row's absmax.
         m = tl.where(mask, m, 0.0)
         v = tl.where(mask, v, 0.0)
-    _requantize(m, mq_ptr, ma_ptr, offs, rows, mask, row_mask, tab_ptr + 512)
-    _requantize(v, vq_ptr, va_ptr, offs, rows, mask, row_mask, tab_ptr + 768)
+    requantize(m, mq_ptr, ma_ptr, offs, rows, mask, row_mask, tab_ptr + 512)
+    requantize(v, vq_ptr, va_ptr, offs, rows, mask, row_mask, tab_ptr + 768)
 
 
 @triton.jit

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 
 import zeroshard
 from tests.models import batch, loss_fn, make_model, param_groups
 
+REPO = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 12  # divisible by 1, 2, 3 and 4 ranks
 LR = 3e-3
 
@@ -83,8 +87,6 @@ def job_resume(root: str, stage: int, precision: str, steps: int, bucket: int = 
 
 def full_state(root: str) -> dict[str, torch.Tensor]:
     """Every saved tensor of a checkpoint reassembled whole ("state.exp_avg/embed.weight"...)."""
-    from pathlib import Path
-
     from safetensors import safe_open
 
     from zeroshard.checkpoint import manifest
@@ -100,3 +102,22 @@ def full_state(root: str) -> dict[str, torch.Tensor]:
                 parts.setdefault(kind_name, []).append((int(start), f.get_tensor(k)))
     return {k: torch.cat([t.reshape(-1) for _, t in sorted(v, key=lambda x: x[0])])
             for k, v in parts.items()}  # fmt: skip
+
+
+def snapshot(model, opt) -> list[torch.Tensor]:
+    """Copies of every byte a load may change: parameters, master, states, steps, lrs."""
+    out = [p.detach().clone() for p in model.parameters()]
+    lay = opt.layout(model)
+    for i in range(len(lay.groups)):
+        st = opt.shard_state(i)
+        out += [t.clone() for t in st.master]
+        out += [t.clone() for ts in st.state.values() for t in ts]
+        out.append(torch.tensor(float(st.step)))
+    out.append(torch.tensor([float(g["lr"]) for g in opt.param_groups]))
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

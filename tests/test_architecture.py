@@ -210,3 +210,14 @@ def test_one_public_initialize():
             for f in (REPO / folder).rglob("*.*")
             if f.suffix in (".py", ".md") and "initialize_stage3" in f.read_text()]  # fmt: skip
     assert hits == []
+
+
+def test_no_private_helper_imported_across_files():
+    offenders = []
+    for f, tree in _package_trees():
+        for n in ast.walk(tree):
+            if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("zeroshard"):
+                names = [a.name for a in n.names]
+                offenders += [f"{f.relative_to(REPO)}: {a}" for a in names
+                              if a.startswith("_") and not a.startswith("__")]  # fmt: skip
+    assert offenders == []

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 import zeroshard
 from tests.ckpt_jobs import build, train
+from tests.ckpt_jobs import snapshot as _snapshot
 
 MARKER = "pwned.txt"
 
@@ -26,18 +27,6 @@ class _Evil:
 
     def __reduce__(self):
         return (os.system, (self.cmd,))
-
-
-def _snapshot(model, opt) -> list[torch.Tensor]:
-    out = [p.detach().clone() for p in model.parameters()]
-    lay = opt.layout(model)
-    for i in range(len(lay.groups)):
-        st = opt.shard_state(i)
-        out += [t.clone() for t in st.master]
-        out += [t.clone() for ts in st.state.values() for t in ts]
-        out.append(torch.tensor(float(st.step)))
-    out.append(torch.tensor([float(g["lr"]) for g in opt.param_groups]))
-    return out
 
 
 def _damage(folder: Path, case: str) -> str:

@@ -1,10 +1,11 @@
 """Universal checkpoints: per-rank safetensors pieces + a JSON manifest; load at any world
 size and stage; consolidate to Hugging Face safetensors; read DeepSpeed checkpoints.
 
-Files: save.py (what each rank writes), commit.py (crash-safe publication), load.py
-(planning, validation, reading), manifest.py (the JSON format), st_stream.py (streaming
-safetensors writer), async_save.py (background saves), hf_export.py (consolidate: HF export),
-deepspeed_in.py (migration in), optimizer_state.py (in-memory opt.state_dict()),
+Files: save.py (what each rank writes), commit.py (crash-safe publication, crash recovery),
+load.py (planning, validation, reading), verify.py (confined, bounded file checks),
+manifest.py (the JSON format and its schema), dist_util.py (the checkpoint's own gloo group,
+the arrival deadline), st_stream.py (streaming safetensors writer), async_save.py
+(background saves), hf_export.py (consolidate: HF export), deepspeed_in.py (migration in),
 optimizer_view.py (the one door to the layout API and the stage-3 units).
 """
 

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from zeroshard.checkpoint import commit, dist_util
+from zeroshard.checkpoint import commit, dist_util, verify
 from zeroshard.checkpoint import optimizer_view as L
-from zeroshard.checkpoint.save import _persistent_buffers, shard_slice
+from zeroshard.checkpoint.save import persistent_buffers, shard_slice
 
 
 class _Inert:
@@ -54,7 +54,9 @@ ALLOWED = [
 
 
 def safe_load(path: Path) -> Any:
-    """`torch.load(weights_only=True)` with only the names above allowed."""
+    """`torch.load(weights_only=True)` with only the names above allowed, of a regular file
+    inside its folder (no symlink leading elsewhere, no device)."""
+    path = verify.inside(path.parent, path.name)
     try:
         with torch.serialization.safe_globals(ALLOWED):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -131,8 +133,9 @@ def load_deepspeed(folder: Path, model: nn.Module, opt: Any, pg: Any) -> tuple[P
             shape = tuple(src["master"].shape) if src else tuple(ds["module"][mp.name].shape)
             if shape != mp.shape:
                 raise ValueError(f"{folder}: {mp.name!r} shape {shape}, model {mp.shape}")
-    except (ValueError, OSError, KeyError, IndexError) as e:
-        problem = f"rank {rank}: {e}"
+    except Exception as e:  # noqa: BLE001 - every fault reaches every rank: no hang
+        kind = "" if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: "
+        problem = f"rank {rank}: {kind}{e}"
     problems = [p for p in dist_util.all_gather_obj(problem, pg) if p]
     if problems:
         raise commit.CheckpointError(f"cannot load DeepSpeed checkpoint {folder}: "
@@ -161,7 +164,7 @@ def load_deepspeed(folder: Path, model: nn.Module, opt: Any, pg: Any) -> tuple[P
         full = have[mp.name]["master"] if mp.name in have else ds["module"][mp.name]
         for start, view in mp.views:
             view.copy_(full.reshape(-1)[start : start + view.numel()])
-    for name, b in _persistent_buffers(model):
+    for name, b in persistent_buffers(model):
         if name in ds["module"]:
             b.copy_(ds["module"][name])
     if opt is not None:

@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from zeroshard.checkpoint import commit, manifest
-from zeroshard.checkpoint.load import _Index, _verify_files, resolve
+from zeroshard.checkpoint.load import SavedIndex, resolve, verify_files
 from zeroshard.checkpoint.st_stream import ByteCounter, Entry, write_file
 
 LAST_CONSOLIDATE_STATS: dict[str, int] = {}
@@ -64,8 +64,8 @@ def consolidate(
     folder = _folder(Path(ckpt_dir), tag)
     body = manifest.parse(folder / commit.MANIFEST)
     model_config = _model_config(hf_config, body.get("client_state") or {})
-    _verify_files(folder, body, set(body["files"]))
-    index = _Index(body)
+    verify_files(folder, body, set(body["files"]))
+    index = SavedIndex(body)
     items: list[tuple[str, tuple[int, ...], torch.dtype, str]] = []
     for p in body["params"]:
         kind = "master" if ("master", p["name"]) in index.pieces else "weight"
@@ -137,7 +137,7 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _maker(folder: Path, index: _Index, handles: dict, counter: ByteCounter, name: str,
+def _maker(folder: Path, index: SavedIndex, handles: dict, counter: ByteCounter, name: str,
            shape: tuple[int, ...], dtype: torch.dtype, kind: str):  # fmt: skip
     def make() -> torch.Tensor:
         def f(fname: str) -> Any:

@@ -30,6 +30,7 @@ class Plan:
     entries: list[Entry] = field(default_factory=list)
     pieces: list[list[Any]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    rank: int = 0  # taken at the call: a background write may outlive the default group
 
     def snapshot(self, counter: ByteCounter) -> None:
         """Copy every source to CPU now (async save: training may overwrite them)."""
@@ -75,7 +76,7 @@ def _hyper(group: dict[str, Any]) -> dict[str, Any]:
 
 def build_plan(model: nn.Module, opt: Any, client_state: Any) -> Plan:
     rank, world = dist_util.rank_world()
-    plan = Plan()
+    plan = Plan(rank=rank)
     covered: set[str] = set()
     steps: dict[str, int] = {}
     state_names: list[str] = []
@@ -107,7 +108,7 @@ def build_plan(model: nn.Module, opt: Any, client_state: Any) -> Plan:
                                       view.dtype, view))  # fmt: skip
             plan.pieces.append(["weight", mp.name, start, view.numel()])
     buffers = []
-    for name, b in _persistent_buffers(model):
+    for name, b in persistent_buffers(model):
         dt = manifest.dtype_name(b.dtype)
         buffers.append({"name": name, "shape": list(b.shape), "dtype": dt})
         if rank == 0:
@@ -128,7 +129,7 @@ def build_plan(model: nn.Module, opt: Any, client_state: Any) -> Plan:
     return plan
 
 
-def _persistent_buffers(model: nn.Module) -> list[tuple[str, Tensor]]:
+def persistent_buffers(model: nn.Module) -> list[tuple[str, Tensor]]:
     out = []
     for mname, m in model.named_modules():
         for bname, b in m.named_buffers(recurse=False):
@@ -138,11 +139,10 @@ def _persistent_buffers(model: nn.Module) -> list[tuple[str, Tensor]]:
 
 
 def _write(plan: Plan, counter: ByteCounter, folder: Path, desc: str) -> dict[str, Any]:
-    rank, _ = dist_util.rank_world()
-    name = manifest.rank_file(rank)
+    name = manifest.rank_file(plan.rank)
     sha, size = write_file(folder / name, plan.entries, {"format": "pt"}, counter, desc=desc)
-    info = {"rank": rank, "size": size, "sha256": sha, "pieces": plan.pieces}
-    return {"files": {name: info}, "meta": plan.meta if rank == 0 else None}
+    info = {"rank": plan.rank, "size": size, "sha256": sha, "pieces": plan.pieces}
+    return {"files": {name: info}, "meta": plan.meta if plan.rank == 0 else None}
 
 
 def _manifest(parts: list[dict[str, Any]]) -> str:
@@ -161,12 +161,18 @@ def save_checkpoint(
 ) -> Path:
     """Save under `save_dir/tag` (call on every rank); returns the folder.
 
-    `tag` defaults to `step<N>`. `client_state` must be JSON data. With `async_save=True`
-    the state is copied to CPU now and written by a background thread; the next save, load,
-    `zeroshard.checkpoint.wait()` or the process's exit waits for it (and raises its error).
+    `tag` defaults to `step<N>`; it is a name inside `save_dir`, not a path. `client_state`
+    must be JSON data. With `async_save=True` the state is copied to CPU now and written by
+    a background thread on the checkpoint's own group (it survives
+    `dist.destroy_process_group()`); the next save, load, `zeroshard.checkpoint.wait()` or
+    the process's exit waits for it and raises its error (at exit: exit code 1). A call
+    made on only some ranks raises `CheckpointError` naming the missing ranks after
+    $ZEROSHARD_CKPT_ARRIVAL_TIMEOUT_S seconds (default 300).
     """
     background.wait()
     root = Path(save_dir)
+    dist_util.arrive("save_checkpoint")
+    pg = dist_util.group()
     counter = ByteCounter()
     error: BaseException | None = None
     plan = Plan()
@@ -174,14 +180,13 @@ def save_checkpoint(
         plan = build_plan(model, optimizer, client_state)
         if tag is None:
             tag = f"step{max(plan.meta['steps'].values(), default=0)}"
+        commit.check_name(tag, "tag")
         if async_save:
             plan.snapshot(counter)
     except BaseException as e:  # every rank learns of it before anything is written
         error = e
-    pg = dist_util.group()
-    if not dist_util.all_ok(error is None, pg):
-        rank, _ = dist_util.rank_world()
-        where = f"rank {rank}: {error}" if error else "another rank failed"
+    where = dist_util.faults(error, pg)
+    if where:
         raise commit.CheckpointError(f"checkpoint save to {root} failed ({where})") from error
     assert tag is not None
 

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from collections.abc import Callable, Mapping
@@ -34,14 +35,34 @@ _ALWAYS = (
 )  # fmt: skip
 
 
+# The keys DeepSpeed's offload sections define: with `"device": "none"` they are inert, but a
+# key outside these is a typo (`nvme_pathh`) that must not vanish with the section.
+_OFFLOAD_FIELDS = {
+    "offload_param": ("device", "nvme_path", "buffer_count", "buffer_size", "max_in_cpu",
+                      "pin_memory"),
+    "offload_optimizer": ("device", "nvme_path", "buffer_count", "pin_memory", "pipeline_read",
+                          "pipeline_write", "fast_init", "ratio", "super_offload",
+                          "cpuadam_cores_perc", "threads"),
+}  # fmt: skip
+
+
 def drop_no_offload(data: Any) -> Any:
-    """`offload_*: {"device": "none"}` means no offload (DeepSpeed, HF templates): drop it."""
+    """`offload_*: {"device": "none"}` means no offload (DeepSpeed, HF templates): drop it,
+    after checking its other keys are DeepSpeed's."""
     if not isinstance(data, Mapping):
         return data
     data = dict(data)
     for key in _OFFLOAD_KEYS:
         value = data.get(key)
         if isinstance(value, Mapping) and value.get("device") == "none":
+            allowed = _OFFLOAD_FIELDS[key]
+            for k in value:
+                if k not in allowed:
+                    guess = difflib.get_close_matches(str(k), allowed, n=1)
+                    hint = f"; did you mean `zero_optimization.{key}.{guess[0]}`?" if guess else ""
+                    raise ValueError(f"`zero_optimization.{key}.{k}` is an unknown key{hint}; "
+                                     f"allowed keys in `zero_optimization.{key}`: "
+                                     f"{', '.join(allowed)}")  # fmt: skip
             del data[key]  # "cpu" offloads; anything else fails validation with the key path
     return data
 

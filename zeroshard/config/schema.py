@@ -32,8 +32,9 @@ from pydantic import (
 from zeroshard.config.errors import ConfigError, format_path, translate_validation_error
 from zeroshard.config.honoured import BATCH_AUTOS, hidden_size_autos
 from zeroshard.config.sections import (
-    _OPTIMIZERS,
-    _SCHEDULERS,
+    MAX_BATCH,
+    OPTIMIZERS,
+    SCHEDULERS,
     AdamOptimizer,
     AdamParams,
     AdamW8bitOptimizer,
@@ -41,6 +42,7 @@ from zeroshard.config.sections import (
     AdamWOptimizer,
     AdamWParams,
     Auto,
+    BatchSize,
     BF16Config,
     FP16Config,
     LionOptimizer,
@@ -50,6 +52,7 @@ from zeroshard.config.sections import (
     OptimizerConfig,
     PositiveInt,
     SchedulerConfig,
+    Section,
     SGDOptimizer,
     SGDParams,
     WarmupCosineLRConfig,
@@ -59,7 +62,6 @@ from zeroshard.config.sections import (
     WarmupLRConfig,
     WarmupLRParams,
     ZeroOptimizationConfig,
-    _Section,
 )
 
 __all__ = [
@@ -95,7 +97,7 @@ _BATCH_KEYS = BATCH_AUTOS  # "auto" batch sizes are derived from the others (con
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class ZeroConfig(_Section):
+class ZeroConfig(Section):
     """A validated zeroshard config. Build it with :func:`load_config`.
 
     After loading, the three batch sizes are concrete ints consistent with ``world_size``.
@@ -103,10 +105,11 @@ class ZeroConfig(_Section):
     """
 
     _auto_ok: ClassVar[frozenset[str]] = frozenset(_BATCH_KEYS)
+    _float_ints: ClassVar[dict[str, int]] = dict.fromkeys(_BATCH_KEYS, MAX_BATCH)
 
-    train_batch_size: Union[PositiveInt, Auto, None] = None
-    train_micro_batch_size_per_gpu: Union[PositiveInt, Auto, None] = None
-    gradient_accumulation_steps: Union[PositiveInt, Auto, None] = None
+    train_batch_size: Union[BatchSize, Auto, None] = None
+    train_micro_batch_size_per_gpu: Union[BatchSize, Auto, None] = None
+    gradient_accumulation_steps: Union[BatchSize, Auto, None] = None
     optimizer: Optional[OptimizerConfig] = None
     scheduler: Optional[SchedulerConfig] = None
     fp16: FP16Config = Field(default_factory=FP16Config)
@@ -302,11 +305,11 @@ def _section_keys() -> tuple[dict[tuple, list[str]], dict[str, frozenset[str]]]:
     for name, model in (("offload_optimizer", OffloadOptimizerConfig),
                         ("offload_param", OffloadParamConfig)):  # fmt: skip
         allowed[("zero_optimization", name)] = keys(model)
-    for section, table in (("optimizer", _OPTIMIZERS), ("scheduler", _SCHEDULERS)):
+    for section, table in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS)):
         for tag, model in table.items():
             allowed[(section, tag)] = keys(model)
             allowed[(section, tag, "params")] = keys(model.model_fields["params"].annotation)
-    tags = {"optimizer": frozenset(_OPTIMIZERS), "scheduler": frozenset(_SCHEDULERS)}
+    tags = {"optimizer": frozenset(OPTIMIZERS), "scheduler": frozenset(SCHEDULERS)}
     return allowed, tags
 
 
@@ -332,12 +335,37 @@ def _read_json(path: str) -> Any:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     try:
         return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except RecursionError:
+        raise ConfigError(
+            f"JSON nested deeper than Python's parser allows; a config nests at most "
+            f"{MAX_DEPTH} levels",
+            source=path,
+        ) from None
     except json.JSONDecodeError as e:
         raise ConfigError(
             f"malformed JSON at {path}, line {e.lineno}, column {e.colno}: {e.msg}"
         ) from None
     except ConfigError as e:
         raise ConfigError(e.problems, source=path) from None
+
+
+MAX_DEPTH = 32  # DeepSpeed configs nest a handful of levels; this bounds every walk
+
+
+def _check_depth(data: Any) -> None:
+    """ConfigError if `data` nests deeper than MAX_DEPTH (checked without recursion, before
+    anything recursive such as deepcopy or validation runs)."""
+    stack: list[tuple[Any, tuple]] = [(data, ())]
+    while stack:
+        value, path = stack.pop()
+        if len(path) > MAX_DEPTH:
+            shown = format_path(path[:4]) + "..."
+            raise ConfigError(f"`{shown}` nests deeper than {MAX_DEPTH} levels; a config nests "
+                              f"at most {MAX_DEPTH} levels of objects and lists")  # fmt: skip
+        if isinstance(value, Mapping):
+            stack += [(v, (*path, str(k))) for k, v in value.items()]
+        elif isinstance(value, (list, tuple)):
+            stack += [(v, (*path, i)) for i, v in enumerate(value)]
 
 
 def _default_world_size() -> int:
@@ -359,7 +387,12 @@ def load_config(
     if isinstance(src, (str, os.PathLike)):
         source = os.fspath(src)
         data = _read_json(source)
+        try:
+            _check_depth(data)
+        except ConfigError as e:
+            raise ConfigError(e.problems, source=source) from None
     elif isinstance(src, Mapping):
+        _check_depth(src)
         data = copy.deepcopy(dict(src))
     else:
         raise ConfigError(f"expected a JSON file path or a mapping, got {type(src).__name__}")

@@ -10,6 +10,7 @@ file readable; import these names from :mod:`zeroshard.config.schema`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal, Optional, Union, get_args, get_origin
 
@@ -47,13 +48,23 @@ def _give(annotation: Any) -> str:
     return "give a number"
 
 
-class _Section(BaseModel):
-    """Base for every config section: unknown keys are errors, values are re-validated."""
+# Sane ranges: a size beyond these is a typo (an exponent too many), not a setting.
+MAX_ELEMENTS = 10**12  # bucket sizes, thresholds, live/reuse limits (elements: 4 TB of fp32)
+MAX_BATCH = 2**31 - 1  # batch sizes and accumulation steps
 
-    model_config = ConfigDict(extra="forbid")
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, values are re-validated,
+    floats must be finite (JSON's Infinity/NaN are rejected)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     # Field names that may legitimately hold "auto" (resolved later by zeroshard).
     _auto_ok: ClassVar[frozenset[str]] = frozenset()
+    # Integer fields (name -> largest value) that accept a float-written whole number
+    # (`5e8`), as DeepSpeed's docs write sizes; other integer fields reject floats
+    # (`"stage": 2.0`).
+    _float_ints: ClassVar[dict[str, int]] = {}
 
     @field_validator("*", mode="before")
     @classmethod
@@ -72,7 +83,35 @@ class _Section(BaseModel):
                 raise ValueError(f'must be an object like {{"enabled": {flag}}}, not a boolean')
             what = _give(field.annotation).removeprefix("give ")
             raise ValueError(f"must be {what}, not a boolean")
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        limit = cls._float_ints.get(name)
+        if limit is not None and number and value > limit:
+            raise ValueError(f"must be at most {limit} ({limit:.3g})")
+        if isinstance(value, float) and field is not None and _int_only(field.annotation):
+            whole = math.isfinite(value) and value.is_integer()
+            if limit is not None:
+                if not whole:
+                    auto = ", or must be 'auto'" if name in cls._auto_ok else ""
+                    raise ValueError(f"must be a whole number, got a fractional part{auto}")
+                return int(value)
+            hint = f" (write {int(value)})" if whole else ""
+            raise ValueError(f"must be an integer, not the float {value!r}{hint}")
         return value
+
+
+def _leaves(annotation: Any) -> set[type]:
+    """The value types a field annotation admits (through Annotated, Union, Literal)."""
+    if isinstance(annotation, type):
+        return {annotation}
+    if get_origin(annotation) is Literal:
+        return {type(a) for a in get_args(annotation)}
+    return set().union(*(_leaves(a) for a in get_args(annotation)))
+
+
+def _int_only(annotation: Any) -> bool:
+    """Whether a field holds integers and no floats (Literal[0, 1, 2, 3] included)."""
+    leaves = _leaves(annotation)
+    return int in leaves and float not in leaves
 
 
 def _accepts_bool(annotation: Any) -> bool:
@@ -92,7 +131,7 @@ LR = Annotated[float, Field(ge=0.0)]
 # --------------------------------------------------------------------------- optimizer
 
 
-class AdamWParams(_Section):
+class AdamWParams(Section):
     """torch.optim.AdamW hyperparameters (DeepSpeed's FusedAdam keys)."""
 
     lr: LR = 1e-3
@@ -112,7 +151,7 @@ class AdamParams(AdamWParams):
     adam_w_mode: bool = True  # type: ignore[assignment]
 
 
-class SGDParams(_Section):
+class SGDParams(Section):
     """torch.optim.SGD hyperparameters; lr is required as it has no sensible default."""
 
     lr: LR
@@ -132,7 +171,7 @@ class SGDParams(_Section):
         return self
 
 
-class LionParams(_Section):
+class LionParams(Section):
     """Lion hyperparameters (defaults from the Lion paper)."""
 
     lr: LR = 1e-4
@@ -140,7 +179,7 @@ class LionParams(_Section):
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
 
 
-class AdamW8bitParams(_Section):
+class AdamW8bitParams(Section):
     """AdamW with blockwise 8-bit states (docs/adamw8bit.md): AdamW's hyperparameters plus
     the block size and the global element count below which a parameter keeps fp32 states."""
 
@@ -159,7 +198,7 @@ class AdamW8bitParams(_Section):
         return value
 
 
-class _OptimizerBase(_Section):
+class _OptimizerBase(Section):
     @field_validator("type", mode="before", check_fields=False)
     @classmethod
     def _canonical_type(cls, value: Any) -> Any:
@@ -191,14 +230,14 @@ class AdamW8bitOptimizer(_OptimizerBase):
     params: AdamW8bitParams = Field(default_factory=AdamW8bitParams)
 
 
-_OPTIMIZERS: dict[str, type[_OptimizerBase]] = {
+OPTIMIZERS: dict[str, type[_OptimizerBase]] = {
     "AdamW": AdamWOptimizer,
     "Adam": AdamOptimizer,
     "SGD": SGDOptimizer,
     "Lion": LionOptimizer,
     "AdamW8bit": AdamW8bitOptimizer,
 }
-_OPTIMIZER_NAMES = {name.lower(): name for name in _OPTIMIZERS}
+_OPTIMIZER_NAMES = {name.lower(): name for name in OPTIMIZERS}
 
 
 def _tag(value: Any, names: Mapping[str, str]) -> str | None:
@@ -208,7 +247,7 @@ def _tag(value: Any, names: Mapping[str, str]) -> str | None:
 
 
 OptimizerConfig = Annotated[
-    Union[tuple(Annotated[m, Tag(n)] for n, m in _OPTIMIZERS.items())],  # type: ignore[misc]
+    Union[tuple(Annotated[m, Tag(n)] for n, m in OPTIMIZERS.items())],  # type: ignore[misc]
     Discriminator(
         lambda v: _tag(v, _OPTIMIZER_NAMES),
         custom_error_type="optimizer_type",
@@ -223,7 +262,7 @@ OptimizerConfig = Annotated[
 # --------------------------------------------------------------------------- scheduler
 
 
-class WarmupLRParams(_Section):
+class WarmupLRParams(Section):
     """DeepSpeed WarmupLR. warmup_max_lr null means "the optimizer's lr", as in DeepSpeed."""
 
     warmup_min_lr: LR = 0.0
@@ -248,7 +287,7 @@ class WarmupDecayLRParams(WarmupLRParams):
         return self
 
 
-class WarmupCosineLRParams(_Section):
+class WarmupCosineLRParams(Section):
     """DeepSpeed WarmupCosineLR: ratios of the optimizer's lr, cosine decay after warmup."""
 
     total_num_steps: Annotated[int, Field(ge=1)]
@@ -258,7 +297,7 @@ class WarmupCosineLRParams(_Section):
     warmup_type: Literal["log", "linear"] = "log"
 
 
-class _SchedulerBase(_Section):
+class _SchedulerBase(Section):
     @field_validator("type", mode="before", check_fields=False)
     @classmethod
     def _canonical_type(cls, value: Any) -> Any:
@@ -280,15 +319,15 @@ class WarmupCosineLRConfig(_SchedulerBase):
     params: WarmupCosineLRParams
 
 
-_SCHEDULERS: dict[str, type[_SchedulerBase]] = {
+SCHEDULERS: dict[str, type[_SchedulerBase]] = {
     "WarmupLR": WarmupLRConfig,
     "WarmupDecayLR": WarmupDecayLRConfig,
     "WarmupCosineLR": WarmupCosineLRConfig,
 }
-_SCHEDULER_NAMES = {name.lower(): name for name in _SCHEDULERS}
+_SCHEDULER_NAMES = {name.lower(): name for name in SCHEDULERS}
 
 SchedulerConfig = Annotated[
-    Union[tuple(Annotated[m, Tag(n)] for n, m in _SCHEDULERS.items())],  # type: ignore[misc]
+    Union[tuple(Annotated[m, Tag(n)] for n, m in SCHEDULERS.items())],  # type: ignore[misc]
     Discriminator(
         lambda v: _tag(v, _SCHEDULER_NAMES),
         custom_error_type="scheduler_type",
@@ -303,7 +342,7 @@ SchedulerConfig = Annotated[
 # --------------------------------------------------------------------------- precision, ZeRO
 
 
-class FP16Config(_Section):
+class FP16Config(Section):
     """DeepSpeed fp16 mixed precision with (dynamic) loss scaling."""
 
     enabled: bool = False
@@ -315,16 +354,19 @@ class FP16Config(_Section):
     min_loss_scale: Annotated[float, Field(gt=0.0)] = 1.0
 
 
-class BF16Config(_Section):
+class BF16Config(Section):
     """DeepSpeed bf16 mixed precision (no loss scaling needed)."""
 
     enabled: bool = False
 
 
 PositiveInt = Annotated[int, Field(ge=1)]
+BatchSize = Annotated[int, Field(ge=1, le=MAX_BATCH)]
+Elements = Annotated[int, Field(ge=1, le=MAX_ELEMENTS)]
+Elements0 = Annotated[int, Field(ge=0, le=MAX_ELEMENTS)]
 
 
-class _Offload(_Section):
+class _Offload(Section):
     _key: ClassVar[str] = ""
     device: Literal["cpu"]
     pin_memory: bool = False
@@ -348,25 +390,30 @@ class OffloadParamConfig(_Offload):
     _key: ClassVar[str] = "offload_param"
 
 
-class ZeroOptimizationConfig(_Section):
+class ZeroOptimizationConfig(Section):
     """DeepSpeed's `zero_optimization` section. Sizes are element counts, as in DeepSpeed."""
 
     # "auto" here means "from the model's hidden size" (confighonoured.HIDDEN_SIZE_AUTOS)
     _auto_ok: ClassVar[frozenset[str]] = frozenset(
         k.split(".", 1)[1] for k in honoured.HIDDEN_SIZE_AUTOS
     )
+    _float_ints: ClassVar[dict[str, int]] = dict.fromkeys(
+        ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
+         "stage3_param_persistence_threshold", "stage3_max_live_parameters",
+         "stage3_max_reuse_distance"), MAX_ELEMENTS
+    )  # fmt: skip
 
     stage: Literal[0, 1, 2, 3] = 0
     overlap_comm: bool = True
     contiguous_gradients: bool = True
     reduce_scatter: bool = True
-    reduce_bucket_size: Union[PositiveInt, Auto] = 500_000_000
+    reduce_bucket_size: Union[Elements, Auto] = 500_000_000
     allgather_partitions: bool = True
-    allgather_bucket_size: PositiveInt = 500_000_000
-    stage3_prefetch_bucket_size: Union[PositiveInt, Auto] = 50_000_000
-    stage3_param_persistence_threshold: Union[Annotated[int, Field(ge=0)], Auto] = 100_000
-    stage3_max_live_parameters: PositiveInt = 1_000_000_000
-    stage3_max_reuse_distance: Annotated[int, Field(ge=0)] = 1_000_000_000
+    allgather_bucket_size: Elements = 500_000_000
+    stage3_prefetch_bucket_size: Union[Elements, Auto] = 50_000_000
+    stage3_param_persistence_threshold: Union[Elements0, Auto] = 100_000
+    stage3_max_live_parameters: Elements = 1_000_000_000
+    stage3_max_reuse_distance: Elements0 = 1_000_000_000
     # zeroshard's own: what one stage-3 unit is (stage3/grouping.py; docs/config.md)
     stage3_unit_grouping: Union[Literal["block", "module"], list[str]] = "block"
     stage3_gather_16bit_weights_on_model_save: bool = False

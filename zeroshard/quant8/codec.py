@@ -25,7 +25,7 @@ from torch import Tensor
 from zeroshard.quant8.format import (
     BLOCK_SIZE,
     MIN_8BIT_SIZE,
-    _check_block_size,
+    check_block_size,
     dequantize_blockwise,
     init_state8,
     quantize_blockwise,
@@ -46,7 +46,7 @@ class Blockwise8bit:
     name = "blockwise8bit"
 
     def __init__(self, block_size: int = BLOCK_SIZE, min_8bit_size: int = MIN_8BIT_SIZE) -> None:
-        _check_block_size(int(block_size))
+        check_block_size(int(block_size))
         if int(min_8bit_size) < 1:
             raise ValueError(f"min_8bit_size must be >= 1, got {min_8bit_size}")
         self.block_size = int(block_size)

@@ -144,7 +144,7 @@ def state_bytes(global_numel: int, block_size: int = BLOCK_SIZE,
     return 2 * global_numel + 8 * num_blocks(global_numel, block_size)
 
 
-def _check_block_size(block_size: int) -> None:
+def check_block_size(block_size: int) -> None:
     # Power of two: the kernel tiles a block with tl.arange.
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
@@ -153,7 +153,7 @@ def _check_block_size(block_size: int) -> None:
 def init_state8(n: int, block_size: int = BLOCK_SIZE,
                 device: torch.device | str = "cpu") -> dict[str, Tensor]:
     """Zero states for a piece of n elements: codes of 0.0 and zero absmax (STATE_NAMES)."""
-    _check_block_size(block_size)
+    check_block_size(block_size)
     nb = num_blocks(n, block_size)
     return {
         "exp_avg_codes": torch.full((n,), zero_code(True), dtype=torch.uint8, device=device),
@@ -167,7 +167,7 @@ def init_state8(n: int, block_size: int = BLOCK_SIZE,
 # quantize / dequantize (CPU torch ops, any device)
 
 
-def _scratch(device: torch.device, name: str, numel: int, dtype: torch.dtype) -> Tensor:
+def quant_scratch(device: torch.device, name: str, numel: int, dtype: torch.dtype) -> Tensor:
     bufs = _SCRATCH.setdefault(device, {})
     buf = bufs.get(name)
     if buf is None or buf.numel() < numel or buf.dtype != dtype:
@@ -176,7 +176,7 @@ def _scratch(device: torch.device, name: str, numel: int, dtype: torch.dtype) ->
     return buf[:numel]
 
 
-def _requantize(s: Tensor, k: int, block_size: int, signed: bool, codes: Tensor,
+def requantize(s: Tensor, k: int, block_size: int, signed: bool, codes: Tensor,
                 absmax: Tensor, tmp: Tensor, idx: Tensor, flag: Tensor) -> None:
     """codes[:k], absmax <- quantized s[:k]; s is zero-padded to whole blocks; tmp like s."""
     nb = absmax.numel()
@@ -196,7 +196,7 @@ def _requantize(s: Tensor, k: int, block_size: int, signed: bool, codes: Tensor,
     codes.add_(flag)
 
 
-def _dequantize_into(out: Tensor, k: int, block_size: int, signed: bool, codes: Tensor,
+def dequantize_into(out: Tensor, k: int, block_size: int, signed: bool, codes: Tensor,
                      absmax: Tensor, idx: Tensor) -> None:
     """out[:k] <- map[codes] * absmax; out[k:] (block padding) <- 0."""
     qmap = dynamic_map(signed).to(out.device)
@@ -209,14 +209,14 @@ def _dequantize_into(out: Tensor, k: int, block_size: int, signed: bool, codes: 
 def quantize_blockwise(x: Tensor, signed: bool, block_size: int = BLOCK_SIZE
                        ) -> tuple[Tensor, Tensor]:
     """(uint8 codes, fp32 absmax per block) of a flat fp32 tensor, by the rounding above."""
-    _check_block_size(block_size)
+    check_block_size(block_size)
     n = x.numel()
     nb = num_blocks(n, block_size)
     padded = torch.zeros(nb * block_size, dtype=torch.float32, device=x.device)
     padded[:n] = x.reshape(-1)
     codes = torch.empty(n, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(nb, dtype=torch.float32, device=x.device)
-    _requantize(padded, n, block_size, signed, codes, absmax, torch.empty_like(padded),
+    requantize(padded, n, block_size, signed, codes, absmax, torch.empty_like(padded),
                 torch.empty(n, dtype=torch.int32, device=x.device),
                 torch.empty(n, dtype=torch.bool, device=x.device))
     return codes, absmax
@@ -225,9 +225,9 @@ def quantize_blockwise(x: Tensor, signed: bool, block_size: int = BLOCK_SIZE
 def dequantize_blockwise(codes: Tensor, absmax: Tensor, signed: bool,
                          block_size: int = BLOCK_SIZE) -> Tensor:
     """fp32 values map[codes] * absmax of a flat piece."""
-    _check_block_size(block_size)
+    check_block_size(block_size)
     n = codes.numel()
     out = torch.empty(absmax.numel() * block_size, dtype=torch.float32, device=codes.device)
-    _dequantize_into(out, n, block_size, signed, codes.reshape(-1), absmax,
+    dequantize_into(out, n, block_size, signed, codes.reshape(-1), absmax,
                      torch.empty(n, dtype=torch.int32, device=codes.device))
     return out[:n]

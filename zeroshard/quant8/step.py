@@ -15,12 +15,12 @@ from torch import Tensor
 
 from zeroshard.quant8.format import (
     BLOCK_SIZE,
-    _check_block_size,
-    _dequantize_into,
-    _requantize,
-    _scratch,
+    check_block_size,
+    dequantize_into,
     kernel_tables,
     num_blocks,
+    quant_scratch,
+    requantize,
 )
 
 try:  # numpy's fp32 sqrt is the correctly rounded one (torch's is not) and fast
@@ -99,7 +99,7 @@ def adamw8bit_step_(
     `model_copy` (bf16/fp16) receives the new param rounded to nearest even. Backends
     ('torch' on any device, 'triton' on CUDA or under TRITON_INTERPRET=1) give identical bits.
     """
-    _check_block_size(block_size)
+    check_block_size(block_size)
     n, dev = param.numel(), param.device
     nb = num_blocks(n, block_size)
     if param.dim() != 1:
@@ -176,13 +176,13 @@ def _torch_step(p: Tensor, grad: Tensor, mc: Tensor, ma: Tensor, vc: Tensor, va:
     n, dev = p.numel(), p.device
     chunk = max(bs, _CHUNK // bs * bs)
     width = min(chunk, num_blocks(n, bs) * bs)
-    m_buf = _scratch(dev, "m", width, torch.float32)
-    v_buf = _scratch(dev, "v", width, torch.float32)
-    u_buf = _scratch(dev, "u", width, torch.float32)
-    g_buf = _scratch(dev, "g", width, torch.float32)
-    i_buf = _scratch(dev, "idx", width, torch.int32)
-    f_buf = _scratch(dev, "flag", width, torch.bool)
-    d_buf = _scratch(dev, "sqrt", 0 if _np is not None and dev.type == "cpu" else width,
+    m_buf = quant_scratch(dev, "m", width, torch.float32)
+    v_buf = quant_scratch(dev, "v", width, torch.float32)
+    u_buf = quant_scratch(dev, "u", width, torch.float32)
+    g_buf = quant_scratch(dev, "g", width, torch.float32)
+    i_buf = quant_scratch(dev, "idx", width, torch.int32)
+    f_buf = quant_scratch(dev, "flag", width, torch.bool)
+    d_buf = quant_scratch(dev, "sqrt", 0 if _np is not None and dev.type == "cpu" else width,
                      torch.float64)
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
@@ -191,8 +191,8 @@ def _torch_step(p: Tensor, grad: Tensor, mc: Tensor, ma: Tensor, vc: Tensor, va:
         m, v, u = m_buf[:nbc * bs], v_buf[:nbc * bs], u_buf[:nbc * bs]
         idx, flag = i_buf[:k], f_buf[:k]
         mcs, mas, vcs, vas = mc[s:e], ma[b0:b0 + nbc], vc[s:e], va[b0:b0 + nbc]
-        _dequantize_into(m, k, bs, True, mcs, mas, idx)
-        _dequantize_into(v, k, bs, False, vcs, vas, idx)
+        dequantize_into(m, k, bs, True, mcs, mas, idx)
+        dequantize_into(v, k, bs, False, vcs, vas, idx)
         g = grad[s:e]
         if g.dtype != torch.float32 or scale is not None:
             g = g_buf[:k].copy_(g)
@@ -216,5 +216,5 @@ def _torch_step(p: Tensor, grad: Tensor, mc: Tensor, ma: Tensor, vc: Tensor, va:
         pc.sub_(uk)
         if model_copy is not None:
             model_copy[s:e].copy_(pc)
-        _requantize(m, k, bs, True, mcs, mas, u, idx, flag)
-        _requantize(v, k, bs, False, vcs, vas, u, idx, flag)
+        requantize(m, k, bs, True, mcs, mas, u, idx, flag)
+        requantize(v, k, bs, False, vcs, vas, u, idx, flag)

@@ -132,11 +132,14 @@ def restore_optimizer(
     steps: Mapping[int, int],
     loss_scaler: Mapping[str, Any] | None,
     lr_scheduler: Mapping[str, Any] | None,
+    sync: bool = True,
 ) -> None:
     """After the master and state tensors were written: shard-group step counts (`steps`:
     shard group -> count), param-group hyperparameters, the loss scaler and the lr scheduler;
-    then the parameters follow the restored fp32 master on every rank (DeepSpeed's
-    load_from_fp32_weights) and states kept in another form are stored."""
+    then (`sync`; a caller that must first agree with the other ranks calls
+    `opt.sync_params_from_master()` itself) the parameters follow the restored fp32 master
+    on every rank (DeepSpeed's load_from_fp32_weights) and states kept in another form are
+    stored."""
     for i, n in steps.items():
         opt.set_step(i, int(n))
     for group, saved in zip(opt.param_groups, param_groups):
@@ -147,7 +150,8 @@ def restore_optimizer(
         opt.loss_scaler.load_state_dict(loss_scaler)
     if opt.lr_scheduler is not None and lr_scheduler:
         opt.lr_scheduler.load_state_dict(lr_scheduler)
-    opt.sync_params_from_master()
+    if sync:
+        opt.sync_params_from_master()
 
 
 def _state_lists(opt: ZeroOptimizer, index: int, st: Any) -> Mapping[str, list[torch.Tensor]]:
