@@ -5,9 +5,9 @@ under the fp32 fallback)."""
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 import zeroshard
+from tests.ckpt_jobs import rank_world, train
 from tests.models import batch, loss_fn, make_model, param_groups
 from zeroshard import quant8 as Q
 
@@ -17,12 +17,6 @@ LR, BETAS, WD = 3e-3, (0.9, 0.95), 0.1
 # most of them 8-bit (several blocks, cut across ranks) and leave norms and biases in fp32.
 BLOCK, MIN8 = 64, 500
 BUCKET = 700
-
-
-def rank_world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def config(stage: int, precision: str = "fp32", block: int = BLOCK, min8: int = MIN8,
@@ -45,24 +39,6 @@ def build(stage: int, precision: str = "fp32", seed: int = 0, **kw):
     model = make_model(seed)
     return zeroshard.initialize(model, config(stage, precision, **kw),
                                 model_parameters=param_groups(model, weight_decay=WD))
-
-
-def train(model, opt, start: int, steps: int) -> list[float]:
-    """Steps [start, start+steps) on this rank's slice of the global batch; global losses."""
-    rank, world = rank_world()
-    n = GLOBAL_BATCH // world
-    losses = []
-    for step in range(start, start + steps):
-        x, y = batch(step, GLOBAL_BATCH)
-        loss = loss_fn(model, x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n])
-        opt.backward(loss)
-        opt.step()
-        opt.zero_grad()
-        t = loss.detach().float().reshape(1)
-        if world > 1:
-            dist.all_reduce(t)
-        losses.append(t.item() / world)
-    return losses
 
 
 def expected_state_bytes(opt) -> int:

@@ -17,6 +17,8 @@ engine to the same `GradPath` protocol the optimizer talks to.
 
 from __future__ import annotations
 
+import abc
+
 import torch
 from torch import Tensor
 
@@ -48,7 +50,7 @@ class BucketState:
         return len(self.fired) == len(self.bucket.slots)
 
 
-class _Strategy:
+class _Strategy(abc.ABC):
     """What differs per stage; `flats` and `queue` are the reducer's own (shared) objects."""
 
     sharded = True  # gradients on different ranks are disjoint (their norms add up)
@@ -71,18 +73,19 @@ class _Strategy:
         self.queue.wait_for(state)  # its last reduction may still be reading this bucket
         self.flats[fi].param_view(self.grads[fi], slot).add_(grad.reshape(-1))
 
+    @abc.abstractmethod
     def launch(self, state: BucketState, in_backward: bool, overlap_comm: bool) -> None:
-        raise NotImplementedError
+        """Start reducing a ready bucket (each stage's own collective)."""
 
-    def after_finish(self, states: list[BucketState]) -> None:
-        pass
+    def after_finish(self, states: list[BucketState]) -> None:  # noqa: B027 (a no-op hook)
+        """After `finish()` drained the queue (stage 1 copies reduced chunks in)."""
 
     def grad_pieces(self, fi: int) -> list[Tensor]:
         """This rank's averaged gradients, aligned with `FlatParams.own_chunks`."""
         return self.flats[fi].own_chunks(self.grads[fi])
 
-    def end_step(self) -> None:
-        pass
+    def end_step(self) -> None:  # noqa: B027 (a no-op hook)
+        """The step is over (stage 2 frees its idle bucket buffers)."""
 
     def held_buffers(self, states: list[BucketState]) -> list[Tensor]:
         return [s.reduced for s in states if s.reduced is not None]
