@@ -197,6 +197,18 @@ def _zs_config(stage: int, **zo: Any) -> dict[str, Any]:
     return {"zero_optimization": {"stage": stage, **zo}, "optimizer": adamw}
 
 
+def _losses(model: Any, opt: Any, data: list[tuple[Any, Any]]) -> list[float]:
+    """Train on `data` (one step per batch) and return the losses."""
+    out = []
+    for x, y in data:
+        loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        out.append(loss.item())
+    return out
+
+
 def parity(steps: int) -> list[dict[str, Any]]:
     """Stages 0-3 (Triton update on the GPU) vs torch.optim.AdamW, fp32, one GPU."""
     import zeroshard
@@ -204,24 +216,11 @@ def parity(steps: int) -> list[dict[str, Any]]:
     cfg_kw = {"vocab_size": 512, "n_embd": 256, "n_layer": 4, "n_head": 4, "block_size": 128}
     data = _batches(cfg_kw, 8, steps)
     ref = _gpt(cfg_kw)
-    opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.01)
-    want = []
-    for x, y in data:
-        loss = ref(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        want.append(loss.item())
+    want = _losses(ref, torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.01), data)
     rows = []
     for stage in range(4):
         model, zopt = zeroshard.initialize(_gpt(cfg_kw), _zs_config(stage))
-        got = []
-        for x, y in data:
-            loss = model(x, y)
-            loss.backward()
-            zopt.step()
-            zopt.zero_grad()
-            got.append(loss.item())
+        got = _losses(model, zopt, data)
         rel = max(abs(a - b) / abs(b) for a, b in zip(got, want))
         rows.append({"stage": stage, "max_rel_loss_diff": rel, "ok": rel <= 1e-4,
                      "final_loss": got[-1], "torch_final_loss": want[-1]})  # fmt: skip

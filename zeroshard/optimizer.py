@@ -118,7 +118,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.kernel = kernel
         self.gradient_clipping = float(gradient_clipping)
         self.gradient_accumulation_steps = gradient_accumulation_steps
-        self.allgather_bucket_size = int(allgather_bucket_size)
         self.loss_scaler = loss_scaler
         self.lr_scheduler = None  # set by zeroshard.initialize from the config
         self.timer: Any = None  # a phase timer (timing.py) when the config asks for one

@@ -15,7 +15,7 @@ runs LOW for reused modules; the result says which one was used (`schedule`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,24 +62,13 @@ def state_codec(cfg: ZeroConfig) -> Any:
     return codec if hasattr(codec, "piece_bytes") else None
 
 
-def _unit_state_bytes(u: Any, codec: Any) -> int:
-    """Bytes of `codec`'s state for this rank's pieces of `u`'s trainable parameters."""
-    total = 0
+def _trainable_pieces(u: Any) -> Iterator[tuple[int, int]]:
+    """(parameter numel, piece numel) of this rank's pieces of `u`'s trainable parameters:
+    what the stage-3 optimizer keeps master and state for (padding excluded)."""
     for s in u.slots:
         if s.param.requires_grad:
             for _, a, z in u.chunk_overlaps(s.offset, s.offset + s.numel):
-                total += codec.piece_bytes(s.numel, z - a)
-    return total
-
-
-def _unit_pieces(u: Any) -> int:
-    """Elements of this rank's shard of `u` that belong to trainable parameters (what the
-    stage-3 optimizer keeps fp32 master and state for; padding excluded)."""
-    total = 0
-    for s in u.slots:
-        if s.param.requires_grad:
-            total += sum(z - a for _, a, z in u.chunk_overlaps(s.offset, s.offset + s.numel))
-    return total
+                yield s.numel, z - a
 
 
 def _forget_units(model: nn.Module, shapes: dict[int, tuple[torch.Size, torch.dtype]]) -> None:
@@ -162,10 +151,11 @@ def stage3(
             _forget_units(model, shapes)
         comm = MetaComm(world, rank)
         units = make_units(model, comm, cfg, tracker, group_of, piece_codec or codec)
-        pieces = sum(_unit_pieces(u) for u in units if u.trainable)
+        pieces = sum(n for u in units if u.trainable for _, n in _trainable_pieces(u))
         shards = sum(u.shard_numel * elem for u in units if not u.persistent)
         state = states * codec.stored_bytes(pieces) if piece_codec is None else sum(
-            _unit_state_bytes(u, piece_codec) for u in units if u.trainable)
+            piece_codec.piece_bytes(total, n)
+            for u in units if u.trainable for total, n in _trainable_pieces(u))
         per_rank.append(with_offload({
             "params": sum(u.full_bytes if u.persistent else u.shard_numel * elem for u in units),
             "grads": sum(u.shard_numel * red for u in units if u.trainable),

@@ -122,19 +122,21 @@ class ShardGroup:
 
     def commit(self) -> None:
         """Store state written through `state()` and make the parameters follow the master."""
+        self._store_decoded()
+        self.write_params()
+
+    def _store_decoded(self) -> None:
+        """fp32 state handed out by `state()` (and maybe written) goes back to `stored`."""
         if self._decoded is not None:
             self.codec.encode(self._decoded, self.stored)
             self._decoded = None
-        self.write_params()
 
     def piece_states(self, shard_offset: int, numel: int) -> dict[str, tuple[Tensor, int]]:
         """The stored state of one parameter piece (elements [shard_offset, +numel) of the
         shard) as (1-D view, parameter elements per entry), by stored-state name."""
         own = getattr(self.codec, "piece_states", None)
         if own is not None:
-            if self._decoded is not None:  # fp32 state written through `state()`: store it
-                self.codec.encode(self._decoded, self.stored)
-                self._decoded = None
+            self._store_decoded()
             return own(self.stored, shard_offset, numel)
         out = {}
         for name, ts in self.state().items():
