@@ -117,6 +117,18 @@ def snapshot(model, opt) -> list[torch.Tensor]:
     return out
 
 
+def good_checkpoint_and_target(root: str):
+    """Save tag "good" under `root` from a model trained 2 steps; return another model and
+    optimizer (seed 5, 1 step) to load into, and their snapshot (to prove a refused load
+    changed nothing)."""
+    model, opt = build(2, "fp32")
+    train(model, opt, 0, 2)
+    zeroshard.save_checkpoint(root, model, opt, tag="good", client_state={"step": 2})
+    model2, opt2 = build(2, "fp32", seed=5)
+    train(model2, opt2, 0, 1)
+    return model2, opt2, snapshot(model2, opt2)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

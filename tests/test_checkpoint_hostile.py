@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 import zeroshard
-from tests.ckpt_jobs import build, train
+from tests.ckpt_jobs import good_checkpoint_and_target
 from tests.ckpt_jobs import snapshot as _snapshot
 from zeroshard.checkpoint import load as load_mod
 from zeroshard.checkpoint import manifest
@@ -127,12 +127,7 @@ CASES = ["big_header", "pickle", "swapped_pieces", "steps_abc", "lr_string", "ov
 
 def job_hostile(root: str) -> dict:
     rank, base = dist.get_rank(), Path(root)
-    model, opt = build(2, "fp32")
-    train(model, opt, 0, 2)
-    zeroshard.save_checkpoint(root, model, opt, tag="good", client_state={"step": 2})
-    model2, opt2 = build(2, "fp32", seed=5)
-    train(model2, opt2, 0, 1)
-    before = _snapshot(model2, opt2)
+    model2, opt2, before = good_checkpoint_and_target(root)
     out = {}
     for case in CASES:
         box = [_make(base, case) if rank == 0 else None]
@@ -193,12 +188,7 @@ def job_apply_fails(root: str, where: str) -> dict:
     """Rank 1's apply step fails at its third slice read ("read") or after the tensors,
     step counters and hyperparameters were written ("step")."""
     rank = dist.get_rank()
-    model, opt = build(2, "fp32")
-    train(model, opt, 0, 2)
-    zeroshard.save_checkpoint(root, model, opt, tag="good", client_state={"step": 2})
-    model2, opt2 = build(2, "fp32", seed=5)
-    train(model2, opt2, 0, 1)
-    before = _snapshot(model2, opt2)
+    model2, opt2, before = good_checkpoint_and_target(root)
     real_open, real_restore = load_mod.safe_open, load_mod.restore_optimizer
 
     def failing_restore(*args, **kwargs):

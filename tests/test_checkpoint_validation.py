@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import zeroshard
-from tests.ckpt_jobs import build, train
+from tests.ckpt_jobs import build, good_checkpoint_and_target
 from tests.ckpt_jobs import snapshot as _snapshot
 
 MARKER = "pwned.txt"
@@ -54,12 +54,7 @@ CASES = [f"{k}:{f}" for k in ("rank0", "rank1", "manifest")
 
 def job_damaged(root: str) -> dict:
     rank = dist.get_rank()
-    model, opt = build(2, "fp32")
-    train(model, opt, 0, 2)
-    zeroshard.save_checkpoint(root, model, opt, tag="good", client_state={"step": 2})
-    model2, opt2 = build(2, "fp32", seed=5)
-    train(model2, opt2, 0, 1)
-    before = _snapshot(model2, opt2)
+    model2, opt2, before = good_checkpoint_and_target(root)
     out = {}
     for i, case in enumerate(CASES):
         tag = f"bad{i}"
