@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,20 +36,69 @@ def env() -> dict[str, str]:
     e.setdefault("OMP_NUM_THREADS", "1")
     e.setdefault("TOKENIZERS_PARALLELISM", "false")
     e.setdefault("HF_HUB_OFFLINE", "1")
+    # A hung run is killed with SIGABRT first, so every Python process prints its stacks.
+    e["PYTHONFAULTHANDLER"] = "1"
     e.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     return e
 
 
+class Hung(Exception):
+    """A launched command ran past its timeout; carries every process's stacks."""
+
+
 def run(cmd: list[str], timeout: int = 600, extra_env: dict | None = None) -> str:
-    """Run `cmd`; on failure the test fails with the command's output tail."""
-    p = subprocess.run(
-        cmd, cwd=ROOT, env={**env(), **(extra_env or {})}, capture_output=True, text=True,
-        timeout=timeout,
+    """Run `cmd`; on failure the test fails with the command's output tail. A run past
+    `timeout` raises `Hung` (a pytest failure unless caught) once every process under it
+    (torchrun's ranks, in sessions of their own, and their data-loader workers included)
+    has printed its stacks and been killed, so no rank outlives the test."""
+    p = subprocess.Popen(
+        cmd, cwd=ROOT, env={**env(), **(extra_env or {})}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    out = p.stdout + p.stderr
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        tree = [p.pid, *_descendants(p.pid)]
+        # faulthandler prints each process's stacks, then it dies
+        _signal(reversed(tree), signal.SIGABRT, pause=0.5)
+        try:
+            out, _ = p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            out = ""
+        _signal(tree, signal.SIGKILL)
+        p.kill()
+        rest, _ = p.communicate()
+        raise Hung(f"{' '.join(cmd)} ran past {timeout} s; its stacks:\n"
+                   f"{(out + (rest or ''))[-12000:]}") from None  # fmt: skip
     if p.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} exited {p.returncode}:\n{out[-6000:]}")
     return out
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below `pid`, read from /proc (children before grandchildren)."""
+    parent: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [c for c, par in parent.items() if par in frontier]
+        found += kids
+        frontier = kids
+    return found
+
+
+def _signal(pids, sig: int, pause: float = 0.0) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+        time.sleep(pause)  # one process's stacks at a time, not interleaved
 
 
 def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 600) -> str:
