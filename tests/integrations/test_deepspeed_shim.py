@@ -15,7 +15,8 @@ def test_deepspeed_script_runs_unchanged_on_the_shim(tmp_path):
     runs = {}
     for mode in ("shim", "ds"):
         out = tmp_path / f"{mode}.json"
-        torchrun("ds_train.py", mode, str(out), str(tmp_path / f"ckpt_{mode}"))
+        torchrun("ds_train.py", mode, str(out), str(tmp_path / f"ckpt_{mode}"), timeout=240,
+                 reference=mode == "ds")
         runs[mode] = read_json(out)
     shim, ds = runs["shim"], runs["ds"]
     assert (shim["micro"], shim["gas"], shim["world"], shim["steps"]) == (4, 2, 2, 8)

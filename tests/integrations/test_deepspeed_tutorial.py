@@ -5,14 +5,13 @@ and clipping, against real DeepSpeed on CPU (2 gloo ranks, fp32, torch AdamW).""
 
 import argparse
 import json
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 import zeroshard.integrations.deepspeed as shim
-from tests.integrations.launch import SCRIPTS, Hung, free_port, read_json, require, run
+from tests.integrations.launch import read_json, require, torchrun
 
 
 def _config(stage: int) -> dict:
@@ -40,22 +39,9 @@ def test_tutorial_script_matches_deepspeed_with_only_the_import_changed(tmp_path
     runs = {}
     for mode in ("shim", "ds"):
         out = tmp_path / f"{mode}.json"
-        # Real DeepSpeed's loader forks 2 workers per rank from a process with gloo threads,
-        # which can deadlock in the child; a hung reference run is retried once, its stacks
-        # shown. A hung shim run fails the test.
-        for attempt in range(2 if mode == "ds" else 1):
-            try:
-                run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                     "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-                     str(SCRIPTS / "ds_tutorial.py"), mode, "--deepspeed",
-                     "--deepspeed_config", str(paths[0]), "--more-configs", str(paths[1]),
-                     "--out", str(out), "--work", str(tmp_path / f"work{attempt}")],
-                    timeout=240)  # fmt: skip
-                break
-            except Hung as hung:
-                if mode != "ds" or attempt == 1:
-                    pytest.fail(str(hung))
-                print(f"real DeepSpeed hung, retrying once:\n{hung}")
+        torchrun("ds_tutorial.py", mode, "--deepspeed", "--deepspeed_config", str(paths[0]),
+                 "--more-configs", str(paths[1]), "--out", str(out), "--work",
+                 str(tmp_path / "work"), timeout=240, reference=mode == "ds")  # fmt: skip
         runs[mode] = read_json(out)
     for name in ("zero2", "zero3"):
         shim, ds = runs["shim"][name], runs["ds"][name]
