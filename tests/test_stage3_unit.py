@@ -97,6 +97,18 @@ def test_prefetch_takes_the_next_released_units_within_both_budgets():
     assert to_prefetch(order, 1, units, prefetch_numel=60, max_live_numel=49) == []
 
 
+def test_the_unit_being_fetched_is_in_use_not_pending():
+    """Fetching unit 0 (gathered, not yet acquired): it takes none of the prefetch bucket, so
+    the next unit is gathered behind it (it once did, and a block as large as the bucket
+    stopped all prefetch: every block's gather waited in the open)."""
+    units = [_fake(50, state=UnitState.GATHERING), _fake(50), _fake(50)]
+    order = [0, 1, 2]
+    assert to_prefetch(order, 1, units, prefetch_numel=60, max_live_numel=1000) == []
+    assert to_prefetch(order, 1, units, prefetch_numel=60, max_live_numel=1000, current=0) == [1]
+    assert to_prefetch(order, 1, units, prefetch_numel=60, max_live_numel=100, current=0) == [1]
+    assert to_prefetch(order, 1, units, prefetch_numel=60, max_live_numel=99, current=0) == []
+
+
 def test_prefetch_budget_ignores_resident_persistent_units():
     """A persistent unit is always gathered and never fetched: idle or not, it takes none of
     the prefetch bucket (it once did, which shrank prefetch by the persistent parameters)."""
@@ -111,6 +123,10 @@ def test_backward_head_and_reuse_distance():
     units = [_fake(100), _fake(20), _fake(30), _fake(5, persistent=True)]
     assert backward_head([0, 1, 2], units, prefetch_numel=10) == {0}  # first, whatever size
     assert backward_head([3, 1, 2, 0], units, prefetch_numel=50) == {1, 2}
+    # the first is in use as backward starts: one prefetch bucket more is kept behind it
+    assert backward_head([0, 1, 2], units, prefetch_numel=50) == {0, 1, 2}
+    assert backward_head([0, 1, 2], units, prefetch_numel=49) == {0, 1}
+    assert backward_head([1, 2, 0], units, prefetch_numel=30) == {1, 2}
     assert backward_head(None, units, prefetch_numel=50) == set()
     order = [0, 1, 2, 1, 0]
     assert next_use_within(order, 1, 0, units, max_reuse_numel=50) is True  # 20 + 30 between

@@ -91,8 +91,8 @@ def _pass(
             for u in own:
                 pos += 1
                 retained.discard(id(u))
-                pending = sum(size[i] for i in gathered
-                              if not users.get(i) and i not in retained)
+                pending = sum(size[i] for i in gathered  # u itself is in use, not pending
+                              if not users.get(i) and i not in retained and i != id(u))
                 live = sum(size[i] for i in gathered)
                 for nxt in seq[pos:]:
                     i = id(nxt)

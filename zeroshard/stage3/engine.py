@@ -340,19 +340,21 @@ class Stage3Engine:
         if u.persistent:
             return
         u.unretain()
-        self._recording.append(self._index[id(u)])
+        index = self._index[id(u)]
+        self._recording.append(index)
+        u.gather()  # its own collective first: issued before, it is not queued behind others
         order = self._orders.get(self._pass)
         if order:
             try:
-                self._cursor = order.index(self._index[id(u)], self._cursor) + 1
+                self._cursor = order.index(index, self._cursor) + 1
             except ValueError:
                 pass
-            self._prefetch(order)
+            self._prefetch(order, index)
         u.wait()
 
-    def _prefetch(self, order: list[int]) -> None:
+    def _prefetch(self, order: list[int], current: int) -> None:
         ahead = to_prefetch(order, self._cursor, self.units, self.prefetch_numel,
-                            self.max_live_numel)  # fmt: skip
+                            self.max_live_numel, current)  # fmt: skip
         gather_coalesced([self.units[i] for i in ahead], self.comm, self.tracker,
                          self.prefetch_numel)
 

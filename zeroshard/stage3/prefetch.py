@@ -15,14 +15,16 @@ from zeroshard.stage3.unit import RELEASED
 
 
 def to_prefetch(order: Sequence[int], cursor: int, units: Sequence[Any], prefetch_numel: int,
-                max_live_numel: int) -> list[int]:  # fmt: skip
+                max_live_numel: int, current: int | None = None) -> list[int]:  # fmt: skip
     """Units to start gathering now: the next ones in `order` after `cursor` that are
     released, while gathered-but-unused elements stay within `prefetch_numel` and everything
-    gathered within `max_live_numel`. Persistent units are always resident and never fetched,
-    so they count against neither (as in DeepSpeed, whose prefetch budget counts only
-    parameters in flight)."""
+    gathered within `max_live_numel`. `current`, the unit being fetched for use right now,
+    is in use, not pending. Persistent units are always resident and never fetched, so they
+    count against neither (as in DeepSpeed, whose prefetch budget counts only parameters in
+    flight)."""
     live = sum(x.numel for x in units if x.state != RELEASED and not x.persistent)
-    pending = sum(x.numel for x in units if x.state != RELEASED and x.idle and not x.persistent)
+    pending = sum(x.numel for i, x in enumerate(units)
+                  if x.state != RELEASED and x.idle and not x.persistent and i != current)
     out: list[int] = []
     for i in order[cursor:]:
         nxt = units[i]
@@ -38,8 +40,10 @@ def to_prefetch(order: Sequence[int], cursor: int, units: Sequence[Any], prefetc
 
 def backward_head(order: Sequence[int] | None, units: Sequence[Any], prefetch_numel: int
                   ) -> set[int]:  # fmt: skip
-    """Units the recorded backward fetches first: the first one whatever its size (it was
-    just in use), then more up to one prefetch bucket."""
+    """Units the recorded backward fetches first: the first one whatever its size (in use as
+    soon as backward starts), then the next ones up to one prefetch bucket (what `to_prefetch`
+    would gather ahead of it), so none is released at the end of forward only to be
+    gathered again at once."""
     keep: set[int] = set()
     budget = 0
     for i in order or ():
@@ -48,8 +52,9 @@ def backward_head(order: Sequence[int] | None, units: Sequence[Any], prefetch_nu
             continue
         if keep and budget + u.numel > prefetch_numel:
             break
+        if keep:
+            budget += u.numel
         keep.add(i)
-        budget += u.numel
     return keep
 
 
