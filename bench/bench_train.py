@@ -67,6 +67,9 @@ SYSTEMS: dict[str, tuple[str, int, str]] = {
     "zs-1": ("zeroshard", 1, "fp32"),
     "zs-2": ("zeroshard", 2, "fp32"),
     "zs-3": ("zeroshard", 3, "fp32"),
+    # stages 1-2 with `overlap_param_gather`: the post-step all-gather behind the next forward
+    "zs-1-opg": ("zeroshard", 1, "fp32"),
+    "zs-2-opg": ("zeroshard", 2, "fp32"),
     "ds-zero2-bf16": ("deepspeed", 2, "bf16"),
     "ds-zero3-bf16": ("deepspeed", 3, "bf16"),
     "zs-2-bf16": ("zeroshard", 2, "bf16"),
@@ -316,7 +319,8 @@ def build_deepspeed(args: argparse.Namespace, stage: int, bf16: bool) -> Runner:
     return Runner(fb, engine.step, held, info)
 
 
-def build_zeroshard(args: argparse.Namespace, stage: int, bf16: bool) -> Runner:
+def build_zeroshard(args: argparse.Namespace, stage: int, bf16: bool,
+                    overlap_param_gather: bool = False) -> Runner:  # fmt: skip
     import zeroshard
 
     model = _model(args)
@@ -325,7 +329,7 @@ def build_zeroshard(args: argparse.Namespace, stage: int, bf16: bool) -> Runner:
         opt = zeroshard.ZeroOptimizer(
             model.parameters(), "adamw", stage=stage, lr=LR, betas=BETAS, eps=EPS,
             weight_decay=WD, reduce_bucket_size=args.bucket, allgather_bucket_size=args.bucket,
-            overlap_comm=True,
+            overlap_comm=True, overlap_param_gather=overlap_param_gather,
         )  # fmt: skip
         how = "ZeroOptimizer (drop-in)"
     else:
@@ -380,7 +384,7 @@ def build(name: str, args: argparse.Namespace) -> Runner:
                 "deepspeed is not installed (DS_BUILD_OPS=0 pip install deepspeed==0.19.8)"
             ) from None
         return build_deepspeed(args, stage, bf16)
-    return build_zeroshard(args, stage, bf16)
+    return build_zeroshard(args, stage, bf16, overlap_param_gather=name.endswith("-opg"))
 
 
 # -- counting collectives -----------------------------------------------------------------------

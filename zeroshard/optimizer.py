@@ -63,6 +63,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         reduce_bucket_size: elements per bucket of the gradient reduction.
         allgather_bucket_size: elements of parameter all-gathers in flight at once.
         overlap_comm: reduce during backward, not after it.
+        overlap_param_gather: stages 1-2: `step()` returns with the updated parameters'
+            all-gather in flight; each bucket is waited for when the first module that reads
+            it starts its forward (shard/param_gather.py). Read a parameter outside a
+            forward before that only after `finish_param_gather()`.
         gradient_clipping: max global gradient norm applied in `step()` (0: off).
         gradient_accumulation_steps: micro-steps per step: `backward()` divides the loss by it,
             and stage 0/1 reduce once per step instead of once per backward.
@@ -85,6 +89,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         reduce_bucket_size: int = 500_000_000,
         allgather_bucket_size: int = 500_000_000,
         overlap_comm: bool = True,
+        overlap_param_gather: bool = False,
         gradient_clipping: float = 0.0,
         gradient_accumulation_steps: int = 1,
         reduce_dtype: torch.dtype | None = None,
@@ -106,6 +111,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 Comm(process_group), stage, reduce_dtype=reduce_dtype,
                 overlap_comm=overlap_comm, accumulation_steps=gradient_accumulation_steps,
                 bucket_numel=reduce_bucket_size, allgather_bucket_size=allgather_bucket_size,
+                overlap_param_gather=overlap_param_gather,
             )  # fmt: skip
         # "adamw8bit": block_size / min_8bit_size build its codec (quant8/codec.py)
         codec, hyperparams = codec_for(optimizer, hyperparams, codec)
@@ -221,7 +227,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self.timer.end_step()
         return loss
 
+    def finish_param_gather(self) -> None:
+        """Wait for the last step's parameter all-gather if it is still in flight
+        (`overlap_param_gather`): every parameter holds its updated values after this."""
+        self.sharding.finish_param_gather()
+
     def _step(self) -> None:
+        self.finish_param_gather()  # the update writes the chunks the last gather sends
         guards.before_step(self)  # a late process group, moved params, a DDP wrapper
         norm, finite = self._global_norm()
         if not finite:
@@ -304,6 +316,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def shard_state(self, i: int) -> ShardState:
         """Live fp32 tensors of shard group i on this rank. Write into them to load, then call
         `sync_params_from_master()` (which also stores state a codec keeps in another form)."""
+        self.finish_param_gather()  # the caller reads or writes the shards
         g = self.shard_groups[i]
         if g.coded:  # decoded only if read: checkpoints move the stored form as it is
             return ShardState(list(g.master), g.lazy_state(), g.step, g.generic,
@@ -318,6 +331,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def sync_params_from_master(self) -> None:
         """After master pieces were written in place: states are stored, the parameters'
         shards follow the master, and the stage gathers them where forward reads them."""
+        self.finish_param_gather()
         for g in self.shard_groups:
             g.commit()
         self.sharding.gather_params()
@@ -347,7 +361,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     # -- checkpoints (same world size) ------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        self.finish_param_gather()
         return optimizer_state_dict(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.finish_param_gather()
         load_optimizer_state_dict(self, state_dict)

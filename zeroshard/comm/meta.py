@@ -42,7 +42,7 @@ class MetaComm:
         return DONE if async_op else None
 
     def all_gather(self, output: Tensor, input: Tensor, async_op: bool = False,
-                   codec: WireCodec | None = None) -> Any:  # fmt: skip
+                   codec: WireCodec | None = None, one_collective: bool = True) -> Any:  # fmt: skip
         self._sent("all_gather", output, codec)
         return DONE if async_op else None
 

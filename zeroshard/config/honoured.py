@@ -95,6 +95,12 @@ def check_honoured(zo: Any) -> Any:
                 "remove the key or set it to true"
             )
     problems += _offload_problems(zo)
+    if zo.overlap_param_gather and zo.stage in (0, 3):
+        why = ("stage 0 updates every parameter on every rank: there is no parameter gather"
+               if zo.stage == 0 else "stage 3 always gathers parameters ahead of use "
+               "(`stage3_prefetch_bucket_size`)")  # fmt: skip
+        problems.append(f"`zero_optimization.overlap_param_gather` = true applies to stages 1 "
+                        f"and 2 (stage is {zo.stage}): {why}; remove the key")
     if problems:
         raise ValueError("; ".join(problems))
     return zo

@@ -414,6 +414,9 @@ class ZeroOptimizationConfig(Section):
     stage3_param_persistence_threshold: Union[Elements0, Auto] = 100_000
     stage3_max_live_parameters: Elements = 1_000_000_000
     stage3_max_reuse_distance: Elements0 = 1_000_000_000
+    # zeroshard's own: stages 1-2 finish the updated parameters' all-gather behind the next
+    # forward (shard/param_gather.py; docs/config.md)
+    overlap_param_gather: bool = False
     # zeroshard's own: what one stage-3 unit is (stage3/grouping.py; docs/config.md)
     stage3_unit_grouping: Union[Literal["block", "module"], list[str]] = "block"
     stage3_gather_16bit_weights_on_model_save: bool = False

@@ -4,7 +4,8 @@ Each (param group, dtype) becomes one `FlatParams` (the parameters become views 
 buffer, laid out by `layout.plan_buckets`) and one `ShardGroup` over this rank's chunks of it.
 Gradients come from `GradReducer` (all-reduced at stage 0, reduce-scattered at stages 1-2);
 after the update every rank's chunks are all-gathered back into the full parameters (stages
-1-2; at stage 0 every rank updated everything).
+1-2; at stage 0 every rank updated everything), at once or, with `overlap_param_gather`,
+behind the next forward (param_gather.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from zeroshard.shard.codec import StateCodec, alignment_of
 from zeroshard.shard.flat_buffer import FlatParams
 from zeroshard.shard.grad_reducer import GradReducer
 from zeroshard.shard.group import HeldParam, ShardGroup
+from zeroshard.shard.param_gather import DeferredParamGather
 from zeroshard.shard.placement import Placement
 
 
@@ -27,6 +29,7 @@ class FlatSharding:
     def __init__(
         self, comm: Comm, stage: int, *, reduce_dtype: torch.dtype | None, overlap_comm: bool,
         accumulation_steps: int, bucket_numel: int, allgather_bucket_size: int,
+        overlap_param_gather: bool = False,
     ) -> None:  # fmt: skip
         if stage not in (0, 1, 2):
             raise ValueError(f"flat sharding covers stages 0, 1 and 2, got {stage}")
@@ -38,6 +41,7 @@ class FlatSharding:
         self.allgather_bucket_size = int(allgather_bucket_size)
         self.flats: list[FlatParams] = []
         self._groups: list[ShardGroup] = []
+        self.deferred = DeferredParamGather(comm) if overlap_param_gather else None
 
     def build_groups(
         self, group_index: int, params: list[Tensor], codec: StateCodec, placement: Placement
@@ -68,20 +72,30 @@ class FlatSharding:
 
     def gather_params(self) -> None:
         """Every rank updated its chunks; all-gather them back into the full parameters,
-        at most `allgather_bucket_size` elements in flight."""
+        at most `allgather_bucket_size` elements in flight; or launch them all and return,
+        each to be waited for by the first module that reads it (`overlap_param_gather`)."""
         if not self.grads.sharded:
+            return
+        if self.deferred is not None:
+            self.deferred.launch(self.flats)
             return
         works: list = []
         in_flight = 0
         for flat in self.flats:
             for bucket, chunk in zip(flat.buckets, flat.own_chunks(flat.flat)):
                 full = flat.bucket_view(flat.flat, bucket)
-                works.append(self.comm.all_gather(full, chunk, async_op=True))
+                works.append(self.comm.all_gather(full, chunk, async_op=True, one_collective=False))
                 in_flight += full.numel()
                 if in_flight >= self.allgather_bucket_size:
                     wait_all(works)
                     in_flight = 0
         wait_all(works)
+
+    def finish_param_gather(self) -> None:
+        """Wait for a deferred parameter all-gather still in flight (none without
+        `overlap_param_gather`)."""
+        if self.deferred is not None:
+            self.deferred.finish()
 
     def held_tensors(self) -> dict[str, list[Tensor]]:
         held = self.grads.held_tensors()

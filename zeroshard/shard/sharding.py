@@ -36,6 +36,10 @@ class Sharding(Protocol):
         """After every group's update: make the updated shards visible where forward reads."""
         ...
 
+    def finish_param_gather(self) -> None:
+        """Wait for any `gather_params` still in flight: the parameters are whole after it."""
+        ...
+
     def held_tensors(self) -> dict[str, list[Tensor]]:
         """"params", "grads" and "comm_buffers" tensors this rank holds, and under "host"
         those of them that live in host memory (optional)."""

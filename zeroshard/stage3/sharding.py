@@ -115,6 +115,9 @@ class UnitSharding:
         refresh_persistent(persistent, self.comm, self.engine.reduce_numel or sum(
             u.numel for u in persistent))
 
+    def finish_param_gather(self) -> None:
+        """Nothing is left in flight after `gather_params` (its refresh waits)."""
+
     def held_tensors(self) -> dict[str, list[Tensor]]:
         """Parameter shards (plus persistent and currently gathered full parameters), gradient
         shards and in-flight gradient buffers, from the engine that holds them; `host`: the

@@ -1,0 +1,96 @@
+"""Stages 1-2: the updated shards' all-gather, finished behind the next forward.
+
+After the update each rank holds new values only in its own chunks of the flat buffers, and
+the parameters are whole again once every chunk is all-gathered. Waiting for that at the end
+of `step()` leaves the whole all-gather in the open (2 gloo ranks, a 4.2M-parameter GPT:
+about 9 ms of a 180 ms step, where DDP's update is 5 ms). With `overlap_param_gather` (the
+name Megatron-LM's distributed optimizer uses for the same thing) `step()` launches one
+all-gather per bucket, in layout order, and returns; a forward pre-hook then waits for the
+buckets holding a module's parameters just before that module runs (a module with
+parameters of its own waits for its children's as well: `nn.MultiheadAttention` computes
+with `out_proj.weight` without calling `out_proj`), so the rest of the gather overlaps the
+forward of the modules before it.
+
+Everything still in flight is waited for before anything else touches the flat buffers:
+the next step, `state_dict()`/`load_state_dict()`, a checkpoint, the model's own
+`state_dict()` when the optimizer knows the model, and `ZeroOptimizer.finish_param_gather()`.
+A parameter read outside any forward before that (an EMA of the weights, a norm logged right
+after `step()`) would see other ranks' chunks still old: call `finish_param_gather()` first.
+That is why it is off by default.
+
+The pre-hook is torch's global module forward pre-hook (a drop-in optimizer does not know
+the model), registered only while gathers are pending and removed with the last wait.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from torch.nn.modules.module import register_module_forward_pre_hook
+
+from zeroshard.comm.collectives import Comm
+from zeroshard.shard.flat_buffer import FlatParams
+
+
+class DeferredParamGather:
+    """All-gathers of the flat buffers' buckets, each waited for by the first module that
+    reads a parameter in it (or by `finish()`)."""
+
+    def __init__(self, comm: Comm) -> None:
+        self.comm = comm
+        self._bucket_of: dict[int, int] = {}  # id(param) -> launch index of its bucket
+        self._works: list[Any] = []
+        self._done = 0  # works waited for so far (in launch order)
+        self._handle: Any = None
+
+    @property
+    def pending(self) -> bool:
+        return self._done < len(self._works)
+
+    def launch(self, flats: list[FlatParams]) -> None:
+        """Start every bucket's all-gather (each rank's own chunk into the full buffer)."""
+        self.finish()
+        self._works, self._done = [], 0
+        self._bucket_of.clear()
+        for flat in flats:
+            first = len(self._works)
+            for bucket, chunk in zip(flat.buckets, flat.own_chunks(flat.flat)):
+                full = flat.bucket_view(flat.flat, bucket)
+                self._works.append(
+                    self.comm.all_gather(full, chunk, async_op=True, one_collective=False)
+                )
+            for slot in flat.slots:  # a bucket boundary never cuts a parameter
+                self._bucket_of[id(slot.param)] = first + slot.bucket
+        if self.pending:
+            self._handle = register_module_forward_pre_hook(self._before_forward)
+
+    def _before_forward(self, module: nn.Module, args: Any) -> None:
+        bucket_of = self._bucket_of
+        if not any(id(p) in bucket_of for p in module.parameters(recurse=False)):
+            return  # a container: its children wait for their own
+        # A module with parameters of its own may compute with its children's without
+        # calling them (nn.MultiheadAttention reads out_proj.weight): it waits for those too.
+        last = max(bucket_of.get(id(p), -1) for p in module.parameters())
+        if last >= self._done:
+            self._wait_through(last)
+
+    def _wait_through(self, last: int) -> None:
+        while self._done <= last:
+            self._works[self._done].wait()
+            self._done += 1
+        if not self.pending:
+            self._remove_hook()
+
+    def finish(self) -> None:
+        """Wait for every bucket still in flight."""
+        if self._works:
+            self._wait_through(len(self._works) - 1)
+        self._works = []
+        self._done = 0
+        self._remove_hook()
+
+    def _remove_hook(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
