@@ -65,9 +65,9 @@ class CommCounter:
     calls: Counter = field(default_factory=Counter)
     last: dict[str, int] = field(default_factory=dict)
 
-    def add(self, kind: str, nbytes: float) -> None:
+    def add(self, kind: str, nbytes: float, calls: int = 1) -> None:
         self.current[kind] += int(round(nbytes))
-        self.calls[kind] += 1
+        self.calls[kind] += calls
 
     def snapshot(self) -> dict[str, int]:
         """Close the current step: its counts become `last`, and counting restarts at zero."""
@@ -118,10 +118,13 @@ class Collectives(Protocol):
                   counted: bool = True) -> None: ...  # fmt: skip
 
 
-def count(counter: CommCounter, kind: str, tensor: Tensor, world_size: int) -> None:
+def count(counter: CommCounter, kind: str, tensor: Tensor, world_size: int,
+          calls: int = 1) -> None:  # fmt: skip
     """Count what collective `kind` on `tensor` sends from one rank of `world_size` (`tensor`:
-    the input of a reduce-scatter, the output of an all-gather): the one ring formula."""
-    counter.add(kind, _RING_FACTOR[kind] * _nbytes(tensor) * (world_size - 1) / world_size)
+    the input of a reduce-scatter, the output of an all-gather): the one ring formula;
+    `calls`: the collectives it took (an all-gather as one broadcast per rank)."""
+    counter.add(kind, _RING_FACTOR[kind] * _nbytes(tensor) * (world_size - 1) / world_size,
+                calls)  # fmt: skip
 
 
 class _All:
@@ -190,8 +193,8 @@ class Comm:
     def active(self) -> bool:
         return self.initialized and self.world_size > 1
 
-    def record(self, kind: str, tensor: Tensor) -> None:
-        count(self.counter, kind, tensor, self.world_size)
+    def record(self, kind: str, tensor: Tensor, calls: int = 1) -> None:
+        count(self.counter, kind, tensor, self.world_size, calls)
 
     def _coded(self, work: Any, codec: WireCodec, wire: Tensor, out: Tensor, async_op: bool):
         pending = _Decoded(work if async_op else None, codec, wire, out)
@@ -257,9 +260,10 @@ class Comm:
             if output.data_ptr() != input.data_ptr():
                 output.copy_(input)
             return DONE if async_op else None
-        self.record("all_gather", output)
         if self.list_forms and not one_collective:
+            self.record("all_gather", output, calls=self.world_size)
             return self._gather_by_broadcasts(output, input, async_op)
+        self.record("all_gather", output)
         if self.list_forms:
             chunks = list(output.chunk(self.world_size))
             return dist.all_gather(chunks, input, group=self.group, async_op=async_op)

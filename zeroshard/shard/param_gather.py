@@ -13,7 +13,8 @@ forward of the modules before it.
 
 Everything still in flight is waited for before anything else touches the flat buffers:
 the next step, `state_dict()`/`load_state_dict()`, a checkpoint, the model's own
-`state_dict()` when the optimizer knows the model, and `ZeroOptimizer.finish_param_gather()`.
+`state_dict()` when it came through `zeroshard.initialize`, and
+`ZeroOptimizer.finish_param_gather()`.
 A parameter read outside any forward before that (an EMA of the weights, a norm logged right
 after `step()`) would see other ranks' chunks still old: call `finish_param_gather()` first.
 That is why it is off by default.
@@ -39,19 +40,19 @@ class DeferredParamGather:
 
     def __init__(self, comm: Comm) -> None:
         self.comm = comm
-        self._bucket_of: dict[int, int] = {}  # id(param) -> launch index of its bucket
-        self._works: list[Any] = []
-        self._done = 0  # works waited for so far (in launch order)
+        self._bucket_of: dict[int, int] = {}  # id(param) -> index of its bucket's gather
+        self._works: list[Any] = []  # per bucket, None once waited for
+        self._left = 0  # buckets not waited for yet
         self._handle: Any = None
 
     @property
     def pending(self) -> bool:
-        return self._done < len(self._works)
+        return self._left > 0
 
     def launch(self, flats: list[FlatParams]) -> None:
         """Start every bucket's all-gather (each rank's own chunk into the full buffer)."""
         self.finish()
-        self._works, self._done = [], 0
+        self._works = []
         self._bucket_of.clear()
         for flat in flats:
             first = len(self._works)
@@ -62,7 +63,8 @@ class DeferredParamGather:
                 )
             for slot in flat.slots:  # a bucket boundary never cuts a parameter
                 self._bucket_of[id(slot.param)] = first + slot.bucket
-        if self.pending:
+        self._left = len(self._works)
+        if self._left:
             self._handle = register_module_forward_pre_hook(self._before_forward)
 
     def _before_forward(self, module: nn.Module, args: Any) -> None:
@@ -71,23 +73,27 @@ class DeferredParamGather:
             return  # a container: its children wait for their own
         # A module with parameters of its own may compute with its children's without
         # calling them (nn.MultiheadAttention reads out_proj.weight): it waits for those too.
-        last = max(bucket_of.get(id(p), -1) for p in module.parameters())
-        if last >= self._done:
-            self._wait_through(last)
+        # Only the buckets it reads: with two param groups (decay / no decay) the first
+        # LayerNorm must not wait for every matrix.
+        for p in module.parameters():
+            i = bucket_of.get(id(p))
+            if i is not None and self._works[i] is not None:
+                self._wait(i)
 
-    def _wait_through(self, last: int) -> None:
-        while self._done <= last:
-            self._works[self._done].wait()
-            self._done += 1
-        if not self.pending:
+    def _wait(self, i: int) -> None:
+        self._works[i].wait()
+        self._works[i] = None
+        self._left -= 1
+        if not self._left:
             self._remove_hook()
 
     def finish(self) -> None:
         """Wait for every bucket still in flight."""
-        if self._works:
-            self._wait_through(len(self._works) - 1)
+        for i, work in enumerate(self._works):
+            if work is not None:
+                self._wait(i)
         self._works = []
-        self._done = 0
+        self._left = 0
         self._remove_hook()
 
     def _remove_hook(self) -> None:
