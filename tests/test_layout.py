@@ -14,25 +14,12 @@ from zeroshard.shard.layout import ALIGN, plan_buckets
 
 def test_plan_buckets_never_cuts_a_parameter_and_pads_to_the_shards():
     plan = plan_buckets([10, 30, 5, 100, 7], num_shards=3, bucket_numel=40)
-    # filled from the end: 7 alone (100 + 7 > 40), 100 alone, 30 + 5, then 10 left over
-    assert [b.slots for b in plan.buckets] == [(0,), (1, 2), (3,), (4,)]
-    assert [s.offset for s in plan.slots] == [0, 48, 78, 96, 240]
+    assert [b.slots for b in plan.buckets] == [(0, 1), (2,), (3,), (4,)]
+    assert [s.offset for s in plan.slots] == [0, 10, 48, 96, 240]
     assert [b.numel for b in plan.buckets] == [48, 48, 144, 48]  # multiples of 3 * ALIGN
     assert all(b.numel % (3 * ALIGN) == 0 for b in plan.buckets)
     assert plan.numel == 288 and plan.shard_numel == 96 and plan.param_numel == 152
     assert [b.shard_offset for b in plan.buckets] == [0, 16, 32, 80]
-
-
-def test_buckets_fill_from_the_end_so_the_last_one_reduced_is_small():
-    """Backward finishes the first parameters (the embedding) last: their bucket is reduced
-    with nothing left to overlap it, so it is the one that takes the remainder."""
-    plan = plan_buckets([5] * 10, num_shards=2, bucket_numel=20)
-    assert [b.slots for b in plan.buckets] == [(0, 1), (2, 3, 4, 5), (6, 7, 8, 9)]
-    # with a codec's alignment the groups are checked at their aligned extent
-    plan = plan_buckets([3, 9, 9, 9], num_shards=2, bucket_numel=24, align=lambda n: 8)
-    assert [b.slots for b in plan.buckets] == [(0, 1), (2,), (3,)]
-    assert [s.offset for s in plan.slots] == [0, 8, 32, 64]
-    assert plan_buckets([], num_shards=2, bucket_numel=8).buckets[0].slots == ()
 
 
 @pytest.mark.parametrize("shards", [1, 2, 3, 4])
