@@ -329,7 +329,7 @@ def build_zeroshard(args: argparse.Namespace, stage: int, bf16: bool,
         opt = zeroshard.ZeroOptimizer(
             model.parameters(), "adamw", stage=stage, lr=LR, betas=BETAS, eps=EPS,
             weight_decay=WD, reduce_bucket_size=args.bucket, allgather_bucket_size=args.bucket,
-            overlap_comm=True, overlap_param_gather=overlap_param_gather,
+            overlap_comm=True, overlap_param_gather=overlap_param_gather, model=model,
         )  # fmt: skip
         how = "ZeroOptimizer (drop-in)"
     else:

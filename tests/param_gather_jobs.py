@@ -61,7 +61,7 @@ def train(stage: int, overlap: bool, gas: int = 1) -> dict:
     opt = zeroshard.ZeroOptimizer(
         param_groups(model, weight_decay=kwargs.pop("weight_decay", 0.1)), "adamw",
         stage=stage, reduce_bucket_size=700, gradient_accumulation_steps=gas,
-        overlap_param_gather=overlap, **kwargs,
+        overlap_param_gather=overlap, model=model, **kwargs,
     )  # fmt: skip
     if overlap:
         _lazy(opt)
@@ -93,7 +93,8 @@ def stale_until_finished() -> dict:
     still hold their old values; `finish_param_gather()` brings every one up to date."""
     model = make_model()
     opt = zeroshard.ZeroOptimizer(model.parameters(), "sgd", stage=2, lr=0.5,
-                                  reduce_bucket_size=700, overlap_param_gather=True)  # fmt: skip
+                                  reduce_bucket_size=700, overlap_param_gather=True,
+                                  model=model)  # fmt: skip
     _lazy(opt)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     loss_fn(model, *_local(0)).backward()
@@ -105,7 +106,13 @@ def stale_until_finished() -> dict:
     return {"old": old, "old_after": old_after, "trainable": len(before)}
 
 
-def _initialize(overlap: bool) -> tuple[torch.nn.Module, Any]:
+def _initialize(overlap: bool, drop_in: bool = False) -> tuple[torch.nn.Module, Any]:
+    if drop_in:  # what a DDP + AdamW user writes
+        model = make_model()
+        return model, zeroshard.ZeroOptimizer(
+            model.parameters(), "adamw", stage=2, lr=3e-3, betas=(0.9, 0.95),
+            reduce_bucket_size=700, overlap_param_gather=overlap, model=model,
+        )  # fmt: skip
     cfg = {
         "train_micro_batch_size_per_gpu": GLOBAL_BATCH // _rank_world()[1],
         "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95]}},
@@ -115,12 +122,13 @@ def _initialize(overlap: bool) -> tuple[torch.nn.Module, Any]:
     return zeroshard.initialize(make_model(), cfg)
 
 
-def state_dicts_after_step() -> dict:
-    """Config-driven: `model.state_dict()` and `optimizer.state_dict()` taken right after
-    `step()` (no forward in between) against the same run without the deferred gather."""
+def state_dicts_after_step(drop_in: bool) -> dict:
+    """Config-driven or drop-in: `model.state_dict()` and `optimizer.state_dict()` taken
+    right after `step()` (no forward in between) against the same run without the deferred
+    gather."""
     out = {}
     for overlap in (False, True):
-        model, opt = _initialize(overlap)
+        model, opt = _initialize(overlap, drop_in)
         if overlap:
             _lazy(opt)
         for step in range(3):

@@ -7,7 +7,9 @@ wait would train on the previous step's weights and fail the trajectory check.""
 import pytest
 import torch
 
+import zeroshard
 from tests import param_gather_jobs as jobs
+from tests.models import make_model
 from tests.parity_jobs import assert_params_close, reference
 from zeroshard.config.schema import ConfigError, load_config
 
@@ -50,8 +52,9 @@ def test_a_read_outside_forward_needs_finish_param_gather(dist_run):
         assert r["old_after"] == []
 
 
-def test_state_dicts_right_after_step_are_the_updated_ones(dist_run):
-    for r in dist_run(2, jobs.state_dicts_after_step):
+@pytest.mark.parametrize("drop_in", [False, True])
+def test_state_dicts_right_after_step_are_the_updated_ones(dist_run, drop_in):
+    for r in dist_run(2, jobs.state_dicts_after_step, drop_in):
         assert r[True]["pending_before"] is True
         assert r[True]["pending_after"] is False  # model.state_dict() finished the gather
         assert r[True]["model"].keys() == r[False]["model"].keys()
@@ -71,6 +74,17 @@ def test_overlap_param_gather_outside_stages_1_and_2_is_an_error(stage, why):
     load_config({"zero_optimization": {"stage": stage, "overlap_param_gather": False}})
     assert load_config({"zero_optimization": {"stage": 2, "overlap_param_gather": True}}
                        ).zero_optimization.overlap_param_gather is True  # fmt: skip
+
+
+@pytest.mark.parametrize("stage, model", [(2, False), (0, True)])
+def test_the_drop_in_needs_the_model_and_a_sharded_stage(stage, model):
+    net = make_model()
+    with pytest.raises(ValueError, match=r"^overlap_param_gather applies to stages 1 and 2 and "
+                       r"needs the model \(stage \d, model (not )?given\): ZeroOptimizer\(\.\.\., "
+                       r"stage=2, overlap_param_gather=True, model=model\), so that "
+                       r"model.state_dict\(\) waits for the gather$"):
+        zeroshard.ZeroOptimizer(net.parameters(), "adamw", stage=stage, lr=1e-3,
+                                overlap_param_gather=True, model=net if model else None)
 
 
 def test_overlap_param_gather_must_be_a_boolean():

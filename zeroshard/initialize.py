@@ -82,6 +82,7 @@ def initialize(
             allgather_bucket_size=zo.allgather_bucket_size,
             overlap_comm=zo.overlap_comm,
             overlap_param_gather=zo.overlap_param_gather,
+            model=model,
             gradient_clipping=cfg.gradient_clipping,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             reduce_dtype=cfg.reduce_dtype,
@@ -91,10 +92,6 @@ def initialize(
             placement=placement,
             **hp,
         )
-        if zo.overlap_param_gather:  # the model's state_dict() returns gathered values
-            model.register_state_dict_pre_hook(
-                lambda *_: optimizer.finish_param_gather()
-            )
     optimizer.lr_scheduler = build_scheduler(cfg.scheduler, optimizer)
     optimizer.config = cfg
     timing.install(model, optimizer, cfg)  # wall_clock_breakdown

@@ -65,8 +65,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         overlap_comm: reduce during backward, not after it.
         overlap_param_gather: stages 1-2: `step()` returns with the updated parameters'
             all-gather in flight; each bucket is waited for when the first module that reads
-            it starts its forward (shard/param_gather.py). Read a parameter outside a
-            forward before that only after `finish_param_gather()`.
+            it starts its forward (shard/param_gather.py). Needs `model`. Read a parameter
+            outside a forward before that only after `finish_param_gather()`.
+        model: the model the parameters belong to (optional): its names label `layout()`,
+            and with `overlap_param_gather` its `state_dict()` waits for the gather.
         gradient_clipping: max global gradient norm applied in `step()` (0: off).
         gradient_accumulation_steps: micro-steps per step: `backward()` divides the loss by it,
             and stage 0/1 reduce once per step instead of once per backward.
@@ -90,6 +92,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         allgather_bucket_size: int = 500_000_000,
         overlap_comm: bool = True,
         overlap_param_gather: bool = False,
+        model: torch.nn.Module | None = None,
         gradient_clipping: float = 0.0,
         gradient_accumulation_steps: int = 1,
         reduce_dtype: torch.dtype | None = None,
@@ -111,7 +114,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 Comm(process_group), stage, reduce_dtype=reduce_dtype,
                 overlap_comm=overlap_comm, accumulation_steps=gradient_accumulation_steps,
                 bucket_numel=reduce_bucket_size, allgather_bucket_size=allgather_bucket_size,
-                overlap_param_gather=overlap_param_gather,
+                overlap_param_gather=overlap_param_gather, model=model,
             )  # fmt: skip
         # "adamw8bit": block_size / min_8bit_size build its codec (quant8/codec.py)
         codec, hyperparams = codec_for(optimizer, hyperparams, codec)

@@ -11,7 +11,7 @@ behind the next forward (param_gather.py).
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from zeroshard import guards
 from zeroshard.comm.collectives import Comm, wait_all
@@ -29,19 +29,28 @@ class FlatSharding:
     def __init__(
         self, comm: Comm, stage: int, *, reduce_dtype: torch.dtype | None, overlap_comm: bool,
         accumulation_steps: int, bucket_numel: int, allgather_bucket_size: int,
-        overlap_param_gather: bool = False,
+        overlap_param_gather: bool = False, model: nn.Module | None = None,
     ) -> None:  # fmt: skip
         if stage not in (0, 1, 2):
             raise ValueError(f"flat sharding covers stages 0, 1 and 2, got {stage}")
         self.stage = stage
         self.comm = comm
-        self.model = None  # parameter names come from the caller's model, when given
+        self.model = model  # parameter names come from the caller's model, when given
         self.grads = GradReducer(comm, stage, reduce_dtype, overlap_comm, accumulation_steps)
         self.bucket_numel = int(bucket_numel)
         self.allgather_bucket_size = int(allgather_bucket_size)
         self.flats: list[FlatParams] = []
         self._groups: list[ShardGroup] = []
-        self.deferred = DeferredParamGather(comm) if overlap_param_gather else None
+        self.deferred = None
+        if overlap_param_gather:
+            if stage == 0 or model is None:
+                raise ValueError(
+                    "overlap_param_gather applies to stages 1 and 2 and needs the model "
+                    f"(stage {stage}, model {'given' if model is not None else 'not given'}): "
+                    "ZeroOptimizer(..., stage=2, overlap_param_gather=True, model=model), so "
+                    "that model.state_dict() waits for the gather"
+                )
+            self.deferred = DeferredParamGather(comm, model)
 
     def build_groups(
         self, group_index: int, params: list[Tensor], codec: StateCodec, placement: Placement

@@ -13,8 +13,8 @@ forward of the modules before it.
 
 Everything still in flight is waited for before anything else touches the flat buffers:
 the next step, `state_dict()`/`load_state_dict()`, a checkpoint, the model's own
-`state_dict()` when it came through `zeroshard.initialize`, and
-`ZeroOptimizer.finish_param_gather()`.
+`state_dict()` (a state-dict pre-hook on the model, which is why the drop-in optimizer needs
+`model=` for this), and `ZeroOptimizer.finish_param_gather()`.
 A parameter read outside any forward before that (an EMA of the weights, a norm logged right
 after `step()`) would see other ranks' chunks still old: call `finish_param_gather()` first.
 That is why it is off by default.
@@ -25,6 +25,7 @@ the model), registered only while gathers are pending and removed with the last 
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from torch import nn
@@ -38,12 +39,18 @@ class DeferredParamGather:
     """All-gathers of the flat buffers' buckets, each waited for by the first module that
     reads a parameter in it (or by `finish()`)."""
 
-    def __init__(self, comm: Comm) -> None:
+    def __init__(self, comm: Comm, model: nn.Module) -> None:
         self.comm = comm
         self._bucket_of: dict[int, int] = {}  # id(param) -> index of its bucket's gather
         self._works: list[Any] = []  # per bucket, None once waited for
         self._left = 0  # buckets not waited for yet
         self._handle: Any = None
+        # model.state_dict() (a checkpoint right after step()) returns the gathered values;
+        # held weakly: the model must not keep a dead optimizer's buffers alive
+        me = weakref.ref(self)
+        self.state_dict_hook = model.register_state_dict_pre_hook(
+            lambda *_: (lambda d: d.finish() if d is not None else None)(me())
+        )
 
     @property
     def pending(self) -> bool:
