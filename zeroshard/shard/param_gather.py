@@ -26,6 +26,7 @@ the model), registered only while gathers are pending and removed with the last 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -45,12 +46,8 @@ class DeferredParamGather:
         self._works: list[Any] = []  # per bucket, None once waited for
         self._left = 0  # buckets not waited for yet
         self._handle: Any = None
-        # model.state_dict() (a checkpoint right after step()) returns the gathered values;
-        # held weakly: the model must not keep a dead optimizer's buffers alive
-        me = weakref.ref(self)
-        self.state_dict_hook = model.register_state_dict_pre_hook(
-            lambda *_: (lambda d: d.finish() if d is not None else None)(me())
-        )
+        # model.state_dict() (a checkpoint right after step()) returns the gathered values
+        self.state_dict_hook = model.register_state_dict_pre_hook(_finisher(weakref.ref(self)))
 
     @property
     def pending(self) -> bool:
@@ -107,3 +104,15 @@ class DeferredParamGather:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+
+
+def _finisher(ref: weakref.ref) -> Callable[..., None]:
+    """A state-dict pre-hook that finishes the gather; it holds the gather weakly, so the
+    model does not keep a dead optimizer's buffers alive."""
+
+    def hook(*_: Any) -> None:
+        gather = ref()
+        if gather is not None:
+            gather.finish()
+
+    return hook
