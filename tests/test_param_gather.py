@@ -87,6 +87,15 @@ def test_the_drop_in_needs_the_model_and_a_sharded_stage(stage, model):
                                 overlap_param_gather=True, model=net if model else None)
 
 
+def test_the_drop_in_refuses_a_model_that_does_not_hold_the_parameters():
+    net, other = make_model(), make_model()
+    with pytest.raises(ValueError, match=r"^overlap_param_gather: trainable parameter 0 of "
+                       r"param group 0 \(shape \(67, 24\)\) is not a parameter of the model "
+                       r"given as model=; pass the model these parameters belong to"):
+        zeroshard.ZeroOptimizer(net.parameters(), "adamw", stage=2, lr=1e-3,
+                                overlap_param_gather=True, model=other)
+
+
 def test_overlap_param_gather_must_be_a_boolean():
     with pytest.raises(ConfigError, match=r"zero_optimization.overlap_param_gather"):
         load_config({"zero_optimization": {"stage": 2, "overlap_param_gather": "sometimes"}})

@@ -56,6 +56,8 @@ class FlatSharding:
         self, group_index: int, params: list[Tensor], codec: StateCodec, placement: Placement
     ) -> list[ShardGroup]:
         """One shard group per dtype among `params` (a param group's trainable parameters)."""
+        if self.deferred is not None and self.model is not None:
+            _check_in_model(self.model, group_index, params)
         by_dtype: dict[torch.dtype, list[Tensor]] = {}
         for p in params:
             by_dtype.setdefault(p.dtype, []).append(p)
@@ -129,6 +131,19 @@ class FlatSharding:
                 changed |= guards.relink(p, view, p.shape)
             if changed:
                 group.refresh_master()
+
+
+def _check_in_model(model: nn.Module, group_index: int, params: list[Tensor]) -> None:
+    """`overlap_param_gather` finishes the gather in `model.state_dict()`: a parameter the
+    model does not hold (another model, a copy) would be saved before its gather ends."""
+    held = {id(p) for p in model.parameters()}
+    for i, p in enumerate(params):
+        if id(p) not in held:
+            raise ValueError(
+                f"overlap_param_gather: trainable parameter {i} of param group {group_index} "
+                f"(shape {tuple(p.shape)}) is not a parameter of the model given as model=; "
+                "pass the model these parameters belong to (the module itself, not a copy)"
+            )
 
 
 def _describe(flat: FlatParams) -> list[HeldParam]:
