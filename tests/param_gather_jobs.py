@@ -144,3 +144,33 @@ def state_dicts_after_step(drop_in: bool) -> dict:
             "exp_avg": opt.state_dict()["state"][0]["exp_avg"],
         }
     return out
+
+
+def train_compiled(in_place: bool) -> dict:
+    """`torch.compile(model)` (a wrapper) or `model.compile()` (in place): the compiled
+    forward runs no per-module hooks, so the gather must be finished before it runs."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*global hooks.*")
+    out = {}
+    for overlap in (False, True):
+        model = make_model()
+        opt = zeroshard.ZeroOptimizer(model.parameters(), "adamw", stage=2, lr=1e-2,
+                                      reduce_bucket_size=700, overlap_param_gather=overlap,
+                                      model=model)  # fmt: skip
+        if overlap:
+            _lazy(opt)
+        if in_place:
+            model.compile()
+            run = model
+        else:
+            run = torch.compile(model)
+        losses = []
+        for step in range(4):
+            loss = loss_fn(run, *_local(step))
+            opt.backward(loss)
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        out[overlap] = losses
+    return out

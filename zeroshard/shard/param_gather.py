@@ -19,8 +19,11 @@ A parameter read outside any forward before that (an EMA of the weights, a norm 
 after `step()`) would see other ranks' chunks still old: call `finish_param_gather()` first.
 That is why it is off by default.
 
-The pre-hook is torch's global module forward pre-hook (a drop-in optimizer does not know
-the model), registered only while gathers are pending and removed with the last wait.
+The pre-hook is torch's global module forward pre-hook, registered only while gathers are
+pending and removed with the last wait. A compiled forward runs no per-module hooks: under
+`torch.compile(model)` the wrapper's own call finishes the whole gather first, and after
+`model.compile()` (in place) `step()` finishes it itself, so compiled models train right,
+without the overlap.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class DeferredParamGather:
 
     def __init__(self, comm: Comm, model: nn.Module) -> None:
         self.comm = comm
+        self.model = model
         self._bucket_of: dict[int, int] = {}  # id(param) -> index of its bucket's gather
         self._works: list[Any] = []  # per bucket, None once waited for
         self._left = 0  # buckets not waited for yet
@@ -68,12 +72,20 @@ class DeferredParamGather:
             for slot in flat.slots:  # a bucket boundary never cuts a parameter
                 self._bucket_of[id(slot.param)] = first + slot.bucket
         self._left = len(self._works)
-        if self._left:
+        if getattr(self.model, "_compiled_call_impl", None) is not None:
+            # model.compile() (in place): its compiled forward runs no per-module hooks and
+            # nothing wraps it, so the gather is finished here, as without the option
+            self.finish()
+        elif self._left:
             self._handle = register_module_forward_pre_hook(self._before_forward)
 
     def _before_forward(self, module: nn.Module, args: Any) -> None:
         bucket_of = self._bucket_of
         if not any(id(p) in bucket_of for p in module.parameters(recurse=False)):
+            if any(child is self.model for child in module.children()):
+                # A wrapper of the model (torch.compile's OptimizedModule): the compiled
+                # forward does not run these hooks per module, so it gets everything now.
+                self.finish()
             return  # a container: its children wait for their own
         # A module with parameters of its own may compute with its children's without
         # calling them (nn.MultiheadAttention reads out_proj.weight): it waits for those too.
