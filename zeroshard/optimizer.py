@@ -364,9 +364,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     # -- checkpoints (same world size) ------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        self.finish_param_gather()
-        return optimizer_state_dict(self)
+        return optimizer_state_dict(self)  # reads through shard_state: gathers finished
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.finish_param_gather()
         load_optimizer_state_dict(self, state_dict)

@@ -106,17 +106,18 @@ def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 600,
     """Run tests/scripts/`script` on `nproc` ranks. A `reference` run (real DeepSpeed, whose
     data loader forks workers from a process with gloo threads, a fork that can deadlock in
     the child) is retried once if it hangs, its stacks printed; any other hang fails."""
-    for attempt in range(2 if reference else 1):
+    tries = 2 if reference else 1
+    while True:
+        tries -= 1
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                str(SCRIPTS / script), *args]  # fmt: skip
         try:
             return run(cmd, timeout)
         except Hung as hung:
-            if attempt + 1 == (2 if reference else 1):
+            if not tries:
                 pytest.fail(str(hung))
             print(f"the reference run hung; retrying once:\n{hung}")
-    raise AssertionError("unreachable")
 
 
 def read_json(path: Path) -> dict:

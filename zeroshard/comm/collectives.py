@@ -134,9 +134,7 @@ class _All:
         self.works = works
 
     def wait(self) -> bool:
-        for w in self.works:
-            w.wait()
-        self.works = []
+        wait_all(self.works)
         return True
 
 

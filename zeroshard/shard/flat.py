@@ -19,7 +19,7 @@ from zeroshard.shard.codec import StateCodec, alignment_of
 from zeroshard.shard.flat_buffer import FlatParams
 from zeroshard.shard.grad_reducer import GradReducer
 from zeroshard.shard.group import HeldParam, ShardGroup
-from zeroshard.shard.param_gather import DeferredParamGather
+from zeroshard.shard.param_gather import DeferredParamGather, bucket_gathers
 from zeroshard.shard.placement import Placement
 
 
@@ -56,8 +56,8 @@ class FlatSharding:
         self, group_index: int, params: list[Tensor], codec: StateCodec, placement: Placement
     ) -> list[ShardGroup]:
         """One shard group per dtype among `params` (a param group's trainable parameters)."""
-        if self.deferred is not None and self.model is not None:
-            _check_in_model(self.model, group_index, params)
+        if self.deferred is not None:
+            _check_in_model(self.deferred.model, group_index, params)
         by_dtype: dict[torch.dtype, list[Tensor]] = {}
         for p in params:
             by_dtype.setdefault(p.dtype, []).append(p)
@@ -70,6 +70,8 @@ class FlatSharding:
             fi = len(self.flats)
             self.flats.append(flat)
             self.grads.add(flat)
+            if self.deferred is not None:
+                self.deferred.add(flat)
             group = ShardGroup(
                 group=group_index, dtype=dtype, shard=flat.own_chunks(flat.flat),
                 grads=lambda fi=fi: self.grads.grad_pieces(fi),
@@ -88,15 +90,14 @@ class FlatSharding:
         if not self.grads.sharded:
             return
         if self.deferred is not None:
-            self.deferred.launch(self.flats)
+            self.deferred.launch()
             return
         works: list = []
         in_flight = 0
         for flat in self.flats:
-            for bucket, chunk in zip(flat.buckets, flat.own_chunks(flat.flat)):
-                full = flat.bucket_view(flat.flat, bucket)
-                works.append(self.comm.all_gather(full, chunk, async_op=True, one_collective=False))
-                in_flight += full.numel()
+            for numel, work in bucket_gathers(self.comm, flat):
+                works.append(work)
+                in_flight += numel
                 if in_flight >= self.allgather_bucket_size:
                     wait_all(works)
                     in_flight = 0

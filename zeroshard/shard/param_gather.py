@@ -29,7 +29,7 @@ without the overlap.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch import nn
@@ -46,6 +46,7 @@ class DeferredParamGather:
     def __init__(self, comm: Comm, model: nn.Module) -> None:
         self.comm = comm
         self.model = model
+        self._flats: list[FlatParams] = []
         self._bucket_of: dict[int, int] = {}  # id(param) -> index of its bucket's gather
         self._works: list[Any] = []  # per bucket, None once waited for
         self._left = 0  # buckets not waited for yet
@@ -57,20 +58,17 @@ class DeferredParamGather:
     def pending(self) -> bool:
         return self._left > 0
 
-    def launch(self, flats: list[FlatParams]) -> None:
+    def add(self, flat: FlatParams) -> None:
+        """Gather `flat` too; its parameters map to their buckets' gathers once, here."""
+        first = sum(len(f.buckets) for f in self._flats)
+        self._flats.append(flat)
+        for slot in flat.slots:  # a bucket boundary never cuts a parameter
+            self._bucket_of[id(slot.param)] = first + slot.bucket
+
+    def launch(self) -> None:
         """Start every bucket's all-gather (each rank's own chunk into the full buffer)."""
         self.finish()
-        self._works = []
-        self._bucket_of.clear()
-        for flat in flats:
-            first = len(self._works)
-            for bucket, chunk in zip(flat.buckets, flat.own_chunks(flat.flat)):
-                full = flat.bucket_view(flat.flat, bucket)
-                self._works.append(
-                    self.comm.all_gather(full, chunk, async_op=True, one_collective=False)
-                )
-            for slot in flat.slots:  # a bucket boundary never cuts a parameter
-                self._bucket_of[id(slot.param)] = first + slot.bucket
+        self._works = [work for flat in self._flats for _, work in bucket_gathers(self.comm, flat)]
         self._left = len(self._works)
         if getattr(self.model, "_compiled_call_impl", None) is not None:
             # model.compile() (in place): its compiled forward runs no per-module hooks and
@@ -116,6 +114,14 @@ class DeferredParamGather:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+
+
+def bucket_gathers(comm: Comm, flat: FlatParams) -> Iterator[tuple[int, Any]]:
+    """(elements, pending all-gather) per bucket of `flat`, each launched as it is reached:
+    this rank's chunk into the full buffer, as broadcasts where those are faster (gloo)."""
+    for bucket, chunk in zip(flat.buckets, flat.own_chunks(flat.flat)):
+        full = flat.bucket_view(flat.flat, bucket)
+        yield full.numel(), comm.all_gather(full, chunk, async_op=True, one_collective=False)
 
 
 def _finisher(ref: weakref.ref) -> Callable[..., None]:
