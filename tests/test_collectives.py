@@ -90,3 +90,48 @@ def test_single_process_collectives_are_local(async_op):
     if w is not None:
         w.wait()
     assert torch.equal(out, x) and comm.counter.snapshot()["total"] == 0
+
+
+def _reduce_scatter_job(one_collective: bool) -> dict:
+    """Two reductions in flight at once, waited in reverse order, in and out of place."""
+    comm = Comm()
+    r, n = comm.rank, comm.world_size
+    inputs = {op: torch.randn(6 * n, generator=torch.Generator().manual_seed(10 * r + i))
+              for i, op in enumerate(("sum", "avg", "max"))}  # fmt: skip
+    sent = {op: t.clone() for op, t in inputs.items()}
+    comm.counter.snapshot()
+    kw = {"one_collective": one_collective}
+    out_sum = torch.empty(6)
+    w_sum = comm.reduce_scatter(out_sum, inputs["sum"], op="sum", async_op=True, **kw)
+    own_avg = inputs["avg"].chunk(n)[r]
+    w_avg = comm.reduce_scatter(own_avg, inputs["avg"], op="avg", async_op=True, **kw)
+    w_avg.wait()
+    w_sum.wait()
+    out_max = torch.empty(6)
+    comm.reduce_scatter(out_max, inputs["max"], op="max", **kw)
+    return {"sent": sent, "sum": out_sum, "avg": own_avg.clone(), "max": out_max,
+            "report": comm.counter.snapshot()}  # fmt: skip
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("one_collective", [True, False])
+def test_reduce_scatter_forms_agree(dist_run, world, one_collective):
+    res = dist_run(world, _reduce_scatter_job, one_collective)
+    for r, got in enumerate(res):
+        mine = {op: [res[k]["sent"][op].chunk(world)[r] for k in range(world)]
+                for op in ("sum", "avg", "max")}  # fmt: skip
+        want_sum = mine["sum"][0].clone()
+        want_avg = mine["avg"][0].clone()
+        for k in range(1, world):
+            want_sum += mine["sum"][k]
+            want_avg += mine["avg"][k]
+        if one_collective:  # gloo's ring sums in its own order
+            torch.testing.assert_close(got["sum"], want_sum, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(got["avg"], want_avg / world, rtol=1e-6, atol=1e-6)
+        else:  # the exchange sums in rank order, whichever message arrived first
+            assert torch.equal(got["sum"], want_sum)
+            assert torch.equal(got["avg"], want_avg / world)
+        assert torch.equal(got["max"], torch.stack(mine["max"]).amax(0))
+        rep = got["report"]
+        assert rep["reduce_scatter_calls"] == 3 and rep["calls"] == 3
+        assert rep["reduce_scatter"] == 3 * 6 * world * 4 * (world - 1) // world

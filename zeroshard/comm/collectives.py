@@ -9,20 +9,26 @@ With one rank (or no process group) nothing is sent and the calls are local no-o
 On gloo the tensor forms of reduce-scatter and all-gather are slow (torch 2.13, 2 CPU ranks,
 4M fp32 elements: `reduce_scatter_tensor` 26 ms against 20 ms for the list form over views
 of the same buffer; 1M: 9.5 against 5.8 ms), so gloo gets the list form of all-gather: same
-bytes, no copies (the list entries are views). torch's gloo reduce-scatter (either form) is
-world_size all-reduces, one per chunk, of copies of the input's chunks; one all-reduce of the
-whole input sends the same bytes in one collective, without the copies (2 ranks, 2M fp32
-elements: 4.9 ms against 7.5 ms), so on gloo a reduce-scatter is that all-reduce, in place,
-and the output takes this rank's chunk of it. The counters keep the ring formulas above:
-what the algorithm needs, not what gloo's implementation of it moves. NCCL keeps the tensor
-forms, which are its fast ones.
+bytes, no copies (the list entries are views). gloo has no reduce-scatter of its own:
+torch's (either form) is world_size all-reduces, one per chunk, of copies of the input's
+chunks. One all-reduce of the whole input, in place, does it in one collective without the
+copies (2 ranks, 2M fp32 elements: 4.9 ms against 7.5 ms), but it sends twice the bytes a
+reduce-scatter needs. The counters keep the ring formulas above: what the algorithm needs,
+not what gloo's implementation of it moves. NCCL keeps the tensor forms, which are its fast
+ones.
 
-A caller that does not need the all-gather to be one collective (stages 1-2's parameter
-gather after the update, a handful per step) passes `one_collective=False`: on gloo it is
-then one broadcast from each rank of its chunk, the same bytes per rank as the ring, and
-faster at every size measured (2 ranks: 10k elements 0.22 against 0.23 ms, 500k 0.56 against
-0.83, 4M 4.7 against 7.1). Stage 3 keeps one collective per gather: on a latency-bound model
-their number is what counts.
+A caller that does not need a collective to be one call (stages 1-2: a handful of large
+gradient buckets and one parameter gather per step) passes `one_collective=False`, and gloo
+then moves only the ring's bytes:
+- a reduce-scatter is one exchange: each rank posts an `isend` of every peer's chunk to that
+  peer and an `irecv` of each peer's copy of its own chunk, all at once, and sums them in
+  rank order on `wait()`. Against the all-reduce of the same input (torch 2.13, fp32
+  elements, ms), 2 ranks: 4k 0.13 vs 0.84, 40k 0.21 vs 3.39, 400k 0.32 vs 0.83, 4M 5.5 vs
+  8.6; 4 ranks: 4k 0.61 vs 7.4, 4M 14.4 vs 21.7. It is counted as one call.
+- an all-gather is one broadcast from each rank of its chunk (counted as world_size calls),
+  the same bytes per rank as the ring and faster at every size measured (2 ranks: 10k
+  elements 0.22 against 0.23 ms, 500k 0.56 against 0.83, 4M 4.7 against 7.1).
+Stage 3 keeps one collective per call: on a latency-bound model their number is what counts.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -40,6 +47,7 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 
 COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather", "broadcast")
 # bytes a rank sends per byte of the counted tensor, times (N-1)/N (see the module docstring)
+_TAGS = 1 << 20  # point-to-point tags cycle through this many
 _RING_FACTOR = {"all_reduce": 2, "reduce_scatter": 1, "all_gather": 1, "broadcast": 1}
 
 
@@ -109,8 +117,8 @@ class Collectives(Protocol):
     def all_reduce(self, tensor: Tensor, op: str = "avg", async_op: bool = False,
                    codec: WireCodec | None = None) -> Any: ...  # fmt: skip
     def reduce_scatter(self, output: Tensor, input: Tensor, op: str = "avg",
-                       async_op: bool = False,
-                       codec: WireCodec | None = None) -> Any: ...  # fmt: skip
+                       async_op: bool = False, codec: WireCodec | None = None,
+                       one_collective: bool = True) -> Any: ...  # fmt: skip
     def all_gather(self, output: Tensor, input: Tensor, async_op: bool = False,
                    codec: WireCodec | None = None,
                    one_collective: bool = True) -> Any: ...  # fmt: skip
@@ -152,6 +160,33 @@ class _ChunkOnWait:
         return True
 
 
+class _SumOnWait:
+    """A pending exchange standing for a reduce-scatter: on wait, `out` takes this rank's
+    chunk combined with every peer's copy of it, in rank order (so the result does not
+    depend on which message came first)."""
+
+    def __init__(self, works: list[Any], own: Tensor, received: list[Tensor | None],
+                 out: Tensor, op: str) -> None:  # fmt: skip
+        self.works, self.own, self.received, self.out, self.op = works, own, received, out, op
+
+    def wait(self) -> bool:
+        if self.works:
+            wait_all(self.works)
+            terms = [self.own if t is None else t for t in self.received]
+            # the first two terms commute exactly, so rank 0 or 1 can sum into its own chunk
+            acc = self.own if any(t is self.own for t in terms[:2]) else terms[0]
+            rest = [t for t in terms if t is not acc]
+            combine = torch.maximum if self.op == "max" else torch.add
+            for t in rest:
+                combine(acc, t, out=acc)
+            if self.op == "avg":
+                acc.div_(len(terms))
+            if acc.data_ptr() != self.out.data_ptr():
+                self.out.copy_(acc)
+            self.received = []
+        return True
+
+
 class _Decoded:
     """A pending collective whose received wire form is decoded into `out` on `wait()`."""
 
@@ -186,6 +221,11 @@ class Comm:
         self.world_size = dist.get_world_size(group) if self.initialized else 1
         self.counter = CommCounter()
         self.list_forms = self.active and dist.get_backend(group) == "gloo"
+        self._global_ranks = [
+            dist.get_global_rank(group, r) if group is not None else r
+            for r in range(self.world_size)
+        ] if self.active else []  # fmt: skip
+        self._tag = 0
 
     @property
     def active(self) -> bool:
@@ -216,27 +256,29 @@ class Comm:
 
     def reduce_scatter(
         self, output: Tensor, input: Tensor, op: str = "avg", async_op: bool = False,
-        codec: WireCodec | None = None,
+        codec: WireCodec | None = None, one_collective: bool = True,
     ):  # fmt: skip
         """Reduce `input` (N equal chunks) across ranks; chunk `rank` of the result lands in
         `output`, which may be that chunk of `input` itself (in place). `input`'s other
-        chunks are left undefined (on gloo they hold the reduced values)."""
+        chunks are left undefined. `one_collective=False` lets gloo use one point-to-point
+        exchange instead of an all-reduce."""
         if codec is not None and self.active:
             _reducible(codec)
             wire_in = codec.encode(input)
             wire_out = wire_in.chunk(self.world_size)[self.rank]
-            work = self.reduce_scatter(wire_out, wire_in, op, async_op)
+            work = self.reduce_scatter(wire_out, wire_in, op, async_op,
+                                       one_collective=one_collective)  # fmt: skip
             return self._coded(work, codec, wire_out, output, async_op)
         if not self.active:
             if output.data_ptr() != input.data_ptr() or output.numel() != input.numel():
                 output.copy_(input)
             return DONE if async_op else None
         self.record("reduce_scatter", input)
-        if self.list_forms:  # one all-reduce of the input (see the module docstring)
-            chunk = input.chunk(self.world_size)[self.rank]
-            in_place = output.data_ptr() == chunk.data_ptr() and output.numel() == chunk.numel()
-            work = dist.all_reduce(input, op=_reduce_op(op), group=self.group, async_op=True)
-            pending = work if in_place else _ChunkOnWait(work, chunk, output)
+        if self.list_forms:  # see the module docstring
+            if one_collective:
+                pending = self._reduce_scatter_by_all_reduce(output, input, op)
+            else:
+                pending = self._reduce_scatter_by_exchange(output, input, op)
             if async_op:
                 return pending
             pending.wait()
@@ -266,6 +308,26 @@ class Comm:
             chunks = list(output.chunk(self.world_size))
             return dist.all_gather(chunks, input, group=self.group, async_op=async_op)
         return _all_gather_single(output, input, group=self.group, async_op=async_op)
+
+    def _reduce_scatter_by_all_reduce(self, output: Tensor, input: Tensor, op: str):
+        chunk = input.chunk(self.world_size)[self.rank]
+        work = dist.all_reduce(input, op=_reduce_op(op), group=self.group, async_op=True)
+        in_place = output.data_ptr() == chunk.data_ptr() and output.numel() == chunk.numel()
+        return work if in_place else _ChunkOnWait(work, chunk, output)
+
+    def _reduce_scatter_by_exchange(self, output: Tensor, input: Tensor, op: str):
+        _reduce_op(op)  # an unknown op fails here, before anything is sent
+        chunks = input.chunk(self.world_size)
+        received: list[Tensor | None] = [None] * self.world_size
+        works = []
+        self._tag = (self._tag + 1) % _TAGS  # concurrent reductions never share a slot
+        for r, peer in enumerate(self._global_ranks):
+            if r == self.rank:
+                continue
+            works.append(dist.isend(chunks[r], dst=peer, group=self.group, tag=self._tag))
+            received[r] = torch.empty_like(chunks[self.rank])
+            works.append(dist.irecv(received[r], src=peer, group=self.group, tag=self._tag))
+        return _SumOnWait(works, chunks[self.rank], received, output, op)
 
     def _gather_by_broadcasts(self, output: Tensor, input: Tensor, async_op: bool):
         chunks = output.chunk(self.world_size)
@@ -315,4 +377,3 @@ def wait_all(works: list) -> None:
         if w is not None:
             w.wait()
     works.clear()
-

@@ -37,7 +37,8 @@ class MetaComm:
         return DONE if async_op else None
 
     def reduce_scatter(self, output: Tensor, input: Tensor, op: str = "avg",
-                       async_op: bool = False, codec: WireCodec | None = None) -> Any:  # fmt: skip
+                       async_op: bool = False, codec: WireCodec | None = None,
+                       one_collective: bool = True) -> Any:  # fmt: skip
         self._sent("reduce_scatter", input, codec)
         return DONE if async_op else None
 

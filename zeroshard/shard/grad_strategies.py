@@ -114,7 +114,8 @@ class ReduceToOwnChunk(_Strategy):
         temp = torch.empty_like(own) if in_backward else None
         self.queue.wait_for(state)  # an older result must not land after this one
         state.reduced = None
-        work = self.comm.reduce_scatter(own if temp is None else temp, full, async_op=True)
+        work = self.comm.reduce_scatter(own if temp is None else temp, full, async_op=True,
+                                        one_collective=False)  # fmt: skip
 
         def done() -> None:
             if temp is not None:
@@ -169,7 +170,7 @@ class ReduceToGradShard(_Strategy):
         # accumulation) land in a temporary and are added.
         out = torch.empty_like(piece) if state.wrote_shard else piece
         buffer = state.buffer
-        work = self.comm.reduce_scatter(out, buffer, async_op=True)
+        work = self.comm.reduce_scatter(out, buffer, async_op=True, one_collective=False)
 
         def done() -> None:
             if len(self.pool) <= MAX_IN_FLIGHT:
