@@ -24,7 +24,7 @@ then moves only the ring's bytes:
   peer and an `irecv` of each peer's copy of its own chunk, all at once, and sums them in
   rank order on `wait()`. Against the all-reduce of the same input (torch 2.13, fp32
   elements, ms), 2 ranks: 4k 0.13 vs 0.84, 40k 0.21 vs 3.39, 400k 0.32 vs 0.83, 4M 5.5 vs
-  8.6; 4 ranks: 4k 0.61 vs 7.4, 4M 14.4 vs 21.7. It is counted as one call.
+  8.6; 4 ranks: 4k 0.61 vs 7.4, 4M 14.4 vs 21.7. It is counted as its 2·(N-1) calls.
 - an all-gather is one broadcast from each rank of its chunk (counted as world_size calls),
   the same bytes per rank as the ring and faster at every size measured (2 ranks: 10k
   elements 0.22 against 0.23 ms, 500k 0.56 against 0.83, 4M 4.7 against 7.1).
@@ -273,19 +273,21 @@ class Comm:
             if output.data_ptr() != input.data_ptr() or output.numel() != input.numel():
                 output.copy_(input)
             return DONE if async_op else None
-        self.record("reduce_scatter", input)
-        if self.list_forms:  # see the module docstring
-            if one_collective:
-                pending = self._reduce_scatter_by_all_reduce(output, input, op)
-            else:
-                pending = self._reduce_scatter_by_exchange(output, input, op)
-            if async_op:
-                return pending
-            pending.wait()
-            return None
-        return _reduce_scatter_single(
-            output, input, op=_reduce_op(op), group=self.group, async_op=async_op
-        )
+        if not self.list_forms:
+            self.record("reduce_scatter", input)
+            return _reduce_scatter_single(
+                output, input, op=_reduce_op(op), group=self.group, async_op=async_op
+            )
+        if one_collective:  # gloo: see the module docstring
+            self.record("reduce_scatter", input)
+            pending = self._reduce_scatter_by_all_reduce(output, input, op)
+        else:
+            self.record("reduce_scatter", input, calls=2 * (self.world_size - 1))
+            pending = self._reduce_scatter_by_exchange(output, input, op)
+        if async_op:
+            return pending
+        pending.wait()
+        return None
 
     def all_gather(self, output: Tensor, input: Tensor, async_op: bool = False,
                    codec: WireCodec | None = None, one_collective: bool = True):  # fmt: skip
