@@ -109,7 +109,9 @@ def _reduce_scatter_job(one_collective: bool) -> dict:
     w_sum.wait()
     out_max = torch.empty(6)
     comm.reduce_scatter(out_max, inputs["max"], op="max", **kw)
-    return {"sent": sent, "sum": out_sum, "avg": own_avg.clone(), "max": out_max,
+    # out of place, the exchange leaves the input as it was (a later backward adds into it)
+    kept = one_collective or torch.equal(inputs["sum"], sent["sum"])
+    return {"sent": sent, "kept": kept, "sum": out_sum, "avg": own_avg.clone(), "max": out_max,
             "report": comm.counter.snapshot()}  # fmt: skip
 
 
@@ -132,6 +134,7 @@ def test_reduce_scatter_forms_agree(dist_run, world, one_collective):
             assert torch.equal(got["sum"], want_sum)
             assert torch.equal(got["avg"], want_avg / world)
         assert torch.equal(got["max"], torch.stack(mine["max"]).amax(0))
+        assert got["kept"]
         rep = got["report"]
         calls = 3 if one_collective else 3 * 2 * (world - 1)  # an isend and irecv per peer
         assert rep["reduce_scatter_calls"] == rep["calls"] == calls

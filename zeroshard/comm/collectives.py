@@ -173,10 +173,14 @@ class _SumOnWait:
         if self.works:
             wait_all(self.works)
             terms = [self.own if t is None else t for t in self.received]
-            # the first two terms commute exactly, so rank 0 or 1 can sum into its own chunk
-            acc = self.own if any(t is self.own for t in terms[:2]) else terms[0]
-            rest = [t for t in terms if t is not acc]
             combine = torch.maximum if self.op == "max" else torch.add
+            if self.out.data_ptr() != self.own.data_ptr():  # out of place: input kept as it was
+                acc, rest = self.out, terms[2:]
+                combine(terms[0], terms[1], out=acc)
+            elif any(t is self.own for t in terms[:2]):  # the first two commute exactly
+                acc, rest = self.own, [t for t in terms if t is not self.own]
+            else:
+                acc, rest = terms[0], terms[1:]
             for t in rest:
                 combine(acc, t, out=acc)
             if self.op == "avg":
@@ -260,8 +264,10 @@ class Comm:
     ):  # fmt: skip
         """Reduce `input` (N equal chunks) across ranks; chunk `rank` of the result lands in
         `output`, which may be that chunk of `input` itself (in place). `input`'s other
-        chunks are left undefined. `one_collective=False` lets gloo use one point-to-point
-        exchange instead of an all-reduce."""
+        chunks are left undefined, and so is its own chunk when out of place, but never
+        half-reduced: either as they were or reduced like the output (gloo's all-reduce
+        form), so a later backward may still add into them. `one_collective=False` lets gloo
+        use one point-to-point exchange instead of an all-reduce."""
         if codec is not None and self.active:
             _reducible(codec)
             wire_in = codec.encode(input)
