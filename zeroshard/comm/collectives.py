@@ -25,9 +25,11 @@ then moves only the ring's bytes:
   rank order on `wait()`. Against the all-reduce of the same input (torch 2.13, fp32
   elements, ms), 2 ranks: 4k 0.13 vs 0.84, 40k 0.21 vs 3.39, 400k 0.32 vs 0.83, 4M 5.5 vs
   8.6; 4 ranks: 4k 0.61 vs 7.4, 4M 14.4 vs 21.7. It is counted as its 2·(N-1) calls.
-- an all-gather is one broadcast from each rank of its chunk (counted as world_size calls),
-  the same bytes per rank as the ring and faster at every size measured (2 ranks: 10k
-  elements 0.22 against 0.23 ms, 500k 0.56 against 0.83, 4M 4.7 against 7.1).
+- an all-gather is the same exchange, without the sums: this rank's chunk to every peer,
+  each peer's chunk straight into its place in the output. Against one broadcast per rank
+  (the form used before; 2 ranks, fp32, ms, medians of 21, two runs): 4.2M elements in one
+  bucket 4.3 and 4.0 vs 4.9 and 4.5, in 3 buckets 4.7 and 3.0 vs 4.5 and 5.6, 2.1M 2.1 and
+  2.0 vs 2.5 and 2.3; 4 ranks: 4.2M 8.1 vs 10.2, 8 buckets of 125k 5.1 vs 19.9.
 Stage 3 keeps one collective per call: on a latency-bound model their number is what counts.
 """
 
@@ -130,7 +132,7 @@ def count(counter: CommCounter, kind: str, tensor: Tensor, world_size: int,
           calls: int = 1) -> None:  # fmt: skip
     """Count what collective `kind` on `tensor` sends from one rank of `world_size` (`tensor`:
     the input of a reduce-scatter, the output of an all-gather): the one ring formula;
-    `calls`: the collectives it took (an all-gather as one broadcast per rank)."""
+    `calls`: the c10d calls it took (an exchange: an isend and an irecv per peer)."""
     counter.add(kind, _RING_FACTOR[kind] * _nbytes(tensor) * (world_size - 1) / world_size,
                 calls)  # fmt: skip
 
@@ -298,7 +300,8 @@ class Comm:
     def all_gather(self, output: Tensor, input: Tensor, async_op: bool = False,
                    codec: WireCodec | None = None, one_collective: bool = True):  # fmt: skip
         """Concatenate every rank's `input` into `output`; `input` may be this rank's chunk of
-        `output` (in place). `one_collective=False` lets gloo use one broadcast per rank."""
+        `output` (in place). `one_collective=False` lets gloo use one point-to-point
+        exchange instead."""
         if codec is not None and self.active:
             wire_in = codec.encode(input)
             wire_out = wire_in.new_empty(wire_in.numel() * self.world_size)
@@ -309,8 +312,8 @@ class Comm:
                 output.copy_(input)
             return DONE if async_op else None
         if self.list_forms and not one_collective:
-            self.record("all_gather", output, calls=self.world_size)
-            return self._gather_by_broadcasts(output, input, async_op)
+            self.record("all_gather", output, calls=2 * (self.world_size - 1))
+            return self._gather_by_exchange(output, input, async_op)
         self.record("all_gather", output)
         if self.list_forms:
             chunks = list(output.chunk(self.world_size))
@@ -326,31 +329,33 @@ class Comm:
     def _reduce_scatter_by_exchange(self, output: Tensor, input: Tensor, op: str):
         _reduce_op(op)  # an unknown op fails here, before anything is sent
         chunks = input.chunk(self.world_size)
-        received: list[Tensor | None] = [None] * self.world_size
-        works = []
-        self._tag = (self._tag + 1) % _TAGS  # concurrent reductions never share a slot
-        for r, peer in enumerate(self._global_ranks):
-            if r == self.rank:
-                continue
-            works.append(dist.isend(chunks[r], dst=peer, group=self.group, tag=self._tag))
-            received[r] = torch.empty_like(chunks[self.rank])
-            works.append(dist.irecv(received[r], src=peer, group=self.group, tag=self._tag))
-        return _SumOnWait(works, chunks[self.rank], received, output, op)
+        own = chunks[self.rank]
+        received = [None if r == self.rank else torch.empty_like(own)
+                    for r in range(self.world_size)]  # fmt: skip
+        works = self._exchange(list(chunks), received)
+        return _SumOnWait(works, own, received, output, op)
 
-    def _gather_by_broadcasts(self, output: Tensor, input: Tensor, async_op: bool):
+    def _gather_by_exchange(self, output: Tensor, input: Tensor, async_op: bool):
         chunks = output.chunk(self.world_size)
         own = chunks[self.rank]
         if own.data_ptr() != input.data_ptr():
             own.copy_(input)
-        works = []
-        for r, chunk in enumerate(chunks):
-            src = dist.get_global_rank(self.group, r) if self.group is not None else r
-            works.append(dist.broadcast(chunk, src=src, group=self.group, async_op=True))
-        pending = _All(works)
+        pending = _All(self._exchange([own] * self.world_size, list(chunks)))
         if async_op:
             return pending
         pending.wait()
         return None
+
+    def _exchange(self, sends: list[Tensor], recvs: list[Tensor | None]) -> list[Any]:
+        """Post at once, for every peer r, an isend of `sends[r]` and an irecv into
+        `recvs[r]`; the pending works come back."""
+        works = []
+        self._tag = (self._tag + 1) % _TAGS  # concurrent exchanges never share a slot
+        for r, peer in enumerate(self._global_ranks):
+            if r != self.rank:
+                works.append(dist.isend(sends[r], dst=peer, group=self.group, tag=self._tag))
+                works.append(dist.irecv(recvs[r], src=peer, group=self.group, tag=self._tag))
+        return works
 
     def broadcast(self, tensor: Tensor, src: int = 0, codec: WireCodec | None = None,
                   counted: bool = True) -> None:  # fmt: skip

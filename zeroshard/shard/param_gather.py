@@ -118,7 +118,7 @@ class DeferredParamGather:
 
 def bucket_gathers(comm: Comm, flat: FlatParams) -> Iterator[tuple[int, Any]]:
     """(elements, pending all-gather) per bucket of `flat`, each launched as it is reached:
-    this rank's chunk into the full buffer, as broadcasts where those are faster (gloo)."""
+    this rank's chunk into the full buffer, point to point where that is faster (gloo)."""
     for bucket, chunk in zip(flat.buckets, flat.own_chunks(flat.flat)):
         full = flat.bucket_view(flat.flat, bucket)
         yield full.numel(), comm.all_gather(full, chunk, async_op=True, one_collective=False)
