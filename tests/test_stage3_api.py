@@ -247,13 +247,18 @@ TIMEOUT_S = 3
 
 
 class _Boom(torch.nn.Module):
+    def __init__(self, on_call: int) -> None:
+        super().__init__()
+        self.calls, self.on_call = 0, on_call
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.distributed.get_rank() == 1:
+        self.calls += 1
+        if torch.distributed.get_rank() == 1 and self.calls == self.on_call:
             raise RuntimeError("boom on rank 1")
         return x
 
 
-def _failing_rank(rank: int, port: int, results) -> None:
+def _failing_rank(rank: int, port: int, results, stage: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import warnings
 
@@ -264,14 +269,22 @@ def _failing_rank(rank: int, port: int, results) -> None:
     )
     from zeroshard import initialize
 
+    # rank 1 raises in the middle of a forward: stage 2's second, once its gradient buckets
+    # are reduced during backward (point-to-point on gloo: rank 0 waits on a receive)
+    on_call = 1 if stage == 3 else 2
     model = make_model()
-    model.blocks[0].mlp.insert(1, _Boom())  # rank 1 raises in the middle of the forward
-    model, opt = initialize(model, stage3_config())
+    model.blocks[0].mlp.insert(1, _Boom(on_call))
+    cfg = stage3_config()
+    if stage != 3:
+        cfg["zero_optimization"] = {"stage": stage, "reduce_bucket_size": 700}
+    model, opt = initialize(model, cfg)
     start = time.monotonic()
     try:
-        x, y = local_batch(0)
-        opt.backward(loss_fn(model, x, y))
-        opt.step()
+        for i in range(on_call):
+            start = time.monotonic()
+            x, y = local_batch(i)
+            opt.backward(loss_fn(model, x, y))
+            opt.step()
         results.put((rank, "finished", time.monotonic() - start))
     except Exception as e:  # the point: every rank gets here
         results.put((rank, f"{type(e).__name__}: {e}", time.monotonic() - start))
@@ -282,7 +295,8 @@ def _failing_rank(rank: int, port: int, results) -> None:
     os._exit(0)  # skip destroy_process_group: the peer may be gone
 
 
-def test_exception_on_one_rank_ends_every_rank():
+@pytest.mark.parametrize("stage", [2, 3])
+def test_exception_on_one_rank_ends_every_rank(stage):
     import socket
 
     import torch.multiprocessing as mp
@@ -292,7 +306,8 @@ def test_exception_on_one_rank_ends_every_rank():
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_failing_rank, args=(r, port, results)) for r in range(2)]
+    procs = [ctx.Process(target=_failing_rank, args=(r, port, results, stage))
+             for r in range(2)]  # fmt: skip
     for p in procs:
         p.start()
     try:

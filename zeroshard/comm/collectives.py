@@ -176,7 +176,9 @@ class _SumOnWait:
             wait_all(self.works)
             terms = [self.own if t is None else t for t in self.received]
             combine = torch.maximum if self.op == "max" else torch.add
-            if self.out.data_ptr() != self.own.data_ptr():  # out of place: input kept as it was
+            if any(t is self.out for t in terms):  # a peer's chunk (one of the first two) is there
+                acc, rest = self.out, [t for t in terms if t is not self.out]
+            elif self.out.data_ptr() != self.own.data_ptr():  # out of place: input kept as it was
                 acc, rest = self.out, terms[2:]
                 combine(terms[0], terms[1], out=acc)
             elif any(t is self.own for t in terms[:2]):  # the first two commute exactly
@@ -330,8 +332,14 @@ class Comm:
         _reduce_op(op)  # an unknown op fails here, before anything is sent
         chunks = input.chunk(self.world_size)
         own = chunks[self.rank]
-        received = [None if r == self.rank else torch.empty_like(own)
-                    for r in range(self.world_size)]  # fmt: skip
+        received: list[Tensor | None] = [None if r == self.rank else torch.empty_like(own)
+                                         for r in range(self.world_size)]  # fmt: skip
+        # Out of place, the peer among ranks 0-1 sends straight into `output` (the first two
+        # terms of the rank-order sum commute): on 2 ranks no receive buffer at all.
+        first = 1 if self.rank == 0 else 0
+        if (output.data_ptr() != own.data_ptr() and output.is_contiguous()
+                and output.shape == own.shape and output.dtype == own.dtype):  # fmt: skip
+            received[first] = output
         works = self._exchange(list(chunks), received)
         return _SumOnWait(works, own, received, output, op)
 
