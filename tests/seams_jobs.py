@@ -160,6 +160,22 @@ def model_zero_grad_only(stage: int, halves: bool) -> dict:
     return hf_loop(model, opt, halves=halves, zero="model")
 
 
+def discarded_backward(stage: int) -> dict:
+    """Each step first runs a backward whose gradients the loop throws away with
+    `optimizer.zero_grad()` (a skipped batch), then the real one: its reductions may still be
+    in flight when zero_grad() runs, and must not leak into the step."""
+    model, opt = build(stage)
+    for step in range(STEPS):
+        x, y = local_batch(step + 100)
+        loss_fn(model, x, y).mul(3.0).backward()
+        opt.zero_grad()
+        x, y = local_batch(step)
+        loss_fn(model, x, y).backward()
+        opt.step()
+        opt.zero_grad()
+    return {"params": full_params(model), "norms": []}
+
+
 # -- item 5: a second optimizer over the same parameters -------------------------------------
 def second_optimizer(kind: str) -> str:
     model = make_model()

@@ -75,6 +75,11 @@ def test_4_model_zero_grad_only_loop_is_exact(dist_run, stage, halves):
     assert_trains_like_torch(dist_run(2, jobs.model_zero_grad_only, stage, halves))
 
 
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_4_gradients_discarded_by_zero_grad_never_reach_the_step(dist_run, stage):
+    assert_trains_like_torch(dist_run(2, jobs.discarded_backward, stage))
+
+
 # 5 -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["ZeroOptimizer", "initialize"])
 def test_5_second_optimizer_over_same_params_is_an_error(dist_run, kind):

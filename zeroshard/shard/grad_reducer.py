@@ -170,6 +170,9 @@ class GradReducer:
         self.strategy.end_step()
 
     def zero_grad(self) -> None:
+        # Gradients thrown away before a step may still be in flight: let those reductions
+        # land first, or they would write into (or read from) the buffers zeroed below.
+        self.queue.drain()
         for t in self.strategy.grads:
             t.zero_()
         for s in self._states:
