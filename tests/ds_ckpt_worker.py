@@ -67,6 +67,13 @@ def main(out: str, stage: str, precision: str) -> None:
     if rank == 0:
         with open(os.path.join(out, "losses.json"), "w") as f:
             json.dump(losses, f)
+    # DeepSpeed keeps its process groups alive past destroy_process_group(), so their gloo
+    # workers can still be finishing a work when CPython finalizes: the exit abort that
+    # zeroshard's own exit handler prevents (zeroshard/shutdown.py). Same cure here.
+    from zeroshard.shutdown import wait_for_idle_workers
+
+    dist.barrier()
+    wait_for_idle_workers()
     dist.destroy_process_group()
 
 
