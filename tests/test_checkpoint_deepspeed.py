@@ -45,8 +45,12 @@ def _launch_ds(out: Path, stage: int) -> list[subprocess.Popen]:
 
 
 def _finished(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:
-    return [(p.returncode, err.decode()[-3000:])
-            for p, (_, err) in ((p, p.communicate(timeout=900)) for p in procs)]  # fmt: skip
+    """(exit code, stderr tail) of each process, once it ended."""
+    ends = []
+    for p in procs:
+        _, err = p.communicate(timeout=900)
+        ends.append((p.returncode, err.decode()[-3000:]))
+    return ends
 
 
 @pytest.fixture(scope="module")
