@@ -43,6 +43,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from zeroshard.comm.topology import NodeTopology
+
 # torch 2.13 renamed the tensor forms; keep working on older releases (setup.py: torch>=2.4).
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -69,15 +71,20 @@ class CommCounter:
 
     The report has each collective's bytes under its name and `total`, and its number of
     calls under `<name>_calls` and `calls`: on a latency-bound model the calls, not the
-    bytes, set the step time."""
+    bytes, set the step time. `inter_node` + `intra_node` = `total`: the bytes sent to
+    ranks on other nodes and on this one (comm/topology.py)."""
 
     current: Counter = field(default_factory=Counter)
     calls: Counter = field(default_factory=Counter)
+    inter: float = 0.0  # bytes of `current` sent to ranks on other nodes (topology.py)
     last: dict[str, int] = field(default_factory=dict)
 
-    def add(self, kind: str, nbytes: float, calls: int = 1) -> None:
+    def add(self, kind: str, nbytes: float, calls: int = 1, inter: float = 0.0) -> None:
+        """`nbytes` sent by collective `kind` in `calls` c10d calls, `inter` of them to
+        ranks on other nodes."""
         self.current[kind] += int(round(nbytes))
         self.calls[kind] += calls
+        self.inter += inter
 
     def snapshot(self) -> dict[str, int]:
         """Close the current step: its counts become `last`, and counting restarts at zero."""
@@ -86,9 +93,12 @@ class CommCounter:
         for k in COLLECTIVES:
             report[f"{k}_calls"] = int(self.calls.get(k, 0))
         report["calls"] = sum(self.calls.values())
+        report["inter_node"] = min(int(round(self.inter)), report["total"])
+        report["intra_node"] = report["total"] - report["inter_node"]
         self.last = report
         self.current = Counter()
         self.calls = Counter()
+        self.inter = 0.0
         return report
 
 
@@ -129,12 +139,13 @@ class Collectives(Protocol):
 
 
 def count(counter: CommCounter, kind: str, tensor: Tensor, world_size: int,
-          calls: int = 1) -> None:  # fmt: skip
+          calls: int = 1, inter_fraction: float = 0.0) -> None:  # fmt: skip
     """Count what collective `kind` on `tensor` sends from one rank of `world_size` (`tensor`:
     the input of a reduce-scatter, the output of an all-gather): the one ring formula;
-    `calls`: the c10d calls it took (an exchange: an isend and an irecv per peer)."""
-    counter.add(kind, _RING_FACTOR[kind] * _nbytes(tensor) * (world_size - 1) / world_size,
-                calls)  # fmt: skip
+    `calls`: the c10d calls it took (an exchange: an isend and an irecv per peer);
+    `inter_fraction`: the share of the peers on other nodes."""
+    nbytes = _RING_FACTOR[kind] * _nbytes(tensor) * (world_size - 1) / world_size
+    counter.add(kind, nbytes, calls, nbytes * inter_fraction)
 
 
 class _All:
@@ -209,6 +220,23 @@ class _Decoded:
         return True
 
 
+class _ChunkwiseDecode:
+    """Decodes a gathered wire buffer rank by rank: each rank encoded its chunk alone (a
+    blockwise codec's blocks and scales are per chunk)."""
+
+    reducible = False
+
+    def __init__(self, codec: WireCodec, chunks: int) -> None:
+        self.codec, self.chunks = codec, chunks
+
+    def encode(self, t: Tensor) -> Tensor:
+        return self.codec.encode(t)
+
+    def decode(self, wire: Tensor, out: Tensor) -> None:
+        for w, o in zip(wire.chunk(self.chunks), out.reshape(-1).chunk(self.chunks)):
+            self.codec.decode(w, o)
+
+
 def _reducible(codec: WireCodec) -> None:
     if not codec.reducible:
         raise ValueError(f"{type(codec).__name__} cannot be summed on the wire: use it for "
@@ -222,25 +250,38 @@ class Comm:
     runs in a plain single-process script.
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(self, group: dist.ProcessGroup | None = None,
+                 counter: CommCounter | None = None) -> None:  # fmt: skip
+        """`counter`: share another `Comm`'s (a subgroup's bytes in its parent's report)."""
         self.initialized = dist.is_available() and dist.is_initialized()
         self.group = group
         self.rank = dist.get_rank(group) if self.initialized else 0
         self.world_size = dist.get_world_size(group) if self.initialized else 1
-        self.counter = CommCounter()
+        self.counter = counter if counter is not None else CommCounter()
         self.list_forms = self.active and dist.get_backend(group) == "gloo"
         self._global_ranks = [
             dist.get_global_rank(group, r) if group is not None else r
             for r in range(self.world_size)
         ] if self.active else []  # fmt: skip
+        self.inter_fraction = 0.0  # share of this rank's peers on other nodes
+        if self.active:
+            topology = NodeTopology.from_env(dist.get_world_size())
+            self.inter_fraction = topology.inter_fraction(self._global_ranks,
+                                                          dist.get_rank())  # fmt: skip
         self._tag = 0
+
+    @property
+    def global_ranks(self) -> list[int]:
+        """The group's ranks in the default group's numbering, in group order."""
+        return list(self._global_ranks) if self.active else [dist.get_rank()
+                                                              if self.initialized else 0]
 
     @property
     def active(self) -> bool:
         return self.initialized and self.world_size > 1
 
     def record(self, kind: str, tensor: Tensor, calls: int = 1) -> None:
-        count(self.counter, kind, tensor, self.world_size, calls)
+        count(self.counter, kind, tensor, self.world_size, calls, self.inter_fraction)
 
     def _coded(self, work: Any, codec: WireCodec, wire: Tensor, out: Tensor, async_op: bool):
         pending = _Decoded(work if async_op else None, codec, wire, out)
@@ -308,7 +349,8 @@ class Comm:
             wire_in = codec.encode(input)
             wire_out = wire_in.new_empty(wire_in.numel() * self.world_size)
             work = self.all_gather(wire_out, wire_in, async_op)
-            return self._coded(work, codec, wire_out, output, async_op)
+            return self._coded(work, _ChunkwiseDecode(codec, self.world_size), wire_out,
+                               output, async_op)  # fmt: skip
         if not self.active:
             if output.data_ptr() != input.data_ptr():
                 output.copy_(input)

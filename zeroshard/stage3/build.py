@@ -19,8 +19,10 @@ from torch import nn
 
 from zeroshard import guards
 from zeroshard.comm.collectives import Comm
+from zeroshard.comm.topology import NodeTopology
 from zeroshard.config.honoured import stage3_bucket_numel
 from zeroshard.config.schema import ZeroConfig
+from zeroshard.config.zeropp import ZeroPPConfig, check_zeropp_topology
 from zeroshard.optimizer import ZeroOptimizer
 from zeroshard.precision import LossScaler
 from zeroshard.prepare import group_index
@@ -33,6 +35,7 @@ from zeroshard.stage3.grouping import Grouping, unit_owner, unit_roots
 from zeroshard.stage3.sharding import UnitSharding
 from zeroshard.stage3.state_dict import install_state_dict_hooks
 from zeroshard.stage3.unit import GatherTracker, ShardedUnit
+from zeroshard.stage3.zeropp import ZeroPP, build_zeropp
 
 
 def build_units(
@@ -108,18 +111,34 @@ def make_units(
 
 def make_engine(
     model: nn.Module, units: list[ShardedUnit], comm: Comm, cfg: ZeroConfig,
-    tracker: GatherTracker,
+    tracker: GatherTracker, zeropp: ZeroPP | None = None,
 ) -> Stage3Engine:
     """The engine with the config's prefetch, live and reuse limits (training and the
-    estimator's meta-device run build it the same way)."""
+    estimator's meta-device run build it the same way); `zeropp`: ZeRO++'s collectives."""
     zo = cfg.zero_optimization
     return Stage3Engine(
         model, units, comm, cfg.reduce_dtype,
         prefetch_numel=int(zo.stage3_prefetch_bucket_size),
         max_live_numel=int(zo.stage3_max_live_parameters),
         max_reuse_numel=int(zo.stage3_max_reuse_distance), tracker=tracker,
-        reduce_numel=stage3_bucket_numel(zo),
+        reduce_numel=stage3_bucket_numel(zo), zeropp=zeropp,
     )  # fmt: skip
+
+
+def make_zeropp(comm: Comm, cfg: ZeroConfig) -> ZeroPP | None:
+    """The config's ZeRO++ collectives over `comm` (None: off). The topology is checked on
+    every rank, with check-config's rule, before any subgroup is created."""
+    zo = cfg.zero_optimization
+    zpp = ZeroPPConfig.of(zo)
+    if not zpp.enabled:
+        return None
+    world = dist.get_world_size() if comm.initialized else 1
+    try:
+        check_zeropp_topology(zo, world, NodeTopology.from_env(world).local_world_size)
+    except ValueError as e:
+        raise ValueError(f"rank {comm.rank}: {e}") from None
+    return build_zeropp(comm, zpp.quantized_weights, zpp.quantized_nontrainable_weights,
+                        zpp.quantized_gradients, zpp.hpz_partition_size)  # fmt: skip
 
 
 def build_stage3(
@@ -155,7 +174,7 @@ def build_stage3(
     if off is not None:  # before the optimizer takes views of the shards
         for u in units:
             u.offload_shard(off.pin_memory)
-    engine = make_engine(model, units, comm, cfg, tracker)
+    engine = make_engine(model, units, comm, cfg, tracker, make_zeropp(comm, cfg))
     scaler = LossScaler.from_fp16_config(cfg.fp16) if cfg.precision == "fp16" else None
     opt = ZeroOptimizer(
         params, rule, sharding=UnitSharding(engine), codec=codec, placement=placement,

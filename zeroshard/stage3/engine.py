@@ -47,6 +47,7 @@ from zeroshard.stage3.coalesce import GradBatcher, gather_coalesced
 from zeroshard.stage3.grouping import fetchers
 from zeroshard.stage3.prefetch import backward_head, next_use_within, to_prefetch
 from zeroshard.stage3.unit import GATHERED, RELEASED, GatherTracker, ShardedUnit
+from zeroshard.stage3.zeropp import ZeroPP
 
 # Metadata reads that need no parameter values: a released placeholder answers them right.
 _METADATA = frozenset(
@@ -122,6 +123,7 @@ class Stage3Engine:
         max_reuse_numel: int = 0,
         tracker: GatherTracker,
         reduce_numel: int = 0,
+        zeropp: ZeroPP | None = None,
     ) -> None:
         self.model = model
         self.units = units
@@ -135,7 +137,10 @@ class Stage3Engine:
         self._index = {id(u): i for i, u in enumerate(units)}  # unit -> position
         self.state_dict_rank0_only = False  # state_dict.py: full tensors on rank 0 only
         self.param_units: dict[int, ShardedUnit] = {}
+        self.zpp = zeropp or ZeroPP()  # ZeRO++ (stage3/zeropp.py); plain stage 3 by default
+        self.zpp.collect = False  # hpZ keeps secondary shards only in grad-enabled forwards
         for u in units:
+            u.zpp = self.zpp
             u.ensure_grad_shard(reduce_dtype)
             for p in u.params:
                 self.param_units[id(p)] = u
@@ -161,7 +166,7 @@ class Stage3Engine:
         self._pass = ""
         self._cursor = 0
         self.queue = InFlight()  # reduce-scatters in flight (shared with stages 0-2)
-        self.batcher = GradBatcher(comm, self.queue, reduce_numel)
+        self.batcher = GradBatcher(comm, self.queue, reduce_numel, self.zpp)
         self._handles: list = []
         self._root_depth = 0
         self._ambient_error: BaseException | None = None
@@ -206,6 +211,7 @@ class Stage3Engine:
                 u.unpin()
         self.training_state = TrainingState.FORWARD
         self._start_pass("forward" if torch.is_grad_enabled() else "forward_nograd")
+        self.zpp.collect = torch.is_grad_enabled()
         # an exception already being handled around this forward is not this forward's
         self._ambient_error = sys.exc_info()[1]
         self._mode = ExternalParamMode(self)
@@ -223,6 +229,7 @@ class Stage3Engine:
                 output = self._post_forward(self.model, args, output)
         finally:
             mode, self._mode = self._mode, None
+            self.zpp.collect = False
             if mode is not None:
                 mode.__exit__(None, None, None)
             if self.training_state is TrainingState.FORWARD:
@@ -319,7 +326,7 @@ class Stage3Engine:
                     head.append(u)
                 elif u.users == 0 and not u.pinned:
                     u.release_if_unused()
-            gather_coalesced(head, self.comm, self.tracker, self.prefetch_numel)
+            gather_coalesced(head, self.comm, self.tracker, self.prefetch_numel, self.zpp)
         finally:
             self.busy = False
 
@@ -356,7 +363,7 @@ class Stage3Engine:
         ahead = to_prefetch(order, self._cursor, self.units, self.prefetch_numel,
                             self.max_live_numel, current)  # fmt: skip
         gather_coalesced([self.units[i] for i in ahead], self.comm, self.tracker,
-                         self.prefetch_numel)
+                         self.prefetch_numel, self.zpp)  # fmt: skip
 
     # -- backward -------------------------------------------------------------------------------
     def _pre_backward(self, module: nn.Module, grad: Tensor) -> None:
@@ -410,8 +417,17 @@ class Stage3Engine:
         for u in self.units:
             u.zero_grad()
 
+    def params_changed(self) -> None:
+        """After an update or a load: hpZ's secondary shards hold the old values."""
+        for u in self.units:
+            u.drop_secondary()
+
+    def secondary_tensors(self) -> list[Tensor]:
+        """hpZ's secondary shards held now (counted as `params`, and as `hpz_secondary`)."""
+        return [u.secondary for u in self.units if u.secondary is not None]
+
     def held_tensors(self) -> dict[str, list[Tensor]]:
-        params: list[Tensor] = []
+        params: list[Tensor] = self.secondary_tensors()
         for u in self.units:
             params += [t for t in (u.shard, u.full) if t is not None]
         grads = [u.grad_shard for u in self.units if u.grad_shard is not None]

@@ -1,0 +1,101 @@
+"""ZeRO++ (Wang et al., 2023) on stage 3: three changes to what a step sends, none to what a
+rank holds as state.
+
+- qwZ (`zero_quantized_weights`): a unit's all-gather sends blockwise int8 codes and fp32
+  scales (comm/quantized.py: `BlockwiseWire`), dequantized into the gathered buffer. Every
+  rank, the owner included, computes with the dequantized values; the shards, the fp32
+  master and the optimizer state stay exact. `zero_quantized_nontrainable_weights` does the
+  same for frozen units.
+- hpZ (`zero_hpz_partition_size` = P > 1): when a grad-enabled forward gathers a unit from
+  the world, each rank keeps 1/P of the gathered buffer (its "secondary" shard, within its
+  group of P consecutive ranks on one node). Every later gather of that unit before the next
+  update (backward, recomputation, the next micro-batch) is an all-gather over those P ranks
+  only, so it never leaves the node, and it returns the very values forward used. The
+  secondary shards are dropped when the parameters change (the update, a load, a rewrite).
+- qgZ (`zero_quantized_gradients`): gradient reduce-scatters go through
+  comm/hierarchical.py's `HierarchicalQuantizedReduce`.
+
+Nodes come from torchrun's environment (comm/topology.py). The wire codecs are not state: a
+checkpoint of a ZeRO++ run is the plain stage-3 checkpoint and resumes with or without ZeRO++.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed as dist
+from torch import Tensor
+
+from zeroshard.comm.collectives import Collectives, Comm, WireCodec
+from zeroshard.comm.hierarchical import HierarchicalQuantizedReduce
+from zeroshard.comm.quantized import BlockwiseWire
+from zeroshard.comm.topology import NodeTopology, consecutive_groups, strided_groups
+
+# Blockwise quantization settings: DeepSpeed's qwZ uses int8, its qgZ int4 on both hops.
+WEIGHT_BITS, WEIGHT_BLOCK = 8, 256
+GRAD_BITS, GRAD_BLOCK = 4, 128
+
+
+@dataclass
+class ZeroPP:
+    """What ZeRO++ changes in one engine's collectives (all None: plain stage 3)."""
+
+    weights: WireCodec | None = None  # qwZ: trainable units' all-gathers
+    frozen: WireCodec | None = None  # frozen units' all-gathers
+    hpz: Collectives | None = None  # the secondary partition's ranks
+    grads: Any = None  # qgZ: a `reduce_scatter` standing for the world's
+    collect: bool = True  # this pass keeps secondary shards (a grad-enabled forward)
+
+    @property
+    def enabled(self) -> bool:
+        return any(x is not None for x in (self.weights, self.frozen, self.hpz, self.grads))
+
+    def codec_for(self, trainable: bool) -> WireCodec | None:
+        return self.weights if trainable else self.frozen
+
+    def secondary_of(self, full: Tensor) -> Tensor | None:
+        """This rank's 1/P of a unit just gathered from the world, kept until the next update
+        (None: hpZ is off, or this pass does not keep one)."""
+        if self.hpz is None or not self.collect:
+            return None
+        return full.view(self.hpz.world_size, -1)[self.hpz.rank].clone()
+
+
+OFF = ZeroPP()
+
+
+def _subgroup(world: Comm, groups: list[list[int]]) -> Comm:
+    """This rank's group among `groups` (global ranks). Only its members create it
+    (`use_local_synchronization`), so a ZeRO++ optimizer on a subgroup of the world works."""
+    me = dist.get_rank()
+    (mine,) = [g for g in groups if me in g]
+    group = dist.new_group(mine, use_local_synchronization=True)
+    return Comm(group, counter=world.counter)
+
+
+def build_zeropp(world: Comm, quantized_weights: bool = False,
+                 quantized_nontrainable_weights: bool = False, quantized_gradients: bool = False,
+                 hpz_partition_size: int = 1) -> ZeroPP:  # fmt: skip
+    """The ZeRO++ collectives of `world` (collective: every rank calls it, in the same order)."""
+    weights = BlockwiseWire(WEIGHT_BITS, WEIGHT_BLOCK) if quantized_weights else None
+    frozen = BlockwiseWire(WEIGHT_BITS, WEIGHT_BLOCK) if quantized_nontrainable_weights else None
+    if not world.active:  # one rank: nothing travels, nothing to change
+        return ZeroPP(weights, frozen)
+    ranks = world.global_ranks
+    topology = NodeTopology.from_env(dist.get_world_size())
+    local = topology.local_world_size
+    if len(ranks) % local or any(len({topology.node_of(r) for r in g}) != 1
+                                 for g in consecutive_groups(ranks, local)):  # fmt: skip
+        raise ValueError(f"rank {world.rank}: ZeRO++ needs the process group's ranks to fill "
+                         f"whole nodes in order (LOCAL_WORLD_SIZE={local}); got {ranks}")
+    hpz = None
+    if hpz_partition_size > 1:
+        hpz = _subgroup(world, consecutive_groups(ranks, hpz_partition_size))
+    grads = None
+    if quantized_gradients:
+        intra = _subgroup(world, consecutive_groups(ranks, local))
+        inter = _subgroup(world, strided_groups(ranks, local))
+        grads = HierarchicalQuantizedReduce(world, intra, inter, intra_bits=GRAD_BITS,
+                                            inter_bits=GRAD_BITS, block=GRAD_BLOCK)  # fmt: skip
+    return ZeroPP(weights, frozen, hpz, grads)
