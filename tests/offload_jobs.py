@@ -18,7 +18,8 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def config(stage: int, offload_optimizer: bool, offload_param: bool, dtype: str) -> dict:
+def config(stage: int, offload_optimizer: bool, offload_param: bool, dtype: str,
+           accumulation: int = 1) -> dict:  # fmt: skip
     zo: dict = {"stage": stage, "reduce_bucket_size": 700,
                 "stage3_param_persistence_threshold": 0}  # fmt: skip
     if offload_optimizer:
@@ -27,6 +28,7 @@ def config(stage: int, offload_optimizer: bool, offload_param: bool, dtype: str)
         zo["offload_param"] = {"device": "cpu", "pin_memory": True}
     return {
         "train_micro_batch_size_per_gpu": GLOBAL_BATCH // _rank_world()[1],
+        "gradient_accumulation_steps": accumulation,
         "gradient_clipping": 1.0,
         "bf16": {"enabled": dtype == "bf16"},
         "zero_optimization": zo,
@@ -35,26 +37,55 @@ def config(stage: int, offload_optimizer: bool, offload_param: bool, dtype: str)
 
 
 def train(stage: int, offload_optimizer: bool, offload_param: bool, dtype: str = "fp32",
-          steps: int = 20, optimizer: dict | None = None) -> dict:  # fmt: skip
-    """One rank's run: losses, final parameters, the memory report split, copy counts."""
+          steps: int = 20, optimizer: dict | None = None, accumulation: int = 1,
+          thrown: str | None = None, nan_step: int | None = None) -> dict:  # fmt: skip
+    """One rank's run: losses, final parameters, the memory report split, copy counts.
+
+    `accumulation` micro-batches per step (`opt.backward` divides the loss); `thrown`:
+    at step 1 a backward is thrown away with `opt.zero_grad()` first, and with "partial"
+    that step's own backwards reach only the embedding (the other buckets land nothing
+    after the zeroing); `nan_step`: that step's loss is multiplied by nan (a skipped step)."""
     rank, world = _rank_world()
     model = make_model()
-    cfg = config(stage, offload_optimizer, offload_param, dtype)
+    cfg = config(stage, offload_optimizer, offload_param, dtype, accumulation)
     if optimizer is not None:
         cfg["optimizer"] = optimizer
     groups = param_groups(model, weight_decay=0.1)
     model, opt = zeroshard.initialize(model, cfg, model_parameters=groups)
-    losses = []
+    placement = opt.placement
+    off = isinstance(placement, HostOffload)
+
+    def landed() -> int:
+        return placement.copies_landed if off else 0
+
+    n = GLOBAL_BATCH // world
+    losses, in_backward, before_step, at_step = [], [], [], []
     for step in range(steps):
-        x, y = batch(step, GLOBAL_BATCH)
-        n = GLOBAL_BATCH // world
-        loss = loss_fn(model, x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n])
-        loss.backward()
+        if thrown is not None and step == 1:
+            x, y = batch(1000 + step, GLOBAL_BATCH)
+            opt.backward(loss_fn(model, x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n]))
+            opt.zero_grad()
+        start, during = landed(), 0
+        for k in range(accumulation):
+            x, y = batch(step * accumulation + k, GLOBAL_BATCH)
+            x, y = x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n]
+            if thrown == "partial" and step == 1:  # only the embedding gets a gradient
+                loss = model.embed(x).float().pow(2).mean()
+            else:
+                loss = loss_fn(model, x, y)
+            if step == nan_step:
+                loss = loss * float("nan")
+            b0 = landed()
+            opt.backward(loss)
+            during += landed() - b0
+        in_backward.append(during)
+        before_step.append(landed() - start)
+        copies_in = placement.copies_in if off else 0
         opt.step()
+        at_step.append((placement.copies_in if off else 0) - copies_in)
         opt.zero_grad()
         losses.append(loss.item())
     names = {n for n, _ in model.named_parameters()}
-    placement = opt.placement
     param_storages = {t.untyped_storage().data_ptr()
                       for t in opt.sharding.held_tensors()["params"]}  # fmt: skip
     return {
@@ -65,8 +96,13 @@ def train(stage: int, offload_optimizer: bool, offload_param: bool, dtype: str =
         "device": opt.memory_report("device"),
         "shard_numel": sum(m.numel() for g in opt.shard_groups for m in g.master),
         "pieces": sum(len(g.master) for g in opt.shard_groups),
-        "copies": (placement.copies_in, placement.copies_out)
-        if isinstance(placement, HostOffload) else (0, 0),
+        "copies": (placement.copies_in, placement.copies_out) if off else (0, 0),
+        # gradient copies to the host made inside backward(), before step(), and the pieces
+        # step() itself copied, per step
+        "landed_in_backward": in_backward,
+        "landed_before_step": before_step,
+        "copied_at_step": at_step,
+        "skipped_steps": opt.skipped_steps,
         "master_apart": all(
             m.untyped_storage().data_ptr() not in param_storages
             for g in opt.shard_groups for m in g.master

@@ -44,8 +44,12 @@ def test_offload_trains_exactly_as_without(dist_run, stage, offload_param, dtype
         assert p["memory"]["host"] == 0 and p["memory"]["device"] == p["memory"]["total"]
         # separate buffers: the master never shares the parameters' storage
         assert o["master_apart"] and o["master_device"] == ["cpu"]
-        # every gradient piece in and every master piece out, once per step
-        assert o["copies"] == (STEPS * o["pieces"], STEPS * o["pieces"]) and o["pieces"] > 0
+        # every master piece out once per step; every gradient piece came in during backward
+        # as its bucket's reduction landed (from step 1 on: step 0 records the launch order
+        # and reduces in step()), so step() copied none
+        assert o["copies"] == (0, STEPS * o["pieces"]) and o["pieces"] > 0
+        assert o["copied_at_step"] == [0] * STEPS
+        assert all(n > 0 for n in o["landed_in_backward"][1:]), o["landed_in_backward"]
         if offload_param:
             # the parameter shards live in host memory; nothing is left on the device
             assert o["host"]["params"] == p["memory"]["params"] > 0
@@ -63,6 +67,38 @@ def test_offload_trains_exactly_as_without(dist_run, stage, offload_param, dtype
             want = est.per_rank[r if stage == 3 else 0]
             for key in (*CATEGORIES, "total", "device", "host"):
                 assert want[key] == run[r]["memory"][key], (offload, r, key)
+
+
+# (stage, accumulation, thrown-away backward) cases: stage 1 with accumulation reduces in
+# step() only; "partial" leaves buckets that land nothing after the zeroing (copied by step())
+EDGES = [(1, 1, "partial"), (1, 2, "full"), (2, 2, "partial"), (3, 2, "full")]
+
+
+@pytest.mark.parametrize("stage, accumulation, thrown", EDGES)
+def test_offload_edges_match_without_offload_bit_for_bit(dist_run, stage, accumulation, thrown):
+    """Gradient accumulation, clipping (always on), a backward thrown away with zero_grad(),
+    and a step skipped for nan gradients: the offloaded run's losses and parameters are the
+    run without offload's, bit for bit, with the copies made as the reductions landed."""
+    steps, kw = 5, {"accumulation": accumulation, "thrown": thrown, "nan_step": 3}
+    plain = dist_run(2, train, stage, False, False, "fp32", steps, None, *kw.values())
+    off = dist_run(2, train, stage, True, False, "fp32", steps, None, *kw.values())
+    for p, o in zip(plain, off):
+        np.testing.assert_array_equal(o["losses"], p["losses"])
+        assert np.isnan(o["losses"][3]) and o["skipped_steps"] == p["skipped_steps"] == 1
+        for k in p["params"]:
+            assert torch.equal(o["params"][k], p["params"][k]), k
+        if stage == 1 and accumulation > 1:  # stages 0-1 reduce once, inside step()
+            assert o["landed_in_backward"] == [0] * steps and o["copied_at_step"] == [0] * steps
+        else:
+            assert all(n > 0 for n in o["landed_in_backward"][2:]), o["landed_in_backward"]
+        if thrown == "partial":
+            # the zeroing forgot the thrown-away backward's copies: the buckets that landed
+            # nothing afterwards were copied by step() (zeros, as on the device)
+            assert o["copied_at_step"][1] > 0
+            assert o["copied_at_step"][:1] + o["copied_at_step"][2:] == [0] * (steps - 1)
+            assert o["landed_before_step"][1] < o["landed_before_step"][2]
+        else:
+            assert o["copied_at_step"] == [0] * steps
 
 
 def test_offload_with_8bit_states(dist_run):

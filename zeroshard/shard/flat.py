@@ -20,7 +20,7 @@ from zeroshard.shard.flat_buffer import FlatParams
 from zeroshard.shard.grad_reducer import GradReducer
 from zeroshard.shard.group import HeldParam, ShardGroup
 from zeroshard.shard.param_gather import DeferredParamGather, bucket_gathers
-from zeroshard.shard.placement import Placement
+from zeroshard.shard.placement import GradLanding, Placement
 
 
 class FlatSharding:
@@ -61,6 +61,8 @@ class FlatSharding:
         by_dtype: dict[torch.dtype, list[Tensor]] = {}
         for p in params:
             by_dtype.setdefault(p.dtype, []).append(p)
+        if isinstance(placement, GradLanding):  # host offload: copy buckets in as they land
+            self.grads.watch(placement)
         out = []
         sharded = self.grads.sharded  # stage 0 replicates: one shard, every rank owns it all
         num_shards, shard = (self.comm.world_size, self.comm.rank) if sharded else (1, 0)

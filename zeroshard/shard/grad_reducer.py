@@ -25,6 +25,12 @@ in which rank 0's buckets became ready, broadcasts it, and from then on buckets 
 in that order as they become ready (a bucket waits for those before it). Buckets whose
 parameters got no gradient (unused in this forward) are flushed by `finish()`, which the
 optimizer calls before it reads gradients, so an unused parameter never hangs a step.
+
+A placement that copies gradients elsewhere (host offload) can `watch` the reducer: each
+bucket's reduced range is handed to it as the reduction lands (`GradLanding.grads_landed`),
+and while one watches, stages 0-1 keep at most `MAX_IN_FLIGHT` reductions in flight during
+backward as stage 2 does, so buckets land (and are copied) while backward goes on, not all
+at `finish()`.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from zeroshard.comm.inflight import InFlight
 from zeroshard.precision import default_reduce_dtype
 from zeroshard.shard.flat_buffer import FlatParams, Slot
 from zeroshard.shard.grad_strategies import STRATEGIES, BucketState
+from zeroshard.shard.placement import GradLanding
 
 
 class GradPath(Protocol):
@@ -51,6 +58,9 @@ class GradPath(Protocol):
     def end_step(self) -> None: ...
     def zero_grad(self) -> None: ...
     def held_tensors(self) -> dict[str, list[Tensor]]: ...
+    def watch(self, listener: GradLanding) -> None:
+        """Tell `listener` of every reduced range as it lands, and before buffers are zeroed."""
+        ...
 
 
 class GradReducer:
@@ -82,6 +92,7 @@ class GradReducer:
         self._order: list[int] | None = None  # launch order, as indices into _states
         self._next = 0  # position in _order of the next bucket to launch during backward
         self._completed: list[int] = []  # readiness order seen on the first step
+        self.listener: GradLanding | None = None  # told of each landed bucket (offload)
 
     # -- setup ----------------------------------------------------------------------------
     def add(self, flat: FlatParams) -> None:
@@ -102,6 +113,12 @@ class GradReducer:
             self._handles.append(handle)
         self._order = None  # a new set of buckets: record the launch order again
         self._completed.clear()
+
+    def watch(self, listener: GradLanding) -> None:
+        """Hand every reduced bucket range to `listener` as it lands (a host offload copies
+        it in behind the rest of backward), and tell it before the buffers are zeroed."""
+        self.listener = listener
+        self.strategy.landed = listener.grads_landed
 
     def remove(self) -> None:
         """Take the gradient hooks off the parameters (the estimator's planning run)."""
@@ -173,6 +190,8 @@ class GradReducer:
         # Gradients thrown away before a step may still be in flight: let those reductions
         # land first, or they would write into (or read from) the buffers zeroed below.
         self.queue.drain()
+        if self.listener is not None:  # its copies still reading the buffers finish first
+            self.listener.grads_reset()
         for t in self.strategy.grads:
             t.zero_()
         for s in self._states:

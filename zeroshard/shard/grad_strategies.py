@@ -11,6 +11,11 @@ collective averages it:
 - `ReduceToGradShard` (stage 2): only this rank's gradient shard; each bucket's gradients collect
   in a recycled bucket buffer that is reduce-scattered straight into the shard.
 
+Every strategy hands each reduced range to `landed` (when a placement watches the reducer)
+right after the reduction lands there, in completion order: stage 0 the all-reduced bucket,
+stage 1 its own chunk (with the temporary that holds it until `finish`), stage 2 the shard
+piece after any add into it.
+
 Stage 3 (sharded parameters) keeps its gradients in the units: stage3/sharding.py adapts the
 engine to the same `GradPath` protocol the optimizer talks to.
 """
@@ -18,6 +23,7 @@ engine to the same `GradPath` protocol the optimizer talks to.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -60,6 +66,9 @@ class _Strategy(abc.ABC):
         self.queue = queue
         self.flats = flats
         self.grads: list[Tensor] = []  # per FlatParams: the gradient tensor this rank keeps
+        # called with (range of `grads`, temporary holding its value or None) as each
+        # reduction lands; set by `GradReducer.watch`
+        self.landed: Callable[[Tensor, Tensor | None], object] | None = None
 
     def launches_in_backward(self, overlap_comm: bool, accumulation_steps: int) -> bool:
         # Stages 0-1 stay exact if backward runs again before the step, but reducing during
@@ -72,6 +81,12 @@ class _Strategy(abc.ABC):
     def accumulate(self, fi: int, slot: Slot, state: BucketState, grad: Tensor) -> None:
         self.queue.wait_for(state)  # its last reduction may still be reading this bucket
         self.flats[fi].param_view(self.grads[fi], slot).add_(grad.reshape(-1))
+
+    def bound_in_flight(self, in_backward: bool) -> None:
+        """With a watcher, reductions land during backward: at most MAX_IN_FLIGHT stay in
+        flight (without one, stages 0-1 let them all run until `finish`)."""
+        if in_backward and self.landed is not None:
+            self.queue.wait_below(MAX_IN_FLIGHT)
 
     @abc.abstractmethod
     def launch(self, state: BucketState, in_backward: bool, overlap_comm: bool) -> None:
@@ -99,7 +114,10 @@ class ReplicatedAllReduce(_Strategy):
     def launch(self, state: BucketState, in_backward: bool, overlap_comm: bool) -> None:
         flat = self.flats[state.flat]
         full = flat.bucket_view(self.grads[state.flat], state.bucket)
-        self.queue.add(self.comm.all_reduce(full, async_op=True), tag=state)
+        landed = self.landed
+        done = None if landed is None else (lambda: landed(full, None))
+        self.queue.add(self.comm.all_reduce(full, async_op=True), tag=state, on_done=done)
+        self.bound_in_flight(in_backward)
 
 
 class ReduceToOwnChunk(_Strategy):
@@ -117,11 +135,16 @@ class ReduceToOwnChunk(_Strategy):
         work = self.comm.reduce_scatter(own if temp is None else temp, full, async_op=True,
                                         one_collective=False)  # fmt: skip
 
+        landed = self.landed
+
         def done() -> None:
             if temp is not None:
                 state.reduced = temp  # the averaged chunk waits for finish()
+            if landed is not None:
+                landed(own, temp)
 
         self.queue.add(work, tag=state, held=(temp,), on_done=done)
+        self.bound_in_flight(in_backward)
 
     def after_finish(self, states: list[BucketState]) -> None:
         for state in states:
@@ -171,12 +194,15 @@ class ReduceToGradShard(_Strategy):
         out = torch.empty_like(piece) if state.wrote_shard else piece
         buffer = state.buffer
         work = self.comm.reduce_scatter(out, buffer, async_op=True, one_collective=False)
+        landed = self.landed
 
         def done() -> None:
             if len(self.pool) <= MAX_IN_FLIGHT:
                 self.pool.append(buffer)
             if out is not piece:
                 piece.add_(out)
+            if landed is not None:
+                landed(piece, None)
 
         self.queue.add(work, tag=state, held=(None if out is piece else out, buffer),
                        on_done=done)  # fmt: skip

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from zeroshard.shard.codec import FP32, Segment, StateCodec, States
 from zeroshard.shard.layout import Piece
-from zeroshard.shard.placement import ON_DEVICE, Placement
+from zeroshard.shard.placement import ON_DEVICE, GradLanding, Placement
 from zeroshard.update import apply as update
 
 
@@ -81,6 +81,8 @@ class ShardGroup:
             self.master = list(self.master_buffer.split([t.numel() for t in shard]))
             self.model_copies = list(shard)
             self.refresh_master()
+        if isinstance(placement, GradLanding):  # it copies gradients in as they land
+            placement.track_grads(self.grads())
         align = getattr(codec, "alignment", None)
         if align is not None:  # every rank checks every rank's pieces: all raise or none
             for h in self.held_params():

@@ -6,6 +6,9 @@ writes the rounded copies in its own pass. A placement elsewhere (host memory:
 `zeroshard.shard.offload.HostOffload`) keeps its own master buffer: the group copies gradients
 in before the update (`stage_grads`) and the updated values back to the parameters after it
 (`write_params`).
+
+A placement may also take each reduced gradient range as the reduction lands during backward
+(`GradLanding`), so its copy in overlaps the rest of backward instead of waiting for the step.
 """
 
 from __future__ import annotations
@@ -38,6 +41,31 @@ class Placement(Protocol):
     def write_params(self, master: list[Tensor], params: list[Tensor]) -> None:
         """The parameters' pieces take the updated master pieces (rounded when low precision).
         Called after the update when the master is not the parameters' own shard."""
+        ...
+
+
+@runtime_checkable
+class GradLanding(Protocol):
+    """A placement that copies gradients in as they are reduced, not at step time (optional).
+
+    The shard group registers its gradient pieces (`track_grads`); the stage's gradient path
+    then calls `grads_landed` every time reduced values land in a range of its gradient
+    buffers (in order, on the host thread, after the wait on the collective and any add into
+    the range), and `grads_reset` before it zeroes them. A range written and not landed again
+    is copied at step time by `stage_grads`, so a late or missing call costs only overlap."""
+
+    def track_grads(self, grads: list[Tensor]) -> None:
+        """The gradient pieces one shard group will hand to `stage_grads` (fixed views)."""
+        ...
+
+    def grads_landed(self, target: Tensor, value: Tensor | None = None) -> None:
+        """Reduced gradients landed in `target` (a 1-D view of a gradient buffer); `value`
+        holds them when they are still in a temporary that is copied into `target` later."""
+        ...
+
+    def grads_reset(self) -> None:
+        """The gradient buffers are about to be zeroed: copies made so far are stale, and
+        nothing may still be reading the buffers when the zeroing runs."""
         ...
 
 

@@ -12,7 +12,8 @@ the same bytes, one collective per module). So:
 - `GradBatcher`: units whose gradients are complete wait in a batch until it would exceed
   `reduce_bucket_size` elements; the batch is copied into one rank-major buffer and
   reduce-scattered in one collective (async, queued in `InFlight`), and each unit's slice of
-  the result lands in its gradient shard.
+  the result lands in its gradient shard; `on_landed` callbacks (a host offload) get each
+  landed range.
 
 A batch or gather of one unit uses the unit's own per-bucket collectives (no copy).
 Units of different dtypes or devices never share a collective.
@@ -21,14 +22,15 @@ Units of different dtypes or devices never share a collective.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from zeroshard.comm.collectives import Collectives
+from zeroshard.comm.collectives import Collectives, WireCodec
 from zeroshard.comm.inflight import InFlight
 from zeroshard.stage3.unit import RELEASED, GatherTracker, ShardedUnit
+from zeroshard.stage3.zeropp import OFF, ZeroPP
 
 
 def _same_kind(units: Sequence[ShardedUnit]) -> list[list[ShardedUnit]]:
@@ -57,28 +59,37 @@ def _copy_rows(rows: Tensor, offset: int, unit: ShardedUnit, full: Tensor, into_
 
 
 class SharedGather:
-    """One all-gather for several units' shards; each unit takes its part on `wait()`."""
+    """One all-gather for several units' shards; each unit takes its part on `wait()`.
+
+    From the world (`comm`, each unit's shard pieces, sent through `codec`: qwZ), or, with
+    `from_secondary`, from the hpZ group (`comm` is that group; each unit's secondary shard,
+    a contiguous 1/P of its flat buffer)."""
 
     def __init__(self, units: Sequence[ShardedUnit], comm: Collectives,
-                 tracker: GatherTracker | None) -> None:  # fmt: skip
+                 tracker: GatherTracker | None, codec: WireCodec | None = None,
+                 from_secondary: bool = False) -> None:  # fmt: skip
         n, rank = comm.world_size, comm.rank
+        self.from_secondary = from_secondary
+        self.exact = (all(u.secondary_exact for u in units) if from_secondary
+                      else codec is None)  # fmt: skip
+        sources = [[u.secondary] if from_secondary else u.shard_pieces for u in units]
         self.offsets: dict[int, int] = {}
         size = 0
-        for u in units:
+        for u, src in zip(units, sources):
             self.offsets[id(u)] = size
-            size += u.shard_numel
+            size += sum(p.numel() for p in src)
         self.rows_numel = size
         self.tracker = tracker
         self.buffer: Tensor | None = torch.empty(n * size, dtype=units[0].dtype,
                                                  device=units[0].device)  # fmt: skip
         self.nbytes = self.buffer.numel() * self.buffer.element_size()
         own = self.buffer[rank * size : (rank + 1) * size]
-        pieces = [p for u in units for p in u.shard_pieces]
+        pieces = [p for src in sources for p in src]
         # copy_ piece by piece: a shard kept in host memory (offload_param) lands on the
         # device here, which torch.cat(out=) across devices would refuse
         for dst, src in zip(own.split([p.numel() for p in pieces]), pieces):
             dst.copy_(src, non_blocking=dst.is_cuda)
-        self.work = comm.all_gather(self.buffer, own, async_op=True)
+        self.work = comm.all_gather(self.buffer, own, async_op=True, codec=codec)
         if tracker is not None:
             tracker.add(self.nbytes)
         self.left = set(self.offsets)
@@ -88,7 +99,11 @@ class SharedGather:
         self._wait()
         assert self.buffer is not None
         rows = self.buffer.view(-1, self.rows_numel)
-        _copy_rows(rows, self.offsets[id(unit)], unit, full, into_rows=False)
+        off = self.offsets[id(unit)]
+        if self.from_secondary:  # rank r's secondary is the r-th 1/P of the flat buffer
+            full.view(rows.shape[0], -1).copy_(rows[:, off : off + full.numel() // rows.shape[0]])
+        else:
+            _copy_rows(rows, off, unit, full, into_rows=False)
         self.done(unit)
 
     def done(self, unit: ShardedUnit) -> None:
@@ -120,17 +135,33 @@ def _cut(units: Sequence[ShardedUnit], limit: int) -> list[list[ShardedUnit]]:
 
 
 def gather_coalesced(units: Sequence[ShardedUnit], comm: Collectives, tracker: GatherTracker,
-                     limit: int) -> None:  # fmt: skip
-    """Start gathering the released `units`: one collective per run of one dtype and at
-    most `limit` elements (the prefetch bucket: what the shared buffer may add)."""
+                     limit: int, zpp: ZeroPP = OFF) -> None:  # fmt: skip
+    """Start gathering the released `units`: one collective per run of one dtype (and one
+    source: the world, through one wire codec, or hpZ's secondary shards) and at most
+    `limit` elements (the prefetch bucket: what the shared buffer may add)."""
     todo = [u for u in units if u.state is RELEASED and not u.persistent]
-    for run in (b for kind in _same_kind(todo) for b in _cut(kind, limit)):
-        if len(run) == 1:
-            run[0].gather()
-            continue
-        shared = SharedGather(run, comm, tracker)
-        for u in run:
-            u.gather_shared(shared)
+
+    def source(u: ShardedUnit) -> tuple[bool, int]:
+        return u.secondary is not None, id(zpp.codec_for(u.trainable))
+
+    runs: list[list[ShardedUnit]] = []
+    for u in todo:  # consecutive units with one source
+        if runs and source(runs[-1][0]) == source(u):
+            runs[-1].append(u)
+        else:
+            runs.append([u])
+    for same_source in runs:
+        for run in (b for kind in _same_kind(same_source) for b in _cut(kind, limit)):
+            if len(run) == 1:
+                run[0].gather()
+                continue
+            if run[0].secondary is not None:
+                assert zpp.hpz is not None
+                shared = SharedGather(run, zpp.hpz, tracker, from_secondary=True)
+            else:
+                shared = SharedGather(run, comm, tracker, codec=zpp.codec_for(run[0].trainable))
+            for u in run:
+                u.gather_shared(shared)
 
 
 def refresh_persistent(units: Sequence[ShardedUnit], comm: Collectives, bucket_numel: int
@@ -148,11 +179,19 @@ def refresh_persistent(units: Sequence[ShardedUnit], comm: Collectives, bucket_n
 class GradBatcher:
     """Units with complete gradients, reduced together up to `limit_numel` elements."""
 
-    def __init__(self, comm: Collectives, queue: InFlight, limit_numel: int) -> None:
+    def __init__(self, comm: Collectives, queue: InFlight, limit_numel: int,
+                 zpp: ZeroPP = OFF) -> None:  # fmt: skip
         self.comm, self.queue = comm, queue
+        self.zpp = zpp
         self.limit = max(int(limit_numel), 1)
         self.pending: list[ShardedUnit] = []
         self.numel = 0
+        self.landed: Callable[[Tensor], object] | None = None
+
+    def on_landed(self, callback: Callable[[Tensor], object]) -> None:
+        """`callback(range)` runs when reduced gradients landed in a range of a unit's
+        gradient shard (after any add into it), in completion order."""
+        self.landed = callback
 
     def add(self, unit: ShardedUnit) -> None:
         """`unit`'s gradient buffer is complete: reduce it with the next ones."""
@@ -170,8 +209,11 @@ class GradBatcher:
         units, self.pending, self.numel = self.pending, [], 0
         units = [u for u in units if u.grad_full is not None]
         if len(units) == 1:
-            for work, full, temp in units[0].reduce_grads():
-                done = None if temp is None else functools.partial(temp[1].add_, temp[0])
+            u = units[0]
+            for (work, full, temp), piece in zip(u.reduce_grads(), u.grad_shard_pieces()):
+                done = None
+                if temp is not None or self.landed is not None:
+                    done = functools.partial(_land_piece, piece, temp, self.landed)
                 self.queue.add(work, held=(full,), on_done=done)
             return
         if not units:
@@ -189,12 +231,24 @@ class GradBatcher:
         firsts = [first for _, first in taken]
         del taken, grad  # the units' full gradient buffers are freed before the collective runs
         out = rows[rank]
-        work = self.comm.reduce_scatter(out, buffer, op="avg", async_op=True)
-        done = functools.partial(_land, units, offsets, firsts, out)
+        work = (self.zpp.grads or self.comm).reduce_scatter(out, buffer, op="avg",
+                                                            async_op=True)  # fmt: skip
+        done = functools.partial(_land, units, offsets, firsts, out, self.landed)
         self.queue.add(work, held=(buffer,), on_done=done)
 
 
-def _land(units: list[ShardedUnit], offsets: list[int], firsts: list[bool], out: Tensor
-          ) -> None:  # fmt: skip
+def _land(units: list[ShardedUnit], offsets: list[int], firsts: list[bool], out: Tensor,
+          landed: Callable[[Tensor], object] | None = None) -> None:  # fmt: skip
     for u, off, first in zip(units, offsets, firsts):
         u.land_grads(out[off : off + u.shard_numel], first)
+        if landed is not None:
+            landed(u.grad_shard)
+
+
+def _land_piece(piece: Tensor, temp: tuple[Tensor, Tensor] | None,
+                landed: Callable[[Tensor], object] | None) -> None:  # fmt: skip
+    """One bucket of a single unit's reduction landed in `piece` (or in a temporary to add)."""
+    if temp is not None:
+        temp[1].add_(temp[0])
+    if landed is not None:
+        landed(piece)

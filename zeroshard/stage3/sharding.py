@@ -24,7 +24,7 @@ from zeroshard import guards
 from zeroshard.shard.codec import StateCodec
 from zeroshard.shard.group import HeldParam, ShardGroup
 from zeroshard.shard.layout import Piece
-from zeroshard.shard.placement import Placement
+from zeroshard.shard.placement import GradLanding, Placement
 from zeroshard.stage3.coalesce import refresh_persistent
 from zeroshard.stage3.engine import Stage3Engine
 from zeroshard.stage3.unit import ShardedUnit
@@ -40,6 +40,12 @@ class _UnitGrads:
 
     def __init__(self, engine: Stage3Engine) -> None:
         self.engine = engine
+        self.listener: GradLanding | None = None
+
+    def watch(self, listener: GradLanding) -> None:
+        """Each coalesced reduction's landed gradient shard goes to `listener` (offload)."""
+        self.listener = listener
+        self.engine.batcher.on_landed(listener.grads_landed)
 
     def finish(self) -> None:
         self.engine.finish_reduction()
@@ -48,6 +54,8 @@ class _UnitGrads:
         pass
 
     def zero_grad(self) -> None:
+        if self.listener is not None:  # its copies still reading the shards finish first
+            self.listener.grads_reset()
         self.engine.zero_grad()
 
     def held_tensors(self) -> dict[str, list[Tensor]]:
@@ -79,6 +87,8 @@ class UnitSharding:
                     f"shape {tuple(p.shape)} that is not in the stage-3 model (pass the model's "
                     "own parameters)"
                 )
+        if isinstance(placement, GradLanding):  # host offload: copy shards in as they land
+            self.grads.watch(placement)
         members = {id(p) for p in params}
         by_dtype: dict[torch.dtype, list[Span]] = {}
         for u in engine.units:
@@ -111,6 +121,7 @@ class UnitSharding:
     def gather_params(self) -> None:
         """Nothing to gather: the next forward does. Persistent units are refreshed here,
         coalesced: one all-gather per `reduce_bucket_size` elements, not one per module."""
+        self.engine.params_changed()
         persistent = [u for u in self.engine.units if u.persistent and u.trainable]
         refresh_persistent(persistent, self.comm, self.engine.reduce_numel or sum(
             u.numel for u in persistent))
@@ -125,6 +136,7 @@ class UnitSharding:
         held = self.engine.held_tensors()
         out = {k: held[k] for k in ("params", "grads", "comm_buffers")}
         out["host"] = [u.shard for u in self.engine.units if u.shard_on_host]
+        out["hpz_secondary"] = self.engine.secondary_tensors()
         return out
 
     @torch.no_grad()
