@@ -22,6 +22,7 @@ from zeroshard.cli.common import CliError
 
 EPILOG = """examples:
   zeroshard check-config configs/zero3.json --world-size 8
+  zeroshard check-config configs/zero3_zeropp.json --world-size 16 --local-world-size 8
   zeroshard check-config ds_config.json --world-size 16 --hidden-size 4096
   zeroshard check-config hf_ds_config_zero3.json --hf"""
 
@@ -36,6 +37,9 @@ NO_EFFECT = {
     "zero_optimization.reduce_scatter": "gradients are always reduce-scattered",
     "zero_optimization.allgather_partitions": "updated partitions are always all-gathered",
 }  # fmt: skip
+ZEROPP_KEYS = frozenset(f"zero_optimization.{k}" for k in (
+    "zero_quantized_weights", "zero_quantized_nontrainable_weights",
+    "zero_quantized_gradients", "zero_hpz_partition_size"))  # fmt: skip
 _PASSES = 8  # re-validations with the refused keys left out, to find every problem at once
 
 
@@ -46,6 +50,10 @@ def add_parser(sub: Any, name: str) -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("config", help="zeroshard/DeepSpeed JSON config")
     p.add_argument("--world-size", type=int, default=1, help="for batch-size derivation")
+    p.add_argument("--local-world-size", "--nproc-per-node", type=int, metavar="N",
+                   help="ranks per node, for ZeRO++'s node rules (default: "
+                        "$LOCAL_WORLD_SIZE if set, else the world size: one node, as the "
+                        "runtime reads it)")  # fmt: skip
     p.add_argument("--hidden-size", type=int, help='to resolve "auto" bucket sizes')
     p.add_argument("--hf", action="store_true",
                    help="read it as ZeroShardTrainer does (automatic when a Trainer value is "
@@ -93,10 +101,13 @@ def _drop(data: dict, key: str) -> bool:
     return False
 
 
-def find_problems(data: dict, world_size: int) -> tuple[list[str], Any]:
+def find_problems(data: dict, world_size: int,
+                  local_world_size: int | None = None) -> tuple[list[str], Any]:  # fmt: skip
     """Every problem the runtime would raise, one string each, and the config that loads
     once the refused keys are left out (None if it never does). pydantic stops before its
-    cross-field checks while a field is invalid, so validation is repeated without them."""
+    cross-field checks while a field is invalid, so validation is repeated without them.
+    `local_world_size` (ranks per node; None: one node) is what ZeRO++'s rules need."""
+    from zeroshard.config.honoured import check_zeropp_topology
     from zeroshard.config.schema import ConfigError, load_config
     from zeroshard.prepare import check_supported
 
@@ -117,6 +128,11 @@ def find_problems(data: dict, world_size: int) -> tuple[list[str], Any]:
             check_supported(cfg)
         except ConfigError as e:
             problems += e.problems
+        try:  # the very check the runtime makes at construction, on every rank
+            check_zeropp_topology(cfg.zero_optimization, world_size,
+                                  local_world_size or world_size)  # fmt: skip
+        except ConfigError as e:
+            problems += e.problems
     return problems, cfg
 
 
@@ -127,6 +143,8 @@ def _unused(key: str, cfg: Any) -> str:
         return NO_EFFECT[key]
     if stage < 3 and key.startswith("zero_optimization.stage3_"):
         return f"a stage-3 setting; this config trains at stage {stage}"
+    if stage < 3 and key in ZEROPP_KEYS:  # only off values get here: on is refused
+        return f"ZeRO++ is a stage-3 option (off here); this config trains at stage {stage}"
     if stage == 0 and key == "zero_optimization.allgather_bucket_size":
         return "stage 0 shards nothing, so there is nothing to all-gather"
     if stage == 3 and key == "zero_optimization.allgather_bucket_size":
@@ -239,14 +257,30 @@ def _wants_trainer(raw: dict) -> bool:
                 "gradient_accumulation_steps"))  # fmt: skip
 
 
-def config_problems(path: str, world_size: int) -> list[str]:
-    """Every problem of the config file at `path` for `world_size` ranks, as check-config
-    finds them (read as ZeroShardTrainer reads it when a Trainer value is "auto")."""
+def config_problems(path: str, world_size: int, local_world_size: int | None = None) -> list[str]:
+    """Every problem of the config file at `path` for `world_size` ranks (`local_world_size`
+    per node; None: one node), as check-config finds them (read as ZeroShardTrainer reads it
+    when a Trainer value is "auto")."""
     raw = _read_once(path)
     if not isinstance(raw, dict):
         return [f"the top level must be a JSON object, got {type(raw).__name__}"]
     data = _trainer_view(raw, world_size)[0] if _wants_trainer(raw) else raw
-    return find_problems(data, world_size)[0]
+    return find_problems(data, world_size, local_world_size)[0]
+
+
+def node_size(given: int | None, world_size: int) -> int:
+    """Ranks per node: `given`, else torchrun's LOCAL_WORLD_SIZE, else the whole world (one
+    node), as the runtime reads it."""
+    env = os.environ.get("LOCAL_WORLD_SIZE")
+    where = "--local-world-size" if given is not None else "LOCAL_WORLD_SIZE"
+    value: Any = given if given is not None else (env or world_size)
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise CliError(f"{where} must be a positive number of ranks per node, got {value!r}")
+    return n
 
 
 def handle(args: argparse.Namespace) -> int:
@@ -268,7 +302,8 @@ def handle(args: argparse.Namespace) -> int:
                        "JSON object")  # fmt: skip
     hf = args.hf or _wants_trainer(raw)
     data, trainer = _trainer_view(raw, args.world_size) if hf else (raw, {})
-    problems, cfg = find_problems(data, args.world_size)
+    local = node_size(args.local_world_size, args.world_size)
+    problems, cfg = find_problems(data, args.world_size, local)
     rows = classify(raw, problems, cfg, args.hidden_size, trainer)
     width = max(len(r[1]) for r in rows) if rows else 0
     for verdict, key, value, why in rows:
@@ -283,7 +318,8 @@ def handle(args: argparse.Namespace) -> int:
                   "TrainingArguments")  # fmt: skip
     else:
         status = "usable"
-    print(f"{args.config}: {status} (world size {args.world_size})")
+    nodes = f", {local} per node" if local < args.world_size else ""
+    print(f"{args.config}: {status} (world size {args.world_size}{nodes})")
     return 1 if n_ref else 0
 
 

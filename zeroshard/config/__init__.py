@@ -4,7 +4,8 @@
 - sections.py: the sections (`zero_optimization`, `optimizer`, `scheduler`, `bf16`, ...);
 - errors.py: `ConfigError`, one message naming the key path, the value and what is allowed;
 - honoured.py: DeepSpeed keys zeroshard cannot honour as DeepSpeed defines them, refused by
-  name; "no offload" spellings accepted.
+  name; "no offload" spellings accepted;
+- zeropp.py: the ZeRO++ keys' rules (stage 3 only, the node topology) and `ZeroPPConfig`.
 """
 
 from zeroshard.config.errors import ConfigError

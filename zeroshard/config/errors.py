@@ -89,10 +89,7 @@ DEEPSPEED_UNSUPPORTED: dict[str, frozenset[str]] = {
     ),
     "zero_optimization": frozenset(
         {
-            "zero_hpz_partition_size",
-            "zero_quantized_weights",
-            "zero_quantized_nontrainable_weights",
-            "zero_quantized_gradients",
+            "zeropp_loco_param",  # LoCo-ZeRO++ (removed from DeepSpeed in 0.19)
             "mics_shard_size",
             "mics_hierarchical_params_gather",
             "ignore_unused_parameters",

@@ -20,6 +20,11 @@ from typing import Any
 
 from zeroshard.config.errors import ConfigError
 
+# the ZeRO++ rules live in zeropp.py; check_zeropp_topology is re-exported: the runtime and
+# check-config read the rules of a config's values from here
+from zeroshard.config.zeropp import check_zeropp_topology as check_zeropp_topology
+from zeroshard.config.zeropp import zeropp_problems
+
 _OFFLOAD_KEYS = ("offload_optimizer", "offload_param")
 
 # (key, value that cannot be honoured, why, minimum stage the key matters at)
@@ -95,6 +100,7 @@ def check_honoured(zo: Any) -> Any:
                 "remove the key or set it to true"
             )
     problems += _offload_problems(zo)
+    problems += zeropp_problems(zo)  # stage 3 only; qgZ needs reduce_scatter
     if zo.overlap_param_gather and zo.stage in (0, 3):
         why = ("stage 0 updates every parameter on every rank: there is no parameter gather"
                if zo.stage == 0 else "stage 3 always gathers parameters ahead of use "

@@ -25,7 +25,8 @@ from pydantic import (
     model_validator,
 )
 
-from zeroshard.config import honoured
+from zeroshard.config import honoured, zeropp
+from zeroshard.config.zeropp import ZeroPPConfig
 
 Auto = Literal["auto"]
 _AUTO_HELP = (
@@ -423,6 +424,21 @@ class ZeroOptimizationConfig(Section):
     load_from_fp32_weights: bool = True
     offload_optimizer: Optional[OffloadOptimizerConfig] = None
     offload_param: Optional[OffloadParamConfig] = None
+    # ZeRO++ at stage 3 (config/zeropp.py; docs/config.md): qwZ, qgZ, hpZ
+    zero_quantized_weights: bool = False
+    zero_quantized_nontrainable_weights: bool = False
+    zero_quantized_gradients: bool = False
+    zero_hpz_partition_size: PositiveInt = 1
+
+    _zeropp_bools = field_validator(*zeropp.ZEROPP_BOOL_KEYS, mode="before")(
+        lambda cls, v: zeropp.strict_bool(v)
+    )
+    _zeropp_hpz = field_validator(zeropp.HPZ_KEY, mode="before")(lambda cls, v: zeropp.hpz_size(v))
+
+    @property
+    def zeropp(self) -> ZeroPPConfig:
+        """The ZeRO++ settings (`.enabled` when any part is on)."""
+        return ZeroPPConfig.of(self)
 
     # every key honoured as DeepSpeed defines it, or rejected by name: never silently ignored
     _no_offload = model_validator(mode="before")(honoured.drop_no_offload)
