@@ -1,6 +1,7 @@
 """ZeroShardStrategy takes what the config leaves out from the Lightning Trainer and
-configure_optimizers (optimizer, its hyperparameters, accumulation, bf16), steps the
-scheduler configure_optimizers returns as Lightning does, and lists every contradiction."""
+configure_optimizers (optimizer, its hyperparameters, accumulation, bf16, the micro-batch
+size from the train loader, as Lightning's DeepSpeedStrategy does), steps the scheduler
+configure_optimizers returns as Lightning does, and lists every contradiction."""
 
 import numpy as np
 
@@ -18,6 +19,8 @@ def test_lightning_scheduler_and_settings_from_the_trainer(tmp_path):
     for stage in ("z2", "z3"):
         z = r[stage]
         assert z["lrs"] == ddp["lrs"] and z["gas"] == 2
+        # the loader's batch_size=4, accumulate 2, 2 ranks (not the config's default of 1)
+        assert z["batch"] == [4, 2, 16]
         np.testing.assert_allclose(z["losses"], ddp["losses"], rtol=1e-5)
     assert r["bf16"] == "bf16"
     assert r["mismatch"] == (
@@ -27,6 +30,11 @@ def test_lightning_scheduler_and_settings_from_the_trainer(tmp_path):
         "  - `optimizer.params.lr` = 0.001 in the config contradicts the Trainer's "
         "configure_optimizers() lr = 0.01"
     )
+    assert r["micro"] == (
+        "ConfigError: invalid zeroshard config: `train_micro_batch_size_per_gpu` = 8 in the "
+        "config contradicts the Trainer's "
+        "train_dataloader batch_size = 4"
+    )
     said = [ln for ln in log.splitlines() if ln.startswith("zeroshard: from the Lightning")]
     assert said[0] == (
         "zeroshard: from the Lightning Trainer: bf16.enabled (precision='32-true'), "
@@ -34,5 +42,6 @@ def test_lightning_scheduler_and_settings_from_the_trainer(tmp_path):
         "(configure_optimizers() betas), optimizer.params.eps (configure_optimizers() eps), "
         "optimizer.params.lr (configure_optimizers() lr), optimizer.params.weight_decay "
         "(configure_optimizers() weight_decay), optimizer.type (configure_optimizers() "
-        "optimizer); from the config: none; scheduler: LambdaLR"
+        "optimizer), train_micro_batch_size_per_gpu (train_dataloader batch_size); from the "
+        "config: none; scheduler: LambdaLR"
     ), said

@@ -1,7 +1,8 @@
 """Run under torchrun (2 gloo ranks): Lightning + AdamW + a per-step LambdaLR scheduler from
 configure_optimizers, under DDP and under ZeroShardStrategy with a config that names only
-the stage (accumulate 2, gradient_clip_val 0.3); bf16-true from the Trainer; a config that
-contradicts configure_optimizers. Rank 0 writes JSON to argv[1]."""
+the stage (accumulate 2, gradient_clip_val 0.3; the micro-batch size from the train loader);
+bf16-true from the Trainer; a config that contradicts configure_optimizers, one whose
+micro-batch size contradicts the loader's. Rank 0 writes JSON to argv[1]."""
 
 import json
 import logging
@@ -75,14 +76,21 @@ for name in ("ddp", "z2", "z3"):
     strategy = "ddp" if name == "ddp" else ZeroShardStrategy(
         config={"zero_optimization": {"stage": int(name[1])}, "kernel": "torch"})
     model, trainer = fit(strategy)
+    opt = trainer.optimizers[0]
     results[name] = {"losses": model.losses, "lrs": model.lrs,
-                     "gas": getattr(trainer.optimizers[0], "gradient_accumulation_steps", 2)}
+                     "gas": getattr(opt, "gradient_accumulation_steps", 2)}
+    if name != "ddp":
+        results[name]["batch"] = [opt.config.train_micro_batch_size_per_gpu,
+                                  opt.config.gradient_accumulation_steps,
+                                  opt.config.train_batch_size]
 model, trainer = fit(ZeroShardStrategy(config={"zero_optimization": {"stage": 2}}),
                      precision="bf16-true", steps=1)
 results["bf16"] = trainer.optimizers[0].config.precision
 bad = {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 4,
        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
 results["mismatch"] = error_of(lambda: fit(ZeroShardStrategy(config=bad), steps=1))
+micro = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 8}
+results["micro"] = error_of(lambda: fit(ZeroShardStrategy(config=micro), steps=1))
 if dist.get_rank() == 0:
     with open(OUT, "w") as f:
         json.dump(results, f)
