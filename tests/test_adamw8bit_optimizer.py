@@ -105,20 +105,14 @@ def test_checkpoint_4_ranks_stage3_to_2_ranks_stage2_is_byte_identical(dist_run,
     assert got["start"] == 4 and err <= 1e-4
 
 
-def test_checkpoint_between_codecs_is_refused(dist_run, tmp_path):
+def test_checkpoint_between_codecs_loads(dist_run, tmp_path):
+    # converted on load (the numbers: tests/test_checkpoint_codec_convert.py)
     src = str(tmp_path / "q8")
     dist_run(2, J.job_save, src, 2, 1)
-    msg = dist_run(2, J.job_load_error, src, "adamw")[0]
-    assert "optimizer rule: checkpoint 'adamw8bit', this run 'adamw'" in msg
-    assert ("optimizer state codec: checkpoint {'block_size': 64, 'min_8bit_size': 500, "
-            "'name': 'blockwise8bit'}, this run None (None: fp32 states; states are not "
-            "converted between codecs)") in msg
-    assert msg.endswith("Nothing was modified.")
+    assert dist_run(2, J.job_load_error, src, "adamw") == ["", ""]
     fp32 = str(tmp_path / "fp32")
     dist_run(2, job_train_save, fp32, 2, "fp32", 1, 1)
-    msg = dist_run(2, J.job_load_error, fp32, "adamw8bit")[0]
-    assert "optimizer rule: checkpoint 'adamw', this run 'adamw8bit'" in msg
-    assert "optimizer state codec: checkpoint None, this run {'name': 'blockwise8bit'" in msg
+    assert dist_run(2, J.job_load_error, fp32, "adamw8bit") == ["", ""]
 
 
 def test_config_and_argument_errors():

@@ -26,7 +26,7 @@ from zeroshard import guards, torch_clip
 from zeroshard.accounting import memory_report
 from zeroshard.comm.collectives import Comm
 from zeroshard.precision import LossScaler
-from zeroshard.quant8.codec import codec_for
+from zeroshard.quant8.codec import codec_for, group_codec, group_defaults
 from zeroshard.shard.codec import FP32, StateCodec
 from zeroshard.shard.flat import FlatSharding
 from zeroshard.shard.group import ShardGroup
@@ -119,6 +119,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         # "adamw8bit": block_size / min_8bit_size build its codec (quant8/codec.py)
         codec, hyperparams = codec_for(optimizer, hyperparams, codec)
         self.rule, defaults, self._generic_cls = resolve_rule(optimizer, hyperparams)
+        defaults.update(group_defaults(codec))  # adamw8bit: a param group may set its own
         self.sharding = sharding
         self.stage = sharding.stage
         self.comm = sharding.comm
@@ -148,7 +149,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         trainable = [p for p in params if p.requires_grad]
         for p in trainable:
             check_dtype(p.dtype)
-        for group in self.sharding.build_groups(gi, trainable, self.codec, self.placement):
+        codec = group_codec(self.codec, self.param_groups[gi], f"param_groups[{gi}]")
+        for group in self.sharding.build_groups(gi, trainable, codec, self.placement):
             if group.dtype == torch.float16 and self.loss_scaler is None:
                 self.loss_scaler = LossScaler()
             options = {k: v for k, v in self.param_groups[gi].items() if k != "params"}
@@ -352,11 +354,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if isinstance(self.placement, HostOffload):  # master, state and staged gradients
             host += [*master, *states]
             staged = self.placement.staging_buffers()
-        return memory_report(
+        report = memory_report(
             {**held, "grads": [*held.get("grads", []), *staged], "master": master,
              "optimizer_states": states},
             host=[*host, *staged], memory=memory,
         )  # fmt: skip
+        if held.get("hpz_secondary") is not None:  # part of `params`: ZeRO++'s hpZ copies
+            report["hpz_secondary"] = sum(t.numel() * t.element_size()
+                                          for t in held["hpz_secondary"])  # fmt: skip
+        return report
 
     def comm_report(self) -> dict[str, int]:
         """Bytes this rank sent during the last step, per collective, and `total`."""

@@ -27,9 +27,9 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from zeroshard.checkpoint import async_save as background
-from zeroshard.checkpoint import commit, dist_util, manifest, verify
+from zeroshard.checkpoint import commit, convert, dist_util, manifest, verify
 from zeroshard.checkpoint import optimizer_view as L
-from zeroshard.checkpoint.save import persistent_buffers, shard_slice, state_codec
+from zeroshard.checkpoint.save import persistent_buffers, shard_slice
 from zeroshard.shard.optimizer_state import restore_optimizer
 from zeroshard.timing import progress
 
@@ -139,30 +139,31 @@ def _check_fit(body: dict[str, Any], model: nn.Module, opt: Any, folder: Path) -
     if opt is not None:
         if body.get("rule") is None:
             problems.append("the checkpoint has no optimizer state (saved without optimizer)")
-        elif body["rule"] != opt.rule:
-            problems.append(f"optimizer rule: checkpoint {body['rule']!r}, this run {opt.rule!r}")
-        if body.get("state_codec") != state_codec(opt):
-            problems.append(f"optimizer state codec: checkpoint {body.get('state_codec')}, this "
-                            f"run {state_codec(opt)} (None: fp32 states; states are not "
-                            "converted between codecs)")  # fmt: skip
-        if len(body["param_groups"]) != len(opt.param_groups):
+        elif len(body["param_groups"]) != len(opt.param_groups):
             problems.append(f"param groups: checkpoint {len(body['param_groups'])}, "
                             f"optimizer {len(opt.param_groups)}")  # fmt: skip
+        else:  # another rule or codec: converted where the states mean the same (convert.py)
+            problems += convert.problems(body, opt)
         problems += _group_problems(body["param_groups"], opt)
     if problems:
         raise ValueError(f"{folder / commit.MANIFEST}: does not fit this model/optimizer: "
                          + "; ".join(problems))  # fmt: skip
 
 
-def plan_reads(body: dict[str, Any], model: nn.Module, opt: Any, rank: int) -> list[Read]:
+def plan_reads(body: dict[str, Any], model: nn.Module, opt: Any, rank: int
+               ) -> tuple[list[Read], list[convert.Convert]]:  # fmt: skip
+    """The slices to read, and the state conversions to run once they are read."""
     index = SavedIndex(body)
     reads: list[Read] = []
+    converts: list[convert.Convert] = []
     covered: set[str] = set()
     if opt is not None:
         lay = L.layout(opt, model)
         states = [L.shard_state(opt, i) for i in range(len(lay.groups))]
         names = sorted({k for s in states for k in s.state_names()})
-        if states and names != sorted(body["state_names"]) and any(s.step for s in states):
+        planner = convert.Planner(body, opt) if convert.needed(body, opt) else None
+        if (planner is None and states and names != sorted(body["state_names"])
+                and any(s.step for s in states)):  # fmt: skip
             raise ValueError(f"optimizer states: checkpoint {body['state_names']}, this run "
                              f"{names}")  # fmt: skip
         covered = {p.name for p in lay.params}
@@ -170,6 +171,11 @@ def plan_reads(body: dict[str, Any], model: nn.Module, opt: Any, rank: int) -> l
             st = states[p.shard_group]
             dst = shard_slice(st.master, pc.shard_offset, pc.numel)
             reads += index.reads("master", "master", p.name, pc.start, dst)
+            if planner is not None:  # per piece: as it is, or converted
+                r, c = planner.piece(index, p.name, p.group, p.numel, pc.start,
+                                     _stored(st, pc.shard_offset, pc.numel))  # fmt: skip
+                reads, converts = reads + r, converts + c
+                continue
             if st.pieces is not None:  # a codec's stored form: moved as it is
                 for sname, (dst, per) in sorted(st.pieces(pc.shard_offset, pc.numel).items()):
                     reads += index.reads("master", f"state.{sname}", p.name, pc.start, dst, per)
@@ -186,7 +192,14 @@ def plan_reads(body: dict[str, Any], model: nn.Module, opt: Any, rank: int) -> l
     for name, b in persistent_buffers(model):
         fname = index.pieces[("buffer", name)][0][2]
         reads.append(Read(fname, manifest.key("buffer", name), -1, -1, b))
-    return reads
+    return reads, converts
+
+
+def _stored(st: L.ShardState, offset: int, numel: int) -> dict[str, tuple[Tensor, int]]:
+    """The live stored tensors of one piece: (1-D view, parameter elements per entry)."""
+    if st.pieces is not None:
+        return st.pieces(offset, numel)
+    return {k: (shard_slice(ts, offset, numel), 1) for k, ts in st.state.items()}
 
 
 def verify_files(folder: Path, body: dict[str, Any], files: set[str],
@@ -270,8 +283,9 @@ class _Undo:
 
 
 @torch.no_grad()
-def _apply(folder: Path, body: dict[str, Any], reads: list[Read], model: nn.Module,
-           opt: Any, undo: _Undo) -> None:  # fmt: skip
+def _apply(folder: Path, body: dict[str, Any], reads: list[Read],
+           converts: list[convert.Convert], model: nn.Module, opt: Any, undo: _Undo
+           ) -> None:  # fmt: skip
     handles: dict[str, Any] = {}
     for r in progress(reads, f"loading {folder.name}", unit="piece"):
         if r.file not in handles:
@@ -280,6 +294,9 @@ def _apply(folder: Path, body: dict[str, Any], reads: list[Read], model: nn.Modu
         src = f.get_tensor(r.key) if r.lo < 0 else f.get_slice(r.key)[r.lo : r.hi]
         undo.tensors.append((r.dst, r.dst.clone()))
         r.dst.copy_(src.reshape(r.dst.shape))
+    for c in converts:  # states of another stored form: (de)quantized after the reads
+        undo.tensors += [(t, t.clone()) for t in c.dst]
+        c.run()
     if opt is None:
         return
     lay = L.layout(opt, model)
@@ -298,7 +315,7 @@ def _apply(folder: Path, body: dict[str, Any], reads: list[Read], model: nn.Modu
             undo.calls.append(partial(obj.load_state_dict, copy.deepcopy(obj.state_dict())))
     steps = {g.index: int(body["steps"].get(str(g.group), 0)) for g in lay.groups}
     # the parameters follow the master after the ranks agreed (that step is collective)
-    restore_optimizer(opt, body["param_groups"], steps, body.get("loss_scaler"),
+    restore_optimizer(opt, convert.restored_groups(body, opt), steps, body.get("loss_scaler"),
                       body.get("lr_scheduler"), sync=False)  # fmt: skip
 
 
@@ -329,7 +346,7 @@ def load_checkpoint(
     root = Path(load_dir)
     pg = dist_util.group()
     problem = ""
-    folder, body, reads = root, {}, []
+    folder, body, reads, converts = root, {}, [], []
     try:
         folder = resolve(root, tag)
         if not (folder / commit.MANIFEST).exists() and _looks_deepspeed(folder):
@@ -338,7 +355,7 @@ def load_checkpoint(
             return load_deepspeed(folder, model, optimizer, pg)
         body = manifest.parse(folder / commit.MANIFEST)
         _check_fit(body, model, optimizer, folder)
-        reads = plan_reads(body, model, optimizer, rank)
+        reads, converts = plan_reads(body, model, optimizer, rank)
         verify_files(folder, body, {r.file for r in reads}, reads)
     except Exception as e:  # noqa: BLE001 - any fault is reported by every rank, no hang
         problem = str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
@@ -349,7 +366,7 @@ def load_checkpoint(
         )
     undo, error = _Undo(), ""
     try:
-        _apply(folder, body, reads, model, optimizer, undo)
+        _apply(folder, body, reads, converts, model, optimizer, undo)
     except Exception as e:  # noqa: BLE001 - every rank restores, then raises
         error = f"{type(e).__name__}: {e}"
     found = dist_util.all_gather_obj(error, pg)

@@ -4,8 +4,9 @@
     <tag>/rank00000.safetensors one per saving rank: its pieces, keyed by name and offset
 
 Body fields: format, version, world_size, stage, rule, params [{name, shape, dtype,
-trainable, group}], buffers [{name, shape, dtype}], param_groups (hyperparameters),
-steps {group: step}, state_names, loss_scaler, lr_scheduler, client_state, files
+trainable, group}], buffers [{name, shape, dtype}], param_groups (hyperparameters; an
+AdamW8bit group's block_size and min_8bit_size among them), steps {group: step},
+state_names, state_codec (None: fp32 states), loss_scaler, lr_scheduler, client_state, files
 {name: {rank, size, sha256, pieces: [[kind, param, start, numel], ...]}}.
 Piece kinds: "master" (fp32 master, plus one tensor per optimizer state), "weight" (a
 parameter the optimizer does not hold, in its own dtype), "buffer" (whole).
@@ -117,6 +118,7 @@ class ParamInfo(_Strict):
     shape: list[NonNeg]
     dtype: DType
     trainable: StrictBool
+    group: Optional[NonNeg] = None  # its optimizer param group (None: not held by one)
 
 
 class BufferInfo(_Strict):

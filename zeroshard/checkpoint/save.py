@@ -80,6 +80,7 @@ def build_plan(model: nn.Module, opt: Any, client_state: Any) -> Plan:
     covered: set[str] = set()
     steps: dict[str, int] = {}
     state_names: list[str] = []
+    group_of: dict[str, int] = {}
     if opt is not None:
         lay = L.layout(opt, model)
         states = [L.shard_state(opt, i) for i in range(len(lay.groups))]
@@ -87,6 +88,7 @@ def build_plan(model: nn.Module, opt: Any, client_state: Any) -> Plan:
             steps[str(g.group)] = max(steps.get(str(g.group), 0), states[g.index].step)
         state_names = sorted({k for s in states for k in s.state_names()})
         covered = {p.name for p in lay.params if p.name is not None}
+        group_of = {p.name: p.group for p in lay.params if p.name is not None}
         if lay.stage > 0 or rank == 0:  # stage 0: replicated, rank 0 writes
             for p, pc in lay.local_pieces():
                 st = states[p.shard_group]
@@ -101,6 +103,8 @@ def build_plan(model: nn.Module, opt: Any, client_state: Any) -> Plan:
     for mp in L.model_pieces(model, rank):
         params.append({"name": mp.name, "shape": list(mp.shape), "trainable": mp.trainable,
                        "dtype": manifest.dtype_name(mp.dtype)})  # fmt: skip
+        if mp.name in group_of:  # which group's state codec stored it (AdamW8bit block size)
+            params[-1]["group"] = group_of[mp.name]
         if mp.name in covered or not mp.writer:
             continue
         for start, view in mp.views:

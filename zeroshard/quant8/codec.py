@@ -17,6 +17,7 @@ world sizes and stages without requantizing.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -235,3 +236,38 @@ def codec_for(rule: str, hp: dict[str, Any], codec: Any) -> tuple[Any, dict[str,
         raise ValueError(f"rule 'adamw8bit' stores its state with Blockwise8bit, not the "
                          f"{getattr(codec, 'name', codec)!r} codec")  # fmt: skip
     return Blockwise8bit(**given), rest
+
+
+def group_defaults(codec: Any) -> dict[str, Any]:
+    """The 8-bit settings every param group of an "adamw8bit" optimizer carries (a group may
+    set its own; checkpoints record them per group): the optimizer-wide codec's. None for
+    any other codec."""
+    if isinstance(codec, Blockwise8bit):
+        return {"block_size": codec.block_size, "min_8bit_size": codec.min_8bit_size}
+    return {}
+
+
+def group_codec(codec: Any, group: Mapping[str, Any], where: str = "param group") -> Any:
+    """The state codec of one param group: `codec`, or a `Blockwise8bit` built from the
+    group's own block_size / min_8bit_size. Any other codec refuses those keys."""
+    given = {k: group[k] for k in CODEC_KEYS if k in group}
+    if not isinstance(codec, Blockwise8bit):
+        if given:
+            raise ValueError(f"{where} sets {sorted(given)}: 8-bit state settings, only for "
+                             "optimizer 'adamw8bit'")  # fmt: skip
+        return codec
+    want = {**group_defaults(codec), **given}
+    if want == group_defaults(codec):
+        return codec
+    try:
+        return Blockwise8bit(**want)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def stored_block(config: Mapping[str, Any] | None, numel: int) -> int:
+    """How a parameter of `numel` (global) elements keeps its AdamW states under a codec
+    `config()` (None: fp32 states): its block size when 8-bit, 0 when fp32."""
+    if config is None or config.get("name") != Blockwise8bit.name:
+        return 0
+    return int(config["block_size"]) if uses_8bit(numel, int(config["min_8bit_size"])) else 0

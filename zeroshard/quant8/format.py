@@ -231,3 +231,18 @@ def dequantize_blockwise(codes: Tensor, absmax: Tensor, signed: bool,
     dequantize_into(out, n, block_size, signed, codes.reshape(-1), absmax,
                      torch.empty(n, dtype=torch.int32, device=codes.device))
     return out[:n]
+
+
+def dequantize_span(codes: Tensor, absmax: Tensor, signed: bool, block_size: int,
+                    first: int = 0) -> Tensor:  # fmt: skip
+    """fp32 map[codes] * absmax of a run of elements that starts `first` elements into the
+    first block `absmax` covers: a piece cut anywhere (an fp32-state layout loading 8-bit
+    states). Each value is the same fp32 product `dequantize_blockwise` forms."""
+    check_block_size(block_size)
+    n = codes.numel()
+    if not 0 <= first < block_size or absmax.numel() != num_blocks(first + n, block_size):
+        raise ValueError(f"{absmax.numel()} absmax entries do not cover {n} elements "
+                         f"starting {first} into a block of {block_size}")  # fmt: skip
+    qmap = dynamic_map(signed).to(codes.device)
+    scale = absmax.to(codes.device).repeat_interleave(block_size)[first : first + n]
+    return qmap[codes.reshape(-1).long()] * scale

@@ -3,10 +3,13 @@ shard in memory (torch's optimizer API), and `restore_optimizer`, the one place 
 checkpoint (this one or a universal one) restores counters, hyperparameters, the loss scaler
 and the lr scheduler, then makes the parameters follow the restored master.
 
-A checkpoint loads back at the same world size, stage and parameter layout; anything else is
-refused with a message that says what differs (re-sharding to another world size is a
-separate feature). State tensors are saved contiguous (one tensor per state per flat buffer),
-so the file does not depend on bucket boundaries beyond the recorded layout.
+A checkpoint loads back at the same world size, stage, parameter layout and state codec;
+anything else is refused with a message that says what differs. Re-sharding, and converting
+states between codecs (fp32 AdamW <-> AdamW8bit, another block_size), is the universal
+checkpoint's job (`zeroshard.save_checkpoint` / `load_checkpoint`): another codec lays the
+parameters out on other block boundaries, so a rank's in-memory shard of one is not a
+rank's shard of the other. State tensors are saved contiguous (one tensor per state per flat
+buffer), so the file does not depend on bucket boundaries beyond the recorded layout.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+
+from zeroshard.quant8.codec import CODEC_KEYS, group_codec
 
 ZeroOptimizer = Any  # the optimizer imports this module: typed by its public API only
 
@@ -68,6 +73,7 @@ def optimizer_state_dict(opt: ZeroOptimizer) -> dict[str, Any]:
             "rank": opt.comm.rank,
             "rule": opt.rule,
             "layout": _layout(opt),
+            "codecs": _codecs(opt),
         },
         "state": state,
         "param_groups": groups,
@@ -92,14 +98,28 @@ def _check(opt: ZeroOptimizer, sd: dict[str, Any]) -> None:
     ):
         if meta[key] != mine:
             problems.append(f"{key}: checkpoint {meta[key]!r}, this run {mine!r}")
+    if "codecs" in meta and meta["codecs"] != _codecs(opt):
+        problems.append(f"state codec per param group: checkpoint {meta['codecs']}, this run "
+                        f"{_codecs(opt)}")  # fmt: skip
     if not problems and meta["layout"] != _layout(opt):
         problems.append("parameter layout differs (other parameters, groups or bucket size)")
     if problems:
         raise ValueError(
             f"rank {opt.comm.rank}: cannot load this optimizer checkpoint: "
             + "; ".join(problems)
-            + ". Checkpoints load at the same world size, stage and model."
+            + ". Checkpoints load at the same world size, stage and model; to change the "
+            "world size, stage or state codec (fp32 AdamW <-> AdamW8bit, another block_size) "
+            "save with zeroshard.save_checkpoint and load with zeroshard.load_checkpoint."
         )
+
+
+def _codecs(opt: ZeroOptimizer) -> list[Any]:
+    """How each param group stores its state (None: fp32), as `codec.config()` says."""
+    out = []
+    for i, g in enumerate(opt.param_groups):
+        config = getattr(group_codec(opt.codec, g, f"param_groups[{i}]"), "config", None)
+        out.append(config() if config is not None else None)
+    return out
 
 
 @torch.no_grad()
@@ -139,12 +159,13 @@ def restore_optimizer(
     then (`sync`; a caller that must first agree with the other ranks calls
     `opt.sync_params_from_master()` itself) the parameters follow the restored fp32 master
     on every rank (DeepSpeed's load_from_fp32_weights) and states kept in another form are
-    stored."""
+    stored. A group's state codec settings (AdamW8bit's block_size, min_8bit_size) stay this
+    run's: its states are already laid out and stored by them."""
     for i, n in steps.items():
         opt.set_step(i, int(n))
     for group, saved in zip(opt.param_groups, param_groups):
         for k, v in saved.items():
-            if k != "params":
+            if k != "params" and k not in CODEC_KEYS:
                 group[k] = tuple(v) if isinstance(group.get(k), tuple) else v
     if opt.loss_scaler is not None and loss_scaler:
         opt.loss_scaler.load_state_dict(loss_scaler)
