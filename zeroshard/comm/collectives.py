@@ -265,7 +265,10 @@ class Comm:
         ] if self.active else []  # fmt: skip
         self.inter_fraction = 0.0  # share of this rank's peers on other nodes
         if self.active:
-            topology = NodeTopology.from_env(dist.get_world_size())
+            try:
+                topology = NodeTopology.from_env(dist.get_world_size())
+            except ValueError:  # uneven nodes: counted as one (only hpZ/qgZ refuse them)
+                topology = NodeTopology(dist.get_world_size(), dist.get_world_size())
             self.inter_fraction = topology.inter_fraction(self._global_ranks,
                                                           dist.get_rank())  # fmt: skip
         self._tag = 0

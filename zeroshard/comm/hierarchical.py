@@ -69,7 +69,7 @@ class HierarchicalQuantizedReduce:
         pending.wait()
         return None
 
-    def _all_to_all(self, comm: Comm, wire: BlockwiseWire, rows: Tensor) -> tuple[Any, Tensor]:
+    def exchange(self, comm: Comm, wire: BlockwiseWire, rows: Tensor) -> tuple[Any, Tensor]:
         """Send row r of `rows` (encoded) to rank r of `comm`; the received rows come back in
         rank order (the own row is not sent: its slot is left as it is)."""
         send = torch.empty(rows.shape[0], wire.wire_bytes(rows[0].numel()), dtype=torch.uint8,
@@ -85,7 +85,7 @@ class HierarchicalQuantizedReduce:
         work = dist.all_to_all_single(recv, send, group=comm.group, async_op=True)
         return work, recv
 
-    def _sum(self, comm: Comm, wire: BlockwiseWire, own: Tensor, recv: Tensor,
+    def combine(self, comm: Comm, wire: BlockwiseWire, own: Tensor, recv: Tensor,
              numel: int) -> Tensor:  # fmt: skip
         """fp32 sum in rank order of this rank's exact `own` and the peers' received rows."""
         acc = torch.zeros(numel, dtype=torch.float32, device=own.device)
@@ -109,7 +109,7 @@ class _Pending:
         grid = input.reshape(m, lsize, self.chunk)  # [node, local index, chunk]
         # own rows are read now: `output` may be one of them, and is written only at the end
         self.own = grid[:, hq.intra.rank].to(torch.float32, copy=True)
-        self.work, self.recv = hq._all_to_all(hq.intra, hq.intra_wire, grid.transpose(0, 1))
+        self.work, self.recv = hq.exchange(hq.intra, hq.intra_wire, grid.transpose(0, 1))
         self.done = False
 
     def wait(self) -> bool:
@@ -117,11 +117,11 @@ class _Pending:
             return True
         hq = self.hq
         self.work.wait()
-        partial = hq._sum(hq.intra, hq.intra_wire, self.own, self.recv, self.own.numel())
+        partial = hq.combine(hq.intra, hq.intra_wire, self.own, self.recv, self.own.numel())
         rows = partial.view(hq.inter.world_size, self.chunk)  # row n: for rank (n, l)
-        work, recv = hq._all_to_all(hq.inter, hq.inter_wire, rows)
+        work, recv = hq.exchange(hq.inter, hq.inter_wire, rows)
         work.wait()
-        total = hq._sum(hq.inter, hq.inter_wire, rows[hq.inter.rank], recv, self.chunk)
+        total = hq.combine(hq.inter, hq.inter_wire, rows[hq.inter.rank], recv, self.chunk)
         if self.op == "avg":
             total.div_(hq.world_size)
         self.output.copy_(total.view(self.output.shape))

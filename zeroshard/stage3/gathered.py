@@ -51,7 +51,7 @@ class GatheredParameters:
         if not self.enabled:
             return self
         for u in self.units:
-            u.gather()
+            u.gather(exact=True)  # the true values, which a modifier writes back
         for u in self.units:
             u.wait()
             u.acquire()

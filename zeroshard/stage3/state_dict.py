@@ -42,6 +42,7 @@ def _make_save_hook(engine: Stage3Engine, module: nn.Module):
         units = engine.module_units[module]
         keep = not engine.state_dict_rank0_only or engine.comm.rank == 0
         for u in units:
+            u.gather(exact=True)  # never qwZ's quantized copy
             u.wait()
         try:
             for name, p in module.named_parameters(recurse=False):
@@ -66,6 +67,7 @@ def _make_save_hook(engine: Stage3Engine, module: nn.Module):
 def _make_load_pre_hook(engine: Stage3Engine, module: nn.Module):
     def hook(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         for u in engine.module_units[module]:
+            u.gather(exact=True)  # params the state dict lacks are written back as they were
             u.wait()
             u.acquire()
 

@@ -6,8 +6,8 @@ flat buffer between uses. It holds only this rank's chunks, contiguous in `shard
 
 - gathered: `full` (the whole flat buffer) is allocated, every bucket is all-gathered into
   it, and each parameter's `.data` is a view of it, so the module runs unchanged;
-- released: `full` is dropped and each parameter's `.data` is an empty placeholder, so the
-  only bytes left are the shard (plus the gradient and optimizer shards elsewhere).
+- released: `full` is dropped; each parameter's `.data` is a one-element placeholder of its
+  full shape (shapes.py), so the only bytes left are the shard (and the grad/state shards).
 
 Gradients take the same path backwards: each parameter's `.grad` is added into a full-size
 flat gradient buffer (in the reduce dtype), which is reduce-scattered bucket by bucket
@@ -21,69 +21,26 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
-from enum import Enum
-from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
 from zeroshard.comm.collectives import Comm
 from zeroshard.shard.layout import BucketPlan, plan_buckets
-from zeroshard.stage3 import registry
+from zeroshard.stage3 import registry, shapes
+from zeroshard.stage3.unit_parts import (
+    GATHERED,
+    GATHERING,
+    RELEASED,
+    GatherSource,
+    GatherTracker,
+    UnitSlot,
+    UnitState,
+)
+from zeroshard.stage3.zeropp import OFF, ZeroPP
 
-
-class UnitState(Enum):
-    """A unit's full parameters: absent, being all-gathered, or in place."""
-
-    RELEASED = "released"
-    GATHERING = "gathering"
-    GATHERED = "gathered"
-
-
-RELEASED, GATHERING, GATHERED = UnitState.RELEASED, UnitState.GATHERING, UnitState.GATHERED
-
-
-@dataclass
-class GatherTracker:
-    """Bytes of gathered full parameters alive right now, and their peak (instrumentation for
-    the memory bound: peak <= largest layer + prefetch bucket)."""
-
-    current: int = 0
-    peak: int = 0
-
-    def add(self, nbytes: int) -> None:
-        self.current += nbytes
-        self.peak = max(self.peak, self.current)
-
-    def sub(self, nbytes: int) -> None:
-        self.current -= nbytes
-
-    def reset_peak(self) -> None:
-        self.peak = self.current
-
-
-class GatherSource(Protocol):
-    """A collective shared with other units (coalesce.SharedGather)."""
-
-    def fill(self, unit: ShardedUnit, full: Tensor) -> None: ...
-    def done(self, unit: ShardedUnit) -> None: ...
-
-
-@dataclass(frozen=True)
-class UnitSlot:
-    """Where one parameter lives in its unit's flat range. The parameter is held weakly: the
-    registry maps it to the unit, and a strong reference back would keep both alive forever."""
-
-    ref: weakref.ref
-    offset: int
-    numel: int
-    shape: torch.Size
-    bucket: int
-
-    @property
-    def param(self) -> nn.Parameter:
-        return self.ref()
+__all__ = ["ShardedUnit", "GatherTracker", "GatherSource", "UnitSlot", "UnitState", "RELEASED",
+           "GATHERING", "GATHERED"]
 
 
 class ShardedUnit:
@@ -134,6 +91,11 @@ class ShardedUnit:
         self.fired: set[int] = set()
         self.wrote_grad = False  # grad shard already holds reduced gradient this step
         self._listeners: list[weakref.WeakMethod] = []  # told when user code rewrote the shard
+        self.zpp: ZeroPP = OFF  # ZeRO++: what the gathers send, where they come from (engine)
+        self.secondary: Tensor | None = None  # hpZ: this rank's 1/P of the gathered buffer
+        self.exact = True  # `full` holds the shards' exact values (no quantized gather)
+        self.secondary_exact = True  # the secondary was cut from an exact gather
+        self._from_secondary = False  # the gather in progress reads the secondary shards
         self._build_shard(params)
         for p in params:
             registry.set_unit(p, self)
@@ -251,25 +213,50 @@ class ShardedUnit:
         self._placeholders()
 
     def _placeholders(self) -> None:
-        for s in self.slots:
-            s.param.data = torch.empty(0, dtype=self.dtype, device=self.device)
+        for s in self.slots:  # full shape, one element: `p.dim()`, `p.numel()` stay true
+            s.param.data = shapes.placeholder(s.shape, self.dtype, self.device)
 
     def _point_params(self) -> None:
         for s in self.slots:
             s.param.data = self.full[s.offset : s.offset + s.numel].view(s.shape)
 
     # -- gather / release -------------------------------------------------------------------
-    def gather(self) -> None:
-        """Start all-gathering the full parameters (one collective per bucket, async)."""
+    def gather(self, exact: bool = False) -> None:
+        """Start all-gathering the full parameters (one collective per bucket, async): from
+        the hpZ secondary shards when there are some, else from the world (qwZ-quantized
+        unless `exact`: state dicts and GatheredParameters read and write the true values)."""
         if self.state != RELEASED:
+            if exact and not self.exact:
+                self._regather_exact()
             return
         self.full = torch.empty(self.numel, dtype=self.dtype, device=self.device)
-        self._works = [
-            self.comm.all_gather(self.full[b.start : b.start + b.numel], piece, async_op=True)
-            for b, piece in zip(self.buckets, self.gather_sources())
-        ]
+        self._from_secondary = self.secondary is not None and not exact
+        if self._from_secondary:
+            assert self.zpp.hpz is not None and self.secondary is not None
+            self._works = [self.zpp.hpz.all_gather(self.full, self.secondary, async_op=True)]
+            self.exact = self.secondary_exact
+        else:
+            codec = None if exact else self.zpp.codec_for(self.trainable)
+            self._works = [
+                self.comm.all_gather(self.full[b.start : b.start + b.numel], piece,
+                                     async_op=True, codec=codec)  # fmt: skip
+                for b, piece in zip(self.buckets, self.gather_sources())
+            ]
+            self.exact = codec is None
         self.tracker.add(self.full_bytes)
         self.state = GATHERING
+
+    def _regather_exact(self) -> None:
+        if self._users > 0 or self._pinned:
+            raise RuntimeError(f"unit {self.name!r}: the exact parameters were asked for while "
+                               "its quantized gather (zero_quantized_weights) is in use, inside "
+                               "forward or backward; read them outside the step")  # fmt: skip
+        self._drop_full()
+        self.gather(exact=True)
+
+    def drop_secondary(self) -> None:
+        """The parameters changed (an update, a load, a rewrite): hpZ's copy is stale."""
+        self.secondary = None
 
     def gather_sources(self) -> list[Tensor]:
         """What each bucket's all-gather sends: the shard pieces, or, when the shard lives in
@@ -302,6 +289,8 @@ class ShardedUnit:
         if self.state != RELEASED:
             raise RuntimeError(f"unit {self.name!r}: shared gather of a {self.state.value} unit")
         self._shared = shared
+        self._from_secondary = shared.from_secondary
+        self.exact = shared.exact
         self.state = GATHERING
 
     def wait(self) -> None:
@@ -320,6 +309,9 @@ class ShardedUnit:
             self._staging = None
             self._point_params()
             self.state = GATHERED
+            if not self._from_secondary and self.secondary is None:
+                self.secondary = self.zpp.secondary_of(self.full)
+                self.secondary_exact = self.exact
 
     def release(self) -> None:
         """Drop the full parameters; releasing a unit still in use or pinned is a bug."""
@@ -353,6 +345,7 @@ class ShardedUnit:
             self._shared = None
         self._works = []
         self._staging = None
+        self.exact = True
         self._placeholders()
         if self.full is not None:
             self.tracker.sub(self.full_bytes)
@@ -366,6 +359,11 @@ class ShardedUnit:
         """Copy this rank's chunks of the (modified) full parameters into the shard."""
         if self.persistent or self.full is None:
             return
+        if not self.exact:
+            raise RuntimeError(f"unit {self.name!r}: writing back quantized parameters "
+                               "(zero_quantized_weights) would lose the exact shard; gather "
+                               "with exact=True first")  # fmt: skip
+        self.drop_secondary()
         for s in self.slots:  # the params may have been given new tensors by user code
             view = self.full[s.offset : s.offset + s.numel]
             if s.param.data.data_ptr() != view.data_ptr() and s.param.numel() == s.numel:
@@ -441,7 +439,8 @@ class ShardedUnit:
         for b, piece in zip(self.buckets, self.grad_shard_pieces()):
             full = self.grad_full[b.start : b.start + b.numel]
             dst = torch.empty_like(piece) if self.wrote_grad else piece
-            work = self.comm.reduce_scatter(dst, full, op="avg", async_op=True)
+            work = (self.zpp.grads or self.comm).reduce_scatter(dst, full, op="avg",
+                                                                async_op=True)  # fmt: skip
             out.append((work, full, None if dst is piece else (dst, piece)))
         self.wrote_grad = True
         self.grad_full = None

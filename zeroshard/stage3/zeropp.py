@@ -32,9 +32,12 @@ from zeroshard.comm.hierarchical import HierarchicalQuantizedReduce
 from zeroshard.comm.quantized import BlockwiseWire
 from zeroshard.comm.topology import NodeTopology, consecutive_groups, strided_groups
 
-# Blockwise quantization settings: DeepSpeed's qwZ uses int8, its qgZ int4 on both hops.
-WEIGHT_BITS, WEIGHT_BLOCK = 8, 256
-GRAD_BITS, GRAD_BLOCK = 4, 128
+# Blockwise quantization: int8 weights and int4 gradients on both hops, as DeepSpeed's ZeRO++.
+# Blocks of 128 weights / 64 gradients: a small LM's loss after 48-96 steps stayed within
+# 0.7% of plain stage 3 with all three parts on (blocks of 256 / 128: up to 1.4% at 48 steps),
+# for 3% (weights) and 12% (gradients) more bytes than the codes alone.
+WEIGHT_BITS, WEIGHT_BLOCK = 8, 128
+GRAD_INTRA_BITS, GRAD_BITS, GRAD_BLOCK = 4, 4, 64
 
 
 @dataclass
@@ -82,13 +85,15 @@ def build_zeropp(world: Comm, quantized_weights: bool = False,
     frozen = BlockwiseWire(WEIGHT_BITS, WEIGHT_BLOCK) if quantized_nontrainable_weights else None
     if not world.active:  # one rank: nothing travels, nothing to change
         return ZeroPP(weights, frozen)
+    if hpz_partition_size <= 1 and not quantized_gradients:  # qwZ alone needs no nodes
+        return ZeroPP(weights, frozen)
     ranks = world.global_ranks
     topology = NodeTopology.from_env(dist.get_world_size())
     local = topology.local_world_size
     if len(ranks) % local or any(len({topology.node_of(r) for r in g}) != 1
                                  for g in consecutive_groups(ranks, local)):  # fmt: skip
-        raise ValueError(f"rank {world.rank}: ZeRO++ needs the process group's ranks to fill "
-                         f"whole nodes in order (LOCAL_WORLD_SIZE={local}); got {ranks}")
+        raise ValueError(f"rank {world.rank}: hpZ and qgZ need the process group's ranks to "
+                         f"fill whole nodes in order (LOCAL_WORLD_SIZE={local}); got {ranks}")
     hpz = None
     if hpz_partition_size > 1:
         hpz = _subgroup(world, consecutive_groups(ranks, hpz_partition_size))
@@ -96,6 +101,6 @@ def build_zeropp(world: Comm, quantized_weights: bool = False,
     if quantized_gradients:
         intra = _subgroup(world, consecutive_groups(ranks, local))
         inter = _subgroup(world, strided_groups(ranks, local))
-        grads = HierarchicalQuantizedReduce(world, intra, inter, intra_bits=GRAD_BITS,
+        grads = HierarchicalQuantizedReduce(world, intra, inter, intra_bits=GRAD_INTRA_BITS,
                                             inter_bits=GRAD_BITS, block=GRAD_BLOCK)  # fmt: skip
     return ZeroPP(weights, frozen, hpz, grads)
