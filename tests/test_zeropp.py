@@ -11,7 +11,6 @@ import math
 import pytest
 import torch
 
-from tests.stage3_jobs import assert_close
 from tests.zeropp_jobs import (
     ALL3,
     bad_topology_job,
@@ -41,7 +40,8 @@ def _wire(numel: int, bits: int, block: int) -> int:
 def test_hpz_alone_is_plain_stage3_bit_for_bit(dist_run, model, kw):
     """Backward (and recomputation, and the second micro-batch) re-gathers from the node's
     secondary shards: the same values forward used, so the same gradients."""
-    results = dist_run(N, train_nodes, L, [(model, "adamw", {**kw}), (model, "adamw", {**kw, **HPZ})])
+    jobs = [(model, "adamw", {**kw}), (model, "adamw", {**kw, **HPZ})]
+    results = dist_run(N, train_nodes, L, jobs)
     for plain, hpz in results:
         assert plain["losses"] == hpz["losses"]
         for name, want in plain["params"].items():
@@ -69,7 +69,8 @@ def test_zeropp_small_lm_within_1pct_and_bytes(dist_run):
         assert r["losses"] != plain["losses"]  # quantization did change something
     inter = [r["comm"][-1]["inter_node"] for r in runs]
     total = [r["comm"][-1]["total"] for r in runs]
-    print(f"all three / plain: inter-node {inter[3] / inter[0]:.3f}, total {total[3] / total[0]:.3f}")
+    print(f"all three / plain: inter-node {inter[3] / inter[0]:.3f}, "
+          f"total {total[3] / total[0]:.3f}")
     assert inter[3] <= 0.3 * inter[0]
     assert total[3] <= 0.5 * total[0]
 
