@@ -55,7 +55,8 @@ def loops_job() -> dict:
         out["generated_same"] = torch.equal(tokens, ref_tokens)
     out["gathered_after_loops"] = engine.tracker.current
     out["gathered_units"] = len(engine.gathered_units())
-    out["placeholder_numel"] = sum(p.numel() for p in model.blocks[0].parameters())
+    blk = model.blocks[0]
+    out["placeholder_bytes"] = max(p.untyped_storage().nbytes() for p in blk.parameters())
     model.train()
     opt.backward(loss_fn(model, x, y))  # and training still works afterwards
     opt.step()
@@ -68,7 +69,7 @@ def test_eval_and_generate_loops_do_not_leak(dist_run):
         assert r["eval_error"] < 1e-5
         assert r["generated_same"]
         assert r["gathered_after_loops"] == 0 and r["gathered_units"] == 0
-        assert r["placeholder_numel"] == 0  # released parameters hold no data
+        assert r["placeholder_bytes"] <= 4  # released parameters hold one element, no data
         assert r["gathered_after_train"] == 0
 
 
@@ -105,7 +106,7 @@ def test_gathered_parameters_write_back(dist_run, precision):
         assert r["shape"] == (73, 24)
         assert torch.all(r["after"] == 0.5)
         assert torch.all(r["stepped"] == 0.5)
-        assert r["leaked"] == 0 and r["numel_outside"] == 0
+        assert r["leaked"] == 0 and r["numel_outside"] == 73 * 24  # placeholder: full shape
 
 
 def state_dict_job() -> dict:

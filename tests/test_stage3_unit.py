@@ -28,7 +28,8 @@ def _unit(persistent: bool = False) -> tuple[ShardedUnit, list[nn.Parameter], li
 def test_unit_states_and_counters_follow_its_own_methods():
     u, params, values = _unit()
     assert unit_of(params[0]) is u and unit_of(torch.zeros(1)) is None
-    assert u.state is UnitState.RELEASED and params[0].numel() == 0  # a placeholder
+    assert u.state is UnitState.RELEASED and params[0].untyped_storage().nbytes() == 4
+    assert params[0].shape == (5, 3) and params[1].numel() == 7  # placeholders: full shapes
     assert u.tracker.current == 0
     u.gather()
     assert u.state is UnitState.GATHERING

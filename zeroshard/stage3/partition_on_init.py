@@ -13,6 +13,12 @@ values are the same as without Init). Code in a parent's `__init__` that touches
 parameters already partitioned (`self.apply(init_fn)`, `nn.init.*_(p)`) is caught by a
 TorchFunctionMode and runs on gathered full tensors, written back after each call.
 `zeroshard.initialize` later adopts these units.
+
+A partitioned parameter keeps its full shape (`p.shape`, `p.dim()`, `p.numel()`: a
+one-element placeholder, shapes.py), so shape-based recipes such as nanoGPT's
+`p.dim() >= 2` weight-decay groups work on the model as built; `zeroshard.stage3.full_shape`
+is DeepSpeed's `p.ds_shape`. Until `initialize`, `model.state_dict()` / `load_state_dict()`
+gather each module's units as the stage-3 engine's hooks do later (collective: every rank).
 """
 
 from __future__ import annotations
@@ -35,11 +41,17 @@ from zeroshard.shard.codec import FP32, alignment_of
 from zeroshard.stage3 import registry
 from zeroshard.stage3.unit import RELEASED, GatherTracker, ShardedUnit
 
-# Metadata reads that need no parameter values.
+# Metadata reads that need no parameter values (a placeholder has the full shape: no gather
+# for a parameter count or a `p.dim()` test in a parent's __init__).
 _METADATA = frozenset(
-    getattr(torch.Tensor, name).__get__
-    for name in ("dtype", "device", "requires_grad", "is_cuda", "is_leaf", "grad_fn", "layout")
-)
+    [
+        getattr(torch.Tensor, name).__get__
+        for name in ("dtype", "device", "requires_grad", "is_cuda", "is_leaf", "grad_fn",
+                     "layout", "shape", "ndim")
+    ]
+    + [torch.Tensor.dim, torch.Tensor.ndimension, torch.Tensor.size, torch.Tensor.numel,
+       torch.Tensor.nelement, torch.Tensor.__len__, torch.numel]
+)  # fmt: skip
 
 
 class _PartitionedUseMode(TorchFunctionMode):
@@ -128,6 +140,7 @@ class Init:
         self._saved: dict[type, Any] = {}
         self._depth: dict[int, int] = {}  # id(module) -> nesting of its __init__ calls
         self._saved_init_subclass: Any = None
+        self._state_dict_hooks = _StateDictHooks(self.tracker)
 
     # -- patching -------------------------------------------------------------------------
     def __enter__(self) -> Init:
@@ -213,3 +226,51 @@ class Init:
                 params, self.comm, self.bucket_numel, name=type(module).__name__,
                 tracker=self.tracker, persistent=numel < self.threshold, align=self.align,
             )  # fmt: skip
+        if fresh:
+            self._state_dict_hooks.install(module)
+
+
+class _StateDictHooks:
+    """`state_dict()` / `load_state_dict()` of a module built under Init, before `initialize`:
+    full tensors, never placeholders. A unit adopted by an engine (its tracker replaced)
+    is the engine's hooks' business: these step aside."""
+
+    def __init__(self, tracker: GatherTracker) -> None:
+        self.tracker = tracker
+
+    def install(self, module: nn.Module) -> None:
+        # plain functions: torch marks a state-dict hook with an attribute (no bound methods)
+        module.register_state_dict_post_hook(lambda *a: self.save(*a))
+        module.register_load_state_dict_pre_hook(lambda *a: self.load_pre(*a))
+        module.register_load_state_dict_post_hook(lambda *a: self.load_post(*a))
+
+    def units(self, module: nn.Module) -> list[ShardedUnit]:
+        out: list[ShardedUnit] = []
+        for p in module.parameters(recurse=False):
+            u = registry.unit_of(p)
+            if u is not None and u.tracker is self.tracker and u not in out:
+                out.append(u)
+        return out
+
+    def save(self, module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
+        units = self.units(module)
+        for u in units:
+            u.wait()
+        try:
+            for name, p in module.named_parameters(recurse=False):
+                if registry.unit_of(p) in units and prefix + name in state_dict:
+                    state_dict[prefix + name] = p.detach().clone()
+        finally:
+            for u in units:
+                u.release_if_unused()
+
+    def load_pre(self, module: nn.Module, *_: Any) -> None:
+        for u in self.units(module):
+            u.wait()
+            u.acquire()
+
+    def load_post(self, module: nn.Module, _incompatible: Any) -> None:
+        for u in self.units(module):
+            u.write_back()  # every rank loaded the same dict: each keeps its own chunks
+            u.drop_use()
+            u.release_if_unused()
