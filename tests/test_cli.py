@@ -128,8 +128,8 @@ def test_estimate_7b_on_8_ranks_prints_the_zero_paper(capsys):
 
 def test_estimate_from_a_factory_matches_the_library(capsys, tmp_path):
     """`example_input` next to the factory (tests/models.py has one) is what stage 3 is
-    traced on; without one (ReusedBlock's module has none) a note says the schedule was
-    replayed on registration order."""
+    traced on; without one (ReusedBlock's module has none) the engine runs on token ids
+    synthesized from its embedding, and a note says so."""
     from tests.models import example_input, make_model
     from zeroshard.estimate.model_states import estimate
 
@@ -158,13 +158,13 @@ def test_estimate_from_a_factory_matches_the_library(capsys, tmp_path):
     traced = json.loads(out)["stages"][0]
     assert rc == 0 and traced["schedule"] == "traced"
     rc, out, _ = cli(capsys, *argv, "--json")
-    replayed = json.loads(out)["stages"][0]
-    assert replayed["schedule"] == "registration order: no example input was given"
-    assert replayed["gathered_peak"] < traced["gathered_peak"]
+    synth = json.loads(out)["stages"][0]
+    assert synth["schedule"] == "synthesized input: token ids of shape (1, 8) for Embedding"
+    assert synth["gathered_peak"] == traced["gathered_peak"]
     rc, out, _ = cli(capsys, *argv)
     assert out.splitlines()[-1] == (
-        "note: stage 3 gathered peak and sent/step replayed on module registration order (no "
-        "example input was given); they run low if a module runs several times per forward")
+        "note: no example input: stage 3 gathered peak and sent/step traced on token ids of "
+        "shape (1, 8) for Embedding; give --example-input if the forward takes something else")
 
 
 def test_estimate_from_a_hugging_face_config(capsys, tmp_path):

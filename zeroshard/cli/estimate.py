@@ -31,8 +31,11 @@ stage 3 adds the full parameters gathered at the peak of forward/backward. That 
 bytes sent come from running the stage-3 engine on the meta device over an example input:
 for --hf-config, 8 token ids; for --model, what --example-input (or a callable named
 `example_input` next to the factory) returns for the meta model: a tensor, a tuple of
-positional arguments or a dict of keyword arguments. Without one, the schedule is replayed
-on registration order (low for modules called several times per forward) and a note says so."""
+positional arguments or a dict of keyword arguments. Without one, the engine runs on an input
+synthesized from the model's first layer (token ids for an embedding, features for a linear
+layer, images for a convolution) and a note says which; when the forward takes none of those,
+on every module called once in registration order (low for modules called several times per
+forward), and a note says so."""
 
 CATS = ("params", "grads", "master", "optimizer_states", "comm_buffers")
 
@@ -205,9 +208,23 @@ def handle(args: argparse.Namespace) -> int:
               "stays on the device (with the gathered peak), `host` what moved to host memory")
     if args.params is not None and any(e.stage == 3 for e in ests):
         print("stage 3 gathered peak needs the model's layers: use --hf-config or --model")
-    elif any(e.schedule not in (None, "traced") for e in ests):
-        s3 = next(e for e in ests if e.schedule not in (None, "traced"))
-        why = str(s3.schedule).removeprefix("registration order: ")
-        print(f"note: stage 3 gathered peak and sent/step replayed on module registration "
-              f"order ({why}); they run low if a module runs several times per forward")
+    else:
+        note = _schedule_note(next((e.schedule for e in ests if e.stage == 3), None))
+        if note:
+            print(note)
     return 0
+
+
+def _schedule_note(schedule: str | None) -> str | None:
+    """What to tell the user about how stage 3's schedule was found (None: their input)."""
+    from zeroshard.estimate.stage3 import REGISTRATION, SYNTHESIZED, TRACED
+
+    if schedule is None or schedule == TRACED:
+        return None
+    if schedule.startswith(SYNTHESIZED):
+        return (f"note: no example input: stage 3 gathered peak and sent/step traced on "
+                f"{schedule.removeprefix(SYNTHESIZED)}; give --example-input if the forward "
+                f"takes something else")  # fmt: skip
+    return (f"note: stage 3 gathered peak and sent/step from the engine run on module "
+            f"registration order ({schedule.removeprefix(REGISTRATION)}); they run low if a "
+            f"module runs several times per forward")  # fmt: skip

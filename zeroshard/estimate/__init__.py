@@ -4,5 +4,6 @@
   communication, each from the layout the optimizer would build;
 - stage3.py: stage 3's gathered peak and bytes sent, from the real engine run on the meta
   device over an example input;
-- replay.py: the labelled fallback when no example input can run on meta.
+- replay.py: what the engine runs on without one: an input synthesized from the model's
+  first layer, else a stand-in calling every module once in registration order (labelled).
 """

@@ -10,9 +10,10 @@ are exactly what the optimizer will hold. `tests/test_estimate.py` compares them
 Model states are exact. Stage 3's gathered peak and bytes sent depend on the call order, so
 they come from running the stage-3 engine itself on the meta device over an `example_input`
 (estimate/stage3.py): modules called several times per forward, tied weights used through
-`F.linear`, prefetch and reuse are all what the engine does. Without an example input (or
-when the model's forward fails on meta) the schedule is replayed on registration order,
-which runs low for reused modules; `StageEstimate.schedule` says which one was used.
+`F.linear`, prefetch and reuse are all what the engine does. Without an example input the
+engine runs on one synthesized from the model's first layer; when none fits (or the forward
+fails on meta) on every module called once in registration order, which runs low for reused
+modules; `StageEstimate.schedule` says which one was used.
 `comm_bytes` counts ring-algorithm bytes a rank sends in one step after the first.
 """
 
@@ -63,7 +64,8 @@ class StageEstimate:
     comm_bytes: int  # bytes this rank sends per step
     per_rank: list[dict[str, int]] = field(default_factory=list)
     fits: bool | None = None
-    # stage 3: "traced" (the engine ran on the example input), or why it was not
+    # stage 3: "traced" (the engine ran on the example input), "synthesized input: ..." or
+    # "registration order: <why>"
     schedule: str | None = None
 
 
@@ -233,7 +235,8 @@ def estimate(
     `example_input`: what the model's forward takes (a tensor, a tuple of positional
     arguments or a dict of keyword arguments; moved to the model's device, floating tensors
     cast to the compute dtype). With it, stage 3's gathered peak and bytes sent come from the
-    engine run on it; without it, from a replay in registration order (`schedule` says so).
+    engine run on it; without it, on an input synthesized from the first layer, else on
+    registration order (`schedule` says which).
     `codec`: how optimizer state is stored (its `stored_bytes` counts the state bytes).
     """
     if world_size < 1:

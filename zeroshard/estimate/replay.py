@@ -1,136 +1,114 @@
-"""The stage-3 schedule replayed on module registration order: the fallback of
-`estimate/stage3.py` when the model cannot be run (no example input, or its forward fails on
-the meta device).
+"""What `estimate/stage3.py` runs the stage-3 engine on when it was given no example input.
 
-It mirrors the engine's rules (stage3/engine.py, prefetch.py) over an assumed call order:
-forward in registration order, each module once, using its own parameters (a module with
-parameters of its own fetches its children's with them); backward in reverse. A module
-called several times per forward, or a parameter used outside its owner (`F.linear(x,
-self.embed.weight)`), breaks the assumption and the peak comes out LOW (measured: 1.9x for
-a block applied 3 times per forward, 1.34x for a tied `F.linear` head); the traced run in
-estimate/stage3.py has neither problem.
+The engine itself always runs (on the meta device, as in the traced path); only its input,
+or failing that the call order, is made up here. No prefetch, reuse or coalescing rule is
+restated: a copy of the engine's rules drifted from them (it missed coalesced gathers and
+the reuse of a block called several times, 2.4x low on such a model).
+
+1. `input_candidates`: the inputs the model's forward is tried on, made from its first
+   input layer in registration order (token ids for an `nn.Embedding`, features for an
+   `nn.Linear`, images for a convolution, a sequence for an RNN). The first one the forward
+   accepts is traced like a given example input. Which parameters a forward uses, and in
+   which order, does not depend on the batch or sequence length, so the model's own forward
+   is what the engine sees: modules called several times, parameters used outside their
+   owner, activation checkpointing, all exact.
+2. `RegistrationOrder`, when no candidate runs (several required arguments, an input layer of
+   another kind, a forward that cannot run on meta): a stand-in module tree with the model's
+   parameters under the same module paths, whose forward calls every module once in
+   registration order, each using its own parameters. The engine's hooks run on it as on
+   the model; only the call order is assumed, so a module called several times per forward,
+   or a parameter used outside its owner, makes the peak come out low.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-from zeroshard.config.schema import ZeroConfig
-from zeroshard.stage3.prefetch import backward_head
-
-
-def replay(model: nn.Module, units: list[Any], cfg: ZeroConfig) -> tuple[int, int]:
-    """(peak gathered elements, elements all-gathered per step) of the stage-3 schedule,
-    replayed on the module tree: forward in registration order, backward in reverse."""
-    zo = cfg.zero_optimization
-    prefetch = int(zo.stage3_prefetch_bucket_size)
-    limits = (prefetch, int(zo.stage3_max_live_parameters))
-    owner = {id(p): u for u in units for p in u.params}
-    # (enter?, the module's non-persistent units): persistent ones are resident, never fetched
-    events: list[tuple[bool, list[Any]]] = []
-
-    def walk(m: nn.Module) -> None:
-        # A module with parameters of its own fetches its children's with them: such a parent
-        # computes with them itself (nn.MultiheadAttention never calls its out_proj), and the
-        # engine learns them as its external units, gathered in one loop.
-        folded = any(True for _ in m.parameters(recurse=False)) and m is not model
-        own: list[Any] = []
-        for p in m.parameters(recurse=folded):
-            u = owner.get(id(p))
-            if u is not None and u not in own:
-                own.append(u)
-        sharded = [u for u in own if not u.persistent]
-        events.append((True, sharded))
-        for child in () if folded else m.children():
-            walk(child)
-        events.append((False, sharded))
-
-    walk(model)
-    back = [(not enter, own) for enter, own in reversed(events)]
-    back_seq = [u for enter, own in back if enter for u in own]
-    head = head_units(back_seq, prefetch)
-    peak_f, gathers_f = _pass(events, limits, int(zo.stage3_max_reuse_distance), set(), head)
-    peak_b, gathers_b = _pass(back, limits, 0, {id(u) for u in head}, [], pin=True)
-    return max(peak_f, peak_b), gathers_f + gathers_b
+SEQ = 8  # steps of a synthesized sequence: any length gathers the same parameters
+SIDES = (32, 224, 28)  # image sides tried for a convolutional first layer (CIFAR, ImageNet, MNIST)
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
-def head_units(seq: list[Any], prefetch: int) -> list[Any]:
-    """The units backward starts with, kept gathered at the end of forward: the engine's
-    rule (stage3/prefetch.py) on this replayed order."""
-    uniq = list(dict.fromkeys(seq))
-    pos = {id(u): i for i, u in enumerate(uniq)}
-    return [uniq[i] for i in backward_head([pos[id(u)] for u in seq], uniq, prefetch)]
+def takes_one_input(model: nn.Module) -> bool:
+    """Whether `model(x)` can be called: at most one required argument, a positional one."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C forward: try it
+        return True
+    required = [p for p in params if p.default is p.empty
+                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]  # fmt: skip
+    positional = any(p.kind in _POSITIONAL or p.kind is p.VAR_POSITIONAL for p in params)
+    return positional and len(required) <= 1 and all(p.kind in _POSITIONAL for p in required)
 
 
-def _pass(
-    events: list[tuple[bool, list[Any]]], limits: tuple[int, int], reuse: int,
-    start: set[int], head: list[Any], pin: bool = False,
-) -> tuple[int, int]:
-    """One pass of module enter/exit events: (peak elements gathered, elements gathered).
-    `pin` (backward): a unit stays gathered until its last use of the pass, when all of its
-    gradients are in (a tied embedding: from the head's backward to the embedding's).
-    Persistent units are resident: like the engine, they take none of the prefetch budget."""
-    prefetch, max_live = limits
-    seq = [u for enter, own in events if enter for u in own]
-    size = {id(u): u.numel for u in seq}
-    gathered: set[int] = set(start)
-    users: dict[int, int] = {}
-    retained: set[int] = set()
-    peak = gathers = pos = 0
-
-    def gather(i: int) -> None:
-        nonlocal gathers
-        if i not in gathered:
-            gathered.add(i)
-            gathers += size[i]
-
-    for enter, own in events:
-        if enter:
-            for u in own:
-                pos += 1
-                retained.discard(id(u))
-                pending = sum(size[i] for i in gathered  # u itself is in use, not pending
-                              if not users.get(i) and i not in retained and i != id(u))
-                live = sum(size[i] for i in gathered)
-                for nxt in seq[pos:]:
-                    i = id(nxt)
-                    if i in gathered:
-                        continue
-                    if pending + size[i] > prefetch or live + size[i] > max_live:
-                        break
-                    gather(i)
-                    pending += size[i]
-                    live += size[i]
-                gather(id(u))
-            for u in own:
-                users[id(u)] = users.get(id(u), 0) + 1
-            peak = max(peak, sum(size[i] for i in gathered))
-        else:
-            for u in own:
-                users[id(u)] -= 1
-                if users[id(u)] == 0:
-                    rest = seq[pos:]
-                    if (pin and u in rest) or _reused_within(u, rest, reuse) or (
-                        u not in rest and u in head
-                    ):
-                        retained.add(id(u))
-                    else:
-                        gathered.discard(id(u))
-    for u in head:  # gathered at the end of forward, to overlap the loss
-        gather(id(u))
-    peak = max(peak, sum(size[i] for i in gathered))
-    return peak, gathers
+def _layer_inputs(m: nn.Module) -> tuple[str, list[Tensor]] | None:
+    """(kind, inputs) that layer `m` takes as the model's first layer, or None."""
+    if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+        return "token ids", [torch.zeros(1, SEQ, dtype=torch.long),
+                             torch.zeros(1, 1, dtype=torch.long)]  # fmt: skip
+    if isinstance(m, nn.Linear):
+        return "features", [torch.zeros(1, m.in_features), torch.zeros(1, SEQ, m.in_features)]
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        dims = len(m.kernel_size)
+        return "images", [torch.zeros(1, m.in_channels, *(s,) * dims) for s in SIDES]
+    if isinstance(m, nn.RNNBase):
+        shape = (1, SEQ, m.input_size) if m.batch_first else (SEQ, 1, m.input_size)
+        return "sequence", [torch.zeros(shape)]
+    return None
 
 
-def _reused_within(u: Any, rest: list[Any], reuse: int) -> bool:
-    seen: set[int] = set()
-    numel = 0
-    for x in rest:
-        if x is u:
-            return numel <= reuse
-        if id(x) not in seen:
-            seen.add(id(x))
-            numel += x.numel
-    return False
+def input_candidates(model: nn.Module) -> list[tuple[str, Tensor]]:
+    """(label, input) pairs to try, best guess first: from the first layer of each known kind
+    (embedding, linear, convolution, RNN) in registration order. Empty when the forward
+    wants more than one argument."""
+    if not takes_one_input(model):
+        return []
+    out: list[tuple[str, Tensor]] = []
+    kinds: set[str] = set()
+    for m in model.modules():
+        found = _layer_inputs(m)
+        if found is None or found[0] in kinds:
+            continue
+        kinds.add(found[0])
+        out += [(f"{found[0]} of shape {tuple(x.shape)} for {type(m).__name__}", x)
+                for x in found[1]]  # fmt: skip
+    return out
+
+
+class RegistrationOrder(nn.Module):
+    """A stand-in for `module`: its parameters under the same names and its children as
+    stand-ins, so module paths (and the units each module gathers) are the model's. Its
+    forward calls each child once, in registration order, on the running value and adds a
+    sum of each of its own floating parameters: every module's hooks run once per forward,
+    and autograd reaches every parameter in reverse order, as backward would."""
+
+    def __init__(self, module: nn.Module, memo: dict[int, RegistrationOrder] | None = None
+                 ) -> None:  # fmt: skip
+        super().__init__()
+        memo = {} if memo is None else memo
+        memo[id(module)] = self
+        for name, p in module.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, child in module.named_children():
+            # a module registered twice stays one module (called twice, as the model would)
+            self.add_module(name, memo[id(child)] if id(child) in memo
+                            else RegistrationOrder(child, memo))  # fmt: skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        for child in self.children():
+            x = child(x)
+        for p in self.parameters(recurse=False):
+            if p.is_floating_point():
+                x = x + p.sum()
+        return x
+
+
+def stand_in_input(dtype: torch.dtype) -> Tensor:
+    """What `RegistrationOrder` runs on: a scalar of the compute dtype."""
+    return torch.zeros((), dtype=dtype)
+
+
+__all__ = ["RegistrationOrder", "input_candidates", "stand_in_input", "takes_one_input"]

@@ -8,13 +8,15 @@ repeat (the first pass only records them, as the first training step does). The 
 `GatherTracker` peak is then the gathered peak of every later step, whatever the call
 order: modules called several times, parameters used outside their owner, skipped modules.
 
-Without an example input, or when the forward fails on the meta device (a data-dependent
-branch), the schedule is replayed on registration order instead (replay.py), which
-runs LOW for reused modules; the result says which one was used (`schedule`).
+Without an example input the engine runs on one synthesized from the model's first layer
+(replay.py); when none can be made or the forward fails on the meta device (a
+data-dependent branch), it runs on a stand-in that calls every module once in registration
+order, which runs LOW for reused modules. The result says which one was used (`schedule`).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +28,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from zeroshard.comm.meta import MetaComm
 from zeroshard.config.schema import ZeroConfig
 from zeroshard.estimate.offload import with_offload
-from zeroshard.estimate.replay import replay
+from zeroshard.estimate.replay import RegistrationOrder, input_candidates, stand_in_input
 from zeroshard.quant8.codec import codec_for
 from zeroshard.shard.codec import FP32, StateCodec
 from zeroshard.stage3 import registry
@@ -36,6 +38,9 @@ from zeroshard.update import apply as update
 
 ELEM = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 TRACED = "traced"  # `Stage3Result.schedule` when the engine ran on the example input
+SYNTHESIZED = "synthesized input: "  # then what it was: the engine ran on that input
+REGISTRATION = "registration order: "  # then why: the engine ran on `RegistrationOrder`
+NO_LAYERS = "none: a parameter count has no layers (each gathered once per pass)"
 MAX_PASSES = 5  # forward+backward passes at most: one to record, then until two agree
 NORM_BYTES = 16  # the global grad-norm / inf-check all-reduce after each backward
 
@@ -132,6 +137,64 @@ def _trace(
     return max(p for p, _ in steady), max(c for _, c in steady)
 
 
+def _synthesize(model: nn.Module, dtype: torch.dtype) -> tuple[Any, str] | str:
+    """(input, schedule) for the first synthesized input the model's forward runs on
+    (meta device, no gradients, before any unit exists), else why there is none."""
+    device = next((p.device for p in model.parameters()), torch.device("meta"))
+    tried = []
+    for label, x in input_candidates(model):
+        args, kwargs = _inputs(x, device, dtype)
+        try:  # the trace repeats whatever the forward warns about: the probe stays quiet
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model(*args, **kwargs)
+            return x, SYNTHESIZED + label
+        except Exception as e:  # noqa: BLE001 - the user's forward: say it, try the next
+            tried.append(f"{label}: {_one_line(e)}")
+    if not tried:
+        return "no example input was given, and none could be synthesized for this forward"
+    return f"no example input was given, and the forward ran on no synthesized one ({tried[0]})"
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+
+
+def _run(
+    model: nn.Module, runner: nn.Module, example: Any, shapes: dict, cfg: ZeroConfig,
+    world: int, rank: int, group_of: dict[int, int] | None, codec: StateCodec,
+) -> tuple[int, int]:
+    """`_trace` of `runner` (the model, or a stand-in sharing its parameters) over fresh units
+    of `model` for `rank`: a failed earlier run leaves nothing behind."""
+    _forget_units(model, shapes)
+    comm, tracker = MetaComm(world, rank), GatherTracker()
+    units = make_units(model, comm, cfg, tracker, group_of, codec)
+    return _trace(runner, units, comm, tracker, cfg, example)
+
+
+def _schedule(
+    model: nn.Module, first: tuple[Any, str] | str, shapes: dict, cfg: ZeroConfig, world: int,
+    rank: int, group_of: dict[int, int] | None, codec: StateCodec,
+) -> tuple[int, int, str]:
+    """(peak gathered bytes, bytes sent in forward and backward, schedule): the engine on
+    `first` (an input and its schedule name, given or synthesized), else on the model's
+    registration order."""
+    why = first if isinstance(first, str) else ""
+    if not why:
+        example, schedule = first
+        try:
+            return (*_run(model, model, example, shapes, cfg, world, rank, group_of, codec),
+                    schedule)  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - any failure of the user's forward: say it
+            run = ("the traced run" if schedule == TRACED else
+                   f"the run on a {schedule.removeprefix(SYNTHESIZED)}")  # fmt: skip
+            why = f"{run} failed ({_one_line(e)})"
+    stand_in = RegistrationOrder(model)
+    peak, sent = _run(model, stand_in, stand_in_input(cfg.compute_dtype), shapes, cfg, world,
+                      rank, group_of, codec)  # fmt: skip
+    return peak, sent, REGISTRATION + why
+
+
 def stage3(
     model: nn.Module, cfg: ZeroConfig, world: int, ranks: list[int], *, structured: bool,
     group_of: dict[int, int] | None, example_input: Any = None, codec: StateCodec = FP32,
@@ -143,6 +206,11 @@ def stage3(
     states = state_tensors(cfg)
     piece_codec = state_codec(cfg)  # AdamW8bit: state per parameter piece
     shapes = {id(p): (p.shape, p.dtype) for p in model.parameters()}
+    # the input to run the engine on, found while the parameters are whole (before any unit)
+    first: tuple[Any, str] | str = NO_LAYERS
+    if structured:
+        first = ((example_input, TRACED) if example_input is not None
+                 else _synthesize(model, cfg.compute_dtype))  # fmt: skip
     per_rank = []
     units: list[Any] = []
     tracker = GatherTracker()
@@ -167,20 +235,13 @@ def stage3(
     persistent = sum(u.numel for u in units if u.trainable and u.persistent)
     # the step's own: persistent units all-gathered after the update, the grad-norm all-reduce
     after = (persistent * elem + 2 * NORM_BYTES) * ring if world > 1 else 0.0
-    schedule = "registration order: no example input was given"
-    try:
-        if structured and example_input is not None:  # `comm`, `units`: the last rank's
-            peak, sent = _trace(model, units, comm, tracker, cfg, example_input)
-            _forget_units(model, shapes)
-            return Stage3Result(per_rank, peak, int(round(sent + after)), TRACED)
-    except Exception as e:  # noqa: BLE001 - any failure of the user's forward: say it, fall back
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        schedule = f"registration order: the traced run failed ({type(e).__name__}: {first})"
-    peak_numel, gathers = replay(model, units, cfg)
     if not structured:
         gathers = 2 * sum(u.numel for u in units if not u.persistent)
-        schedule = "none: a parameter count has no layers (each gathered once per pass)"
-    reduced = sum(u.numel for u in units if u.trainable) * red
-    sent = (gathers * elem + reduced) * ring if world > 1 else 0.0
+        reduced = sum(u.numel for u in units if u.trainable) * red
+        sent = (gathers * elem + reduced) * ring if world > 1 else 0.0
+        _forget_units(model, shapes)
+        return Stage3Result(per_rank, 0, int(round(sent + after)), NO_LAYERS)
+    peak, sent, schedule = _schedule(model, first, shapes, cfg, world, ranks[-1], group_of,
+                                     piece_codec or codec)  # fmt: skip
     _forget_units(model, shapes)
-    return Stage3Result(per_rank, peak_numel * elem, int(round(sent + after)), schedule)
+    return Stage3Result(per_rank, peak, int(round(sent + after)), schedule)
