@@ -123,6 +123,7 @@ class Collectives(Protocol):
     world_size: int
     group: dist.ProcessGroup | None
     counter: CommCounter
+    inter_fraction: float  # share of this rank's peers on other nodes
 
     @property
     def active(self) -> bool: ...
@@ -134,6 +135,7 @@ class Collectives(Protocol):
     def all_gather(self, output: Tensor, input: Tensor, async_op: bool = False,
                    codec: WireCodec | None = None,
                    one_collective: bool = True) -> Any: ...  # fmt: skip
+    def all_to_all(self, output: Tensor, input: Tensor, async_op: bool = False) -> Any: ...
     def broadcast(self, tensor: Tensor, src: int = 0, codec: WireCodec | None = None,
                   counted: bool = True) -> None: ...  # fmt: skip
 
@@ -409,6 +411,15 @@ class Comm:
                 works.append(dist.isend(sends[r], dst=peer, group=self.group, tag=self._tag))
                 works.append(dist.irecv(recvs[r], src=peer, group=self.group, tag=self._tag))
         return works
+
+    def all_to_all(self, output: Tensor, input: Tensor, async_op: bool = False) -> Any:
+        """Rank r gets row `rank` of every rank's `input` (rows: dim 0) as its `output` row r.
+        Not counted: its caller (comm/hierarchical.py) knows what the rows hold."""
+        if not self.active:
+            if output.data_ptr() != input.data_ptr():
+                output.copy_(input)
+            return DONE if async_op else None
+        return dist.all_to_all_single(output, input, group=self.group, async_op=async_op)
 
     def broadcast(self, tensor: Tensor, src: int = 0, codec: WireCodec | None = None,
                   counted: bool = True) -> None:  # fmt: skip

@@ -24,10 +24,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from zeroshard.comm.collectives import DONE, Comm
+from zeroshard.comm.collectives import Collectives
 from zeroshard.comm.quantized import BlockwiseWire
 
 
@@ -35,8 +34,8 @@ class HierarchicalQuantizedReduce:
     """The `reduce_scatter` of `world` done as qgZ over its `intra` (node) and `inter` (same
     local index) subgroups. Other collectives stay the world's."""
 
-    def __init__(self, world: Comm, intra: Comm, inter: Comm, *, intra_bits: int = 4,
-                 inter_bits: int = 4, block: int = 128) -> None:  # fmt: skip
+    def __init__(self, world: Collectives, intra: Collectives, inter: Collectives, *,
+                 intra_bits: int = 4, inter_bits: int = 4, block: int = 128) -> None:  # fmt: skip
         if intra.world_size * inter.world_size != world.world_size:
             raise ValueError(f"qgZ: {intra.world_size} ranks per node x {inter.world_size} "
                              f"nodes is not the world of {world.world_size}")  # fmt: skip
@@ -69,7 +68,7 @@ class HierarchicalQuantizedReduce:
         pending.wait()
         return None
 
-    def exchange(self, comm: Comm, wire: BlockwiseWire, rows: Tensor) -> tuple[Any, Tensor]:
+    def exchange(self, comm: Collectives, wire: BlockwiseWire, rows: Tensor) -> tuple[Any, Tensor]:
         """Send row r of `rows` (encoded) to rank r of `comm`; the received rows come back in
         rank order (the own row is not sent: its slot is left as it is)."""
         send = torch.empty(rows.shape[0], wire.wire_bytes(rows[0].numel()), dtype=torch.uint8,
@@ -80,12 +79,9 @@ class HierarchicalQuantizedReduce:
         recv = torch.empty_like(send)
         sent = send[0].numel() * (comm.world_size - 1)
         self.counter.add("reduce_scatter", sent, calls=1, inter=sent * comm.inter_fraction)
-        if not comm.active:
-            return DONE, send
-        work = dist.all_to_all_single(recv, send, group=comm.group, async_op=True)
-        return work, recv
+        return comm.all_to_all(recv, send, async_op=True), recv
 
-    def combine(self, comm: Comm, wire: BlockwiseWire, own: Tensor, recv: Tensor,
+    def combine(self, comm: Collectives, wire: BlockwiseWire, own: Tensor, recv: Tensor,
              numel: int) -> Tensor:  # fmt: skip
         """fp32 sum in rank order of this rank's exact `own` and the peers' received rows."""
         acc = torch.zeros(numel, dtype=torch.float32, device=own.device)

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from zeroshard.comm.collectives import Collectives, Comm, WireCodec
 from zeroshard.comm.hierarchical import HierarchicalQuantizedReduce
+from zeroshard.comm.meta import MetaComm
 from zeroshard.comm.quantized import BlockwiseWire
 from zeroshard.comm.topology import NodeTopology, consecutive_groups, strided_groups
 
@@ -101,6 +102,30 @@ def build_zeropp(world: Comm, quantized_weights: bool = False,
     if quantized_gradients:
         intra = _subgroup(world, consecutive_groups(ranks, local))
         inter = _subgroup(world, strided_groups(ranks, local))
+        grads = HierarchicalQuantizedReduce(world, intra, inter, intra_bits=GRAD_INTRA_BITS,
+                                            inter_bits=GRAD_BITS, block=GRAD_BLOCK)  # fmt: skip
+    return ZeroPP(weights, frozen, hpz, grads)
+
+
+def meta_zeropp(world: MetaComm, quantized_weights: bool = False,
+                quantized_nontrainable_weights: bool = False, quantized_gradients: bool = False,
+                hpz_partition_size: int = 1,
+                local_world_size: int | None = None) -> ZeroPP:  # fmt: skip
+    """`build_zeropp` for the estimator's rank of a world that does not exist: the subgroups
+    are `MetaComm`s counting into `world`'s counter, with their shares of other nodes."""
+    weights = BlockwiseWire(WEIGHT_BITS, WEIGHT_BLOCK) if quantized_weights else None
+    frozen = BlockwiseWire(WEIGHT_BITS, WEIGHT_BLOCK) if quantized_nontrainable_weights else None
+    n, rank = world.world_size, world.rank
+    local = min(local_world_size or n, n)
+    topology = NodeTopology(n, local)
+    world.inter_fraction = topology.inter_fraction(range(n), rank)
+    hpz = grads = None
+    if hpz_partition_size > 1 and n > 1:
+        hpz = MetaComm(hpz_partition_size, rank % hpz_partition_size, world.counter)
+    if quantized_gradients and n > 1:
+        intra = MetaComm(local, rank % local, world.counter)
+        nodes = topology.num_nodes
+        inter = MetaComm(nodes, rank // local, world.counter, 1.0 if nodes > 1 else 0.0)
         grads = HierarchicalQuantizedReduce(world, intra, inter, intra_bits=GRAD_INTRA_BITS,
                                             inter_bits=GRAD_BITS, block=GRAD_BLOCK)  # fmt: skip
     return ZeroPP(weights, frozen, hpz, grads)
