@@ -5,14 +5,19 @@
    and AdamW8bit at 2^24 to 2^28 elements: GB/s (bytes the step must move / median time) and
    % of the device's peak HBM bandwidth (from its memory clock and bus width);
 3. stages 0-3 on one GPU against torch.optim.AdamW (same model, data and steps);
-4. the training step with `offload_optimizer` (stage 2) and both offloads (stage 3) against
-   the same stage without offload.
+4. the training step with `offload_optimizer` (stages 1-2) and both offloads (stage 3)
+   against the same stage without offload, and against offload with every gradient copied
+   at step time (`overlap_grads=False`): what copying each bucket as it lands in backward
+   buys;
+5. nccl: the process-group start for a CUDA model under torchrun (device from LOCAL_RANK,
+   nccl started by `zeroshard.initialize`), stages 0-3 for a few steps against torch.optim,
+   on a world of 1 GPU and, with more GPUs, of up to 4 (bench/gpu_nccl.py).
 
 It writes `<out>.json` and `<out>.png` (default bench/results/gpu_check.*) and prints a
-verdict per target. Exit status 1 when a correctness check fails (kernel tests, parity);
-performance targets are reported, not enforced. Without CUDA it says so and exits 0.
+verdict per target. Exit status 1 when a correctness check fails (kernel tests, parity,
+nccl); performance targets are reported, not enforced. Without CUDA it says so and exits 0.
 
-    python bench/gpu_check.py [--out bench/results/gpu_check] [--quick]
+    python bench/gpu_check.py [--out bench/results/gpu_check] [--quick] [--only offload,nccl]
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ ADAM_HP = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01, "amsgrad": 
 BLOCK_8BIT = 256
 TARGET_FRACTION = 0.80  # the update must reach 80% of HBM peak at 2^26 elements and up
 TARGET_OFFLOAD = 1.25  # the offloaded step within 1.25x of no offload
+SECTIONS = ("kernels", "bandwidth", "parity", "offload", "nccl")
 
 # Peak HBM bandwidth (bytes/s) by device name, for a torch that does not report the memory
 # clock and bus width; vendor data-sheet figures.
@@ -94,7 +100,22 @@ def verdicts(results: dict[str, Any]) -> dict[str, bool | None]:
     out[f"offloaded step within {TARGET_OFFLOAD}x"] = (
         None if not off else max(r["ratio"] for r in off) <= TARGET_OFFLOAD
     )
+    out["offload copies gradients during backward"] = (
+        None if not off else all(r.get("copies_in_backward", 0) > 0
+                                 and r.get("copies_in_step", 1) == 0 for r in off)
+    )  # fmt: skip
+    nccl = results.get("nccl")
+    out["nccl: stages 0-3 match torch.optim"] = (
+        None if not nccl else all(r["ok"] for r in nccl)
+    )
     return out
+
+
+def exit_status(v: dict[str, bool | None]) -> int:
+    """1 when a correctness check failed (a check not run is not a failure)."""
+    checks = ("kernel tests pass on the GPU", "stages 0-3 match torch.optim",
+              "nccl: stages 0-3 match torch.optim")  # fmt: skip
+    return 1 if any(v.get(c) is False for c in checks) else 0
 
 
 def parse_pytest_summary(text: str) -> dict[str, int]:
@@ -230,8 +251,10 @@ def parity(steps: int) -> list[dict[str, Any]]:
 
 
 def offload(steps: int, quick: bool, batch: int) -> list[dict[str, Any]]:
-    """Step time (forward + backward + step, synchronized) with and without offload: the
-    ratio depends on how much compute a step has per parameter (the batch)."""
+    """Step time (forward + backward + step, synchronized) without offload, with offload
+    (each bucket's gradients copied to pinned host memory as its reduction lands, on a copy
+    stream, behind the rest of backward) and with offload copying at step time: the ratio
+    depends on how much compute a step has per parameter (the batch)."""
     import zeroshard
 
     small = {"vocab_size": 4096, "n_embd": 512, "n_layer": 4, "n_head": 8, "block_size": 256}
@@ -241,11 +264,16 @@ def offload(steps: int, quick: bool, batch: int) -> list[dict[str, Any]]:
     cpu_off = {"device": "cpu", "pin_memory": True}
     rows = []
     both = {"offload_optimizer": cpu_off, "offload_param": cpu_off}
-    for stage, extra in ((2, {"offload_optimizer": cpu_off}), (3, both)):
-        times = {}
-        for name, zo in (("plain", {}), ("offload", extra)):
+    opt_only = {"offload_optimizer": cpu_off}
+    for stage, extra in ((1, opt_only), (2, opt_only), (3, both)):
+        times: dict[str, Any] = {}
+        for name in ("plain", "offload", "offload_at_step"):
+            zo = {} if name == "plain" else extra
             cfg = {**_zs_config(stage, **copy.deepcopy(zo)), "bf16": {"enabled": True}}
             model, opt = zeroshard.initialize(_gpt(cfg_kw), cfg)
+            place = opt.placement
+            if name == "offload_at_step":
+                place.overlap_grads = False  # the copies wait for step(), as before
 
             def one_step(i: int, model: Any = model, opt: Any = opt) -> None:
                 x, y = data[i % len(data)]
@@ -256,6 +284,7 @@ def offload(steps: int, quick: bool, batch: int) -> list[dict[str, Any]]:
             for i in range(3):
                 one_step(i)
             torch.cuda.synchronize()
+            landed0, at_step0 = getattr(place, "copies_landed", 0), getattr(place, "copies_in", 0)
             per = []
             for i in range(steps):
                 t0 = time.perf_counter()
@@ -263,18 +292,52 @@ def offload(steps: int, quick: bool, batch: int) -> list[dict[str, Any]]:
                 torch.cuda.synchronize()
                 per.append((time.perf_counter() - t0) * 1e3)
             times[name] = statistics.median(per)
+            if name == "offload":
+                times["copies_in_backward"] = place.copies_landed - landed0
+                times["copies_in_step"] = place.copies_in - at_step0
             mem = opt.memory_report()
             times[f"{name}_device_bytes"], times[f"{name}_host_bytes"] = mem["device"], mem["host"]
-            del model, opt
+            del model, opt, place, one_step
             torch.cuda.empty_cache()
         ratio = times["offload"] / times["plain"]
         params = sum(p.numel() for p in _gpt(cfg_kw).parameters())
         rows.append({"stage": stage, "params": params, "batch": batch, "threads":
                      torch.get_num_threads(), "ms_plain": round(times["plain"], 2),
-                     "ms_offload": round(times["offload"], 2), "ratio": round(ratio, 3),
+                     "ms_offload": round(times["offload"], 2),
+                     "ms_offload_at_step": round(times["offload_at_step"], 2),
+                     "ratio": round(ratio, 3),
+                     "ratio_at_step": round(times["offload_at_step"] / times["plain"], 3),
+                     "copies_in_backward": times["copies_in_backward"],
+                     "copies_in_step": times["copies_in_step"],
                      **{k: v for k, v in times.items() if k.endswith("_bytes")}})  # fmt: skip
         print(f"  stage {stage}: {times['plain']:.1f} ms without, {times['offload']:.1f} ms "
-              f"with offload ({ratio:.2f}x), {params / 1e6:.0f}M params")
+              f"with offload ({ratio:.2f}x; {rows[-1]['ratio_at_step']:.2f}x copying at step "
+              f"time), {params / 1e6:.0f}M params, {times['copies_in_backward']} gradient "
+              f"copies in backward, {times['copies_in_step']} in step()")
+    return rows
+
+
+def nccl(steps: int, out_dir: Path) -> list[dict[str, Any]]:
+    """bench/gpu_nccl.py under torchrun on 1 GPU, then on up to 4 when there are more."""
+    from gpu_nccl import nccl_worlds, torchrun_cmd
+
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    paths = [str(ROOT)] + ([str(SHIM)] if SHIM.exists() else [])
+    env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    rows: list[dict[str, Any]] = []
+    for world in nccl_worlds(torch.cuda.device_count()):
+        path = out_dir / f"gpu_check_nccl_world{world}.json"
+        path.unlink(missing_ok=True)
+        proc = subprocess.run(torchrun_cmd(world, path, steps), cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=900)  # fmt: skip
+        print("\n".join("  " + ln for ln in proc.stdout.strip().splitlines()))
+        if proc.returncode != 0 or not path.exists():
+            tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+            print(f"  world {world}: FAILED (exit {proc.returncode})\n    " + "\n    ".join(tail))
+            rows.append({"world": world, "ok": False, "exit": proc.returncode, "tail": tail})
+            continue
+        got = json.loads(path.read_text())
+        rows += [{**r, "started_by": got["started_by"]} for r in got["rows"]]
     return rows
 
 
@@ -286,7 +349,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     for kind in ("adamw_fp32", "adamw_bf16", "adamw8bit"):
-        rows = [r for r in results["bandwidth"] if r["kind"] == kind]
+        rows = [r for r in results.get("bandwidth", []) if r["kind"] == kind]
         a.plot([r["log2_n"] for r in rows], [r["GB/s"] for r in rows], marker="o", label=kind)
     if results["peak_GBps"]:
         a.axhline(results["peak_GBps"], color="k", ls="--", label="HBM peak")
@@ -298,8 +361,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
     off = results.get("offload") or []
     labels = [f"stage {r['stage']}" for r in off]
     x = range(len(off))
-    b.bar([i - 0.2 for i in x], [r["ms_plain"] for r in off], 0.4, label="no offload")
-    b.bar([i + 0.2 for i in x], [r["ms_offload"] for r in off], 0.4, label="offload")
+    b.bar([i - 0.27 for i in x], [r["ms_plain"] for r in off], 0.27, label="no offload")
+    b.bar(list(x), [r["ms_offload"] for r in off], 0.27, label="offload")
+    b.bar([i + 0.27 for i in x], [r["ms_offload_at_step"] for r in off], 0.27,
+          label="offload, copies at step")
     b.set_xticks(list(x), labels)
     b.set_ylabel("ms / training step")
     b.set_title("offload step time")
@@ -308,47 +373,68 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_check"))
     ap.add_argument("--quick", action="store_true", help="2^24-2^26 and a smaller offload model")
     ap.add_argument("--offload-batch", type=int, default=32, help="sequences per offload step")
+    ap.add_argument("--only", default=",".join(SECTIONS),
+                    help=f"comma list of sections to run, of: {', '.join(SECTIONS)}")
+    ap.add_argument("--nccl-steps", type=int, default=3, help="steps per stage in the nccl run")
     args = ap.parse_args(argv)
+    args.only = [s.strip() for s in args.only.split(",") if s.strip()]
+    bad = [s for s in args.only if s not in SECTIONS]
+    if bad or not args.only:
+        ap.error(f"--only: unknown or no sections {bad}; choose from {', '.join(SECTIONS)}")
+    if args.nccl_steps < 1 or args.offload_batch < 1:
+        ap.error("--nccl-steps and --offload-batch must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu-check: no CUDA device here (torch.cuda.is_available() is False); nothing "
-              "was run. Run `make gpu-check` on a machine with an NVIDIA GPU.")
+              f"was run ({', '.join(args.only)} skipped). Run `make gpu-check` on a machine "
+              "with an NVIDIA GPU.")  # fmt: skip
         return 0
     props = torch.cuda.get_device_properties(0)
     peak = peak_bandwidth(props.name, getattr(props, "memory_clock_rate", None),
                           getattr(props, "memory_bus_width", None))  # fmt: skip
     results: dict[str, Any] = {"device": props.name, "peak_GBps": round(peak / 1e9, 1),
-                               "torch": torch.__version__, "cuda": torch.version.cuda}  # fmt: skip
+                               "torch": torch.__version__, "cuda": torch.version.cuda,
+                               "gpus": torch.cuda.device_count(), "sections": args.only}
     print(f"gpu-check on {props.name} (peak {peak / 1e9:.0f} GB/s), torch {torch.__version__}")
-    print("1. kernel tests on the GPU")
-    results["kernel_tests"] = kernel_tests()
-    print("  " + "\n  ".join(results["kernel_tests"]["tail"][-3:]))
-    print("2. update-step bandwidth")
-    results["copy_GBps"] = round(copy_bandwidth(), 1)
-    print(f"  device copy_: {results['copy_GBps']} GB/s")
-    sizes = [24, 25, 26] if args.quick else [24, 25, 26, 27, 28]
-    results["bandwidth"] = bandwidth(sizes, peak, repeats=10)
-    print("3. stages 0-3 vs torch.optim.AdamW on one GPU")
-    results["parity"] = parity(steps=20)
-    print("4. offload step time")
-    results["offload"] = offload(steps=5 if args.quick else 10, quick=args.quick,
-                                 batch=args.offload_batch)
-    results["verdicts"] = verdicts(results)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if "kernels" in args.only:
+        print("1. kernel tests on the GPU")
+        results["kernel_tests"] = kernel_tests()
+        print("  " + "\n  ".join(results["kernel_tests"]["tail"][-3:]))
+    if "bandwidth" in args.only:
+        print("2. update-step bandwidth")
+        results["copy_GBps"] = round(copy_bandwidth(), 1)
+        print(f"  device copy_: {results['copy_GBps']} GB/s")
+        sizes = [24, 25, 26] if args.quick else [24, 25, 26, 27, 28]
+        results["bandwidth"] = bandwidth(sizes, peak, repeats=10)
+    if "parity" in args.only:
+        print("3. stages 0-3 vs torch.optim.AdamW on one GPU")
+        results["parity"] = parity(steps=20)
+    if "offload" in args.only:
+        print("4. offload step time")
+        results["offload"] = offload(steps=5 if args.quick else 10, quick=args.quick,
+                                     batch=args.offload_batch)
+    if "nccl" in args.only:
+        print("5. nccl process group under torchrun, stages 0-3 vs torch.optim")
+        results["nccl"] = nccl(args.nccl_steps, out.parent)
+    results["verdicts"] = verdicts(results)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     plot(results, out.with_suffix(".png"))
     print("verdicts:")
     for what, ok in results["verdicts"].items():
         print(f"  {'met' if ok else 'MISSED' if ok is False else 'not measured':>12}  {what}")
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
-    correct = (results["verdicts"]["kernel tests pass on the GPU"]
-               and results["verdicts"]["stages 0-3 match torch.optim"])  # fmt: skip
-    return 0 if correct else 1
+    return exit_status(results["verdicts"])
 
 
 if __name__ == "__main__":
