@@ -43,7 +43,19 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from zeroshard.comm.pending import (
+    DONE,
+    AllOf,
+    ChunkOnWait,
+    ChunkwiseDecode,
+    Decoded,
+    SumOnWait,
+    wait_all,
+)
 from zeroshard.comm.topology import NodeTopology
+
+__all__ = ["DONE", "COLLECTIVES", "Collectives", "Comm", "CommCounter", "WireCodec", "count",
+           "wait_all"]
 
 # torch 2.13 renamed the tensor forms; keep working on older releases (setup.py: torch>=2.4).
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -55,14 +67,6 @@ _TAGS = 1 << 20  # point-to-point tags cycle through this many
 _RING_FACTOR = {"all_reduce": 2, "reduce_scatter": 1, "all_gather": 1, "broadcast": 1}
 
 
-class _DoneWork:
-    """Stands in for a `dist.Work` when there was nothing to communicate."""
-
-    def wait(self) -> bool:
-        return True
-
-
-DONE = _DoneWork()
 
 
 @dataclass
@@ -150,95 +154,6 @@ def count(counter: CommCounter, kind: str, tensor: Tensor, world_size: int,
     counter.add(kind, nbytes, calls, nbytes * inter_fraction)
 
 
-class _All:
-    """Several pending collectives standing for one."""
-
-    def __init__(self, works: list[Any]) -> None:
-        self.works = works
-
-    def wait(self) -> bool:
-        wait_all(self.works)
-        return True
-
-
-class _ChunkOnWait:
-    """A pending all-reduce standing for a reduce-scatter: `out` takes its chunk on wait."""
-
-    def __init__(self, work: Any, chunk: Tensor, out: Tensor) -> None:
-        self.work, self.chunk, self.out = work, chunk, out
-
-    def wait(self) -> bool:
-        if self.work is not None:
-            self.work.wait()
-            self.work = None
-            self.out.copy_(self.chunk)
-        return True
-
-
-class _SumOnWait:
-    """A pending exchange standing for a reduce-scatter: on wait, `out` takes this rank's
-    chunk combined with every peer's copy of it, in rank order (so the result does not
-    depend on which message came first)."""
-
-    def __init__(self, works: list[Any], own: Tensor, received: list[Tensor | None],
-                 out: Tensor, op: str) -> None:  # fmt: skip
-        self.works, self.own, self.received, self.out, self.op = works, own, received, out, op
-
-    def wait(self) -> bool:
-        if self.works:
-            wait_all(self.works)
-            terms = [self.own if t is None else t for t in self.received]
-            combine = torch.maximum if self.op == "max" else torch.add
-            if any(t is self.out for t in terms):  # a peer's chunk (one of the first two) is there
-                acc, rest = self.out, [t for t in terms if t is not self.out]
-            elif self.out.data_ptr() != self.own.data_ptr():  # out of place: input kept as it was
-                acc, rest = self.out, terms[2:]
-                combine(terms[0], terms[1], out=acc)
-            elif any(t is self.own for t in terms[:2]):  # the first two commute exactly
-                acc, rest = self.own, [t for t in terms if t is not self.own]
-            else:
-                acc, rest = terms[0], terms[1:]
-            for t in rest:
-                combine(acc, t, out=acc)
-            if self.op == "avg":
-                acc.div_(len(terms))
-            if acc.data_ptr() != self.out.data_ptr():
-                self.out.copy_(acc)
-            self.received = []
-        return True
-
-
-class _Decoded:
-    """A pending collective whose received wire form is decoded into `out` on `wait()`."""
-
-    def __init__(self, work: Any, codec: WireCodec, wire: Tensor, out: Tensor) -> None:
-        self.work, self.codec, self.wire, self.out = work, codec, wire, out
-
-    def wait(self) -> bool:
-        if self.work is not None:
-            self.work.wait()
-            self.work = None
-            self.codec.decode(self.wire, self.out)
-        return True
-
-
-class _ChunkwiseDecode:
-    """Decodes a gathered wire buffer rank by rank: each rank encoded its chunk alone (a
-    blockwise codec's blocks and scales are per chunk)."""
-
-    reducible = False
-
-    def __init__(self, codec: WireCodec, chunks: int) -> None:
-        self.codec, self.chunks = codec, chunks
-
-    def encode(self, t: Tensor) -> Tensor:
-        return self.codec.encode(t)
-
-    def decode(self, wire: Tensor, out: Tensor) -> None:
-        for w, o in zip(wire.chunk(self.chunks), out.reshape(-1).chunk(self.chunks)):
-            self.codec.decode(w, o)
-
-
 def _reducible(codec: WireCodec) -> None:
     if not codec.reducible:
         raise ValueError(f"{type(codec).__name__} cannot be summed on the wire: use it for "
@@ -289,7 +204,7 @@ class Comm:
         count(self.counter, kind, tensor, self.world_size, calls, self.inter_fraction)
 
     def _coded(self, work: Any, codec: WireCodec, wire: Tensor, out: Tensor, async_op: bool):
-        pending = _Decoded(work if async_op else None, codec, wire, out)
+        pending = Decoded(work if async_op else None, codec, wire, out)
         if not async_op:
             codec.decode(wire, out)
             return None
@@ -354,7 +269,7 @@ class Comm:
             wire_in = codec.encode(input)
             wire_out = wire_in.new_empty(wire_in.numel() * self.world_size)
             work = self.all_gather(wire_out, wire_in, async_op)
-            return self._coded(work, _ChunkwiseDecode(codec, self.world_size), wire_out,
+            return self._coded(work, ChunkwiseDecode(codec, self.world_size), wire_out,
                                output, async_op)  # fmt: skip
         if not self.active:
             if output.data_ptr() != input.data_ptr():
@@ -373,7 +288,7 @@ class Comm:
         chunk = input.chunk(self.world_size)[self.rank]
         work = dist.all_reduce(input, op=_reduce_op(op), group=self.group, async_op=True)
         in_place = output.data_ptr() == chunk.data_ptr() and output.numel() == chunk.numel()
-        return work if in_place else _ChunkOnWait(work, chunk, output)
+        return work if in_place else ChunkOnWait(work, chunk, output)
 
     def _reduce_scatter_by_exchange(self, output: Tensor, input: Tensor, op: str):
         _reduce_op(op)  # an unknown op fails here, before anything is sent
@@ -388,14 +303,14 @@ class Comm:
                 and output.shape == own.shape and output.dtype == own.dtype):  # fmt: skip
             received[first] = output
         works = self._exchange(list(chunks), received)
-        return _SumOnWait(works, own, received, output, op)
+        return SumOnWait(works, own, received, output, op)
 
     def _gather_by_exchange(self, output: Tensor, input: Tensor, async_op: bool):
         chunks = output.chunk(self.world_size)
         own = chunks[self.rank]
         if own.data_ptr() != input.data_ptr():
             own.copy_(input)
-        pending = _All(self._exchange([own] * self.world_size, list(chunks)))
+        pending = AllOf(self._exchange([own] * self.world_size, list(chunks)))
         if async_op:
             return pending
         pending.wait()
@@ -447,10 +362,3 @@ def _reduce_op(op: str) -> dist.ReduceOp:
         return {"avg": dist.ReduceOp.AVG, "sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
     except KeyError:
         raise ValueError(f"reduce op must be 'avg', 'sum' or 'max', got {op!r}") from None
-
-
-def wait_all(works: list) -> None:
-    for w in works:
-        if w is not None:
-            w.wait()
-    works.clear()
