@@ -117,6 +117,48 @@ def test_dequantize_into_each_dtype_and_accumulate(backend: str, bits: int,
     assert torch.equal(out, (prev.float() + vals).to(dtype))  # summed in fp32, rounded once
 
 
+@pytest.mark.parametrize("bits,block", [(8, 99), (8, 100), (4, 6), (4, 1000)])
+def test_blocks_that_are_not_powers_of_two(bits: int, block: int) -> None:
+    """The kernels pad such a block to a power of two (masked lanes); every tile is masked."""
+    n = 3 * block + 7
+    torch.manual_seed(block)
+    x = torch.randn(n) * torch.logspace(-2, 2, n)
+    want = ref_quantize(x, bits, block)
+    for backend in BACKENDS:
+        codes, scales = QB.quantize(x, bits, block, backend=backend)
+        assert torch.equal(codes, want[0]) and torch.equal(scales, want[1]), backend
+        out = torch.empty(n)
+        QB.dequantize(codes, scales, bits, block, out, backend=backend)
+        assert torch.equal(out, ref_values(*want, bits, block, n)), backend
+
+
+@pytest.mark.parametrize("bits,block", [(8, 64), (4, 2048), (4, 100)])
+def test_torch_path_across_chunks(monkeypatch: pytest.MonkeyPatch, bits: int,
+                                  block: int) -> None:
+    """The torch path works in chunks of CHUNK elements (2^18); shrunk here so that many
+    chunk seams, a short last chunk and odd sizes are crossed."""
+    from zeroshard_kernels import _quant_torch
+
+    monkeypatch.setattr(_quant_torch, "CHUNK", 1000)
+    n = 50_001
+    pairs, C, S = _rows(3, n, bits, block)
+    x = torch.randn(n) * torch.logspace(-3, 3, n)
+    want = ref_quantize(x, bits, block)
+    codes, scales = QB.quantize(x, bits, block, backend="torch")
+    assert torch.equal(codes, want[0]) and torch.equal(scales, want[1])
+    out = torch.empty(n, dtype=torch.bfloat16)
+    QB.dequantize(codes, scales, bits, block, out, backend="torch")
+    assert torch.equal(out, ref_values(*want, bits, block, n).to(torch.bfloat16))
+    total = ref_sum(pairs, bits, block, n, own=x, own_row=1, divisor=3)
+    out = torch.empty(n)
+    QB.dequantize_sum(C, S, bits, block, out, own=x, own_row=1, divisor=3, backend="torch")
+    assert torch.equal(out, total)
+    codes, scales = QB.requantize_sum(C, S, bits, block, n, own=x, own_row=1, divisor=3,
+                                      backend="torch")  # fmt: skip
+    want = ref_quantize(total, bits, block)
+    assert torch.equal(codes, want[0]) and torch.equal(scales, want[1])
+
+
 def test_int4_and_int8_layout_hand_computed() -> None:
     # block 8, absmax 7: scale 1.0 exactly; 3.5 and 2.5 are ties (to even: 4 and 2)
     x = torch.tensor([7.0, -7.0, 1.0, -2.0, 3.5, 0.0, -1.0])
