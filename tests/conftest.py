@@ -5,8 +5,29 @@ TRITON_INTERPRET must be set before anything imports triton (the mode is fixed w
 """
 
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _import_pypi_kernels() -> None:
+    """The checkout's kernels/ (installed as `zeroshard_kernels`) shadows PyPI's `kernels`,
+    which transformers imports when installed (it depends on it), whenever the repo root is on
+    the path (pytest puts it first). Import the installed one first, with the root off the
+    path; the module cache then answers every later `import kernels`."""
+    root = str(Path(__file__).resolve().parents[1])
+    saved = list(sys.path)
+    sys.path[:] = [p for p in sys.path if p not in ("", ".", root)]
+    try:
+        import kernels  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        sys.path[:] = saved
+
+
+_import_pypi_kernels()
 
 import pytest  # noqa: E402
 

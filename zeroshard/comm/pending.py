@@ -4,13 +4,12 @@ wire form)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from zeroshard.comm.collectives import WireCodec
+WireCodec = Any  # collectives.WireCodec (imported there from here: no cycle)
 
 
 class DoneWork:

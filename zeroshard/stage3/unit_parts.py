@@ -6,13 +6,12 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from zeroshard.stage3.unit import ShardedUnit
+ShardedUnit = Any  # stage3/unit.py's (which imports this module)
 
 
 class UnitState(Enum):
