@@ -15,6 +15,7 @@ from tests.offload_jobs import config, resume, train
 from tests.offload_jobs import config_error as _config_error
 from zeroshard.cli.main import main
 from zeroshard.estimate.model_states import CATEGORIES, estimate
+from zeroshard.shard.offload import HostOffload
 
 STEPS = 20
 
@@ -99,6 +100,35 @@ def test_offload_edges_match_without_offload_bit_for_bit(dist_run, stage, accumu
             assert o["landed_before_step"][1] < o["landed_before_step"][2]
         else:
             assert o["copied_at_step"] == [0] * steps
+
+
+def test_landed_ranges_map_onto_the_staging_buffer_and_a_reset_forgets_them():
+    """`HostOffload` alone: landings that cover a piece in parts, span two pieces or come
+    from a temporary fill the host buffer; what did not land whole is copied by
+    `stage_grads`; after `grads_reset` everything is copied again."""
+    grad = torch.arange(20, dtype=torch.float32)
+    pieces = [grad[2:8], grad[8:15]]  # a group's pieces: views of one gradient buffer
+    off = HostOffload()
+    off.track_grads(pieces)
+    off.grads_landed(grad[0:5])  # the first 3 elements of piece 0
+    off.grads_landed(grad[5:10], torch.full((5,), -1.0))  # values from a temporary
+    host = off.stage_grads(pieces)
+    assert off.copies_landed == 3 and off.copies_in == 1  # piece 1 only partly landed
+    assert host[0].tolist() == [2, 3, 4, -1, -1, -1]
+    assert host[1].tolist() == grad[8:15].tolist()  # copied now, whole
+    off.grads_landed(grad[8:15])
+    grad.mul_(10)  # written after the landings: a reset follows any such write
+    off.grads_reset()
+    host = off.stage_grads(pieces)
+    assert off.copies_in == 3 and torch.equal(torch.cat(host), grad[2:15])
+    off.grads_landed(grad)  # one landing covers both pieces
+    assert off.copies_landed == 6 and off.stage_grads(pieces) and off.copies_in == 3
+    at_step = HostOffload(overlap_grads=False)
+    at_step.track_grads(pieces)
+    at_step.grads_landed(grad)
+    assert at_step.copies_landed == 0 and torch.equal(torch.cat(at_step.stage_grads(pieces)),
+                                                      grad[2:15])  # fmt: skip
+    assert at_step.copies_in == 2
 
 
 def test_offload_with_8bit_states(dist_run):
