@@ -166,7 +166,7 @@ def handle(args: argparse.Namespace) -> int:
         ests = estimate(
             model, world_size=world, config=args.config, precision=args.precision,
             optimizer=args.optimizer, stages=tuple(sorted(set(args.stage or (0, 1, 2, 3)))),
-            device_memory=memory, example_input=example,
+            device_memory=memory, example_input=example, local_world_size=args.gpus_per_node,
         )  # fmt: skip
         # 8-bit states: the same run with fp32 AdamW states, to show what they save
         base = _fp32_adamw(args, model, world, memory, example)
@@ -184,14 +184,17 @@ def handle(args: argparse.Namespace) -> int:
     print(f"{numel:,} trainable parameters on {world} rank(s); bytes per rank (worst rank):")
     offload = any(e.bytes["host"] for e in ests)  # then the device and host columns differ
     totals = ["device total", "host"] if offload else ["total"]
-    head = ["stage", *CATS, "gathered peak", *totals, "sent/step"]
+    nodes = args.gpus_per_node is not None and args.gpus_per_node < world  # several nodes
+    head = ["stage", *CATS, "gathered peak", *totals, "sent/step",
+            *(["inter-node/step"] if nodes else [])]  # fmt: skip
     if memory is not None:
         head.append(f"fits {human(memory)}")
     rows = [head]
     for e in ests:
         host = [human(e.bytes["host"])] if offload else []
         row = [str(e.stage), *(human(e.bytes[c]) for c in CATS), human(e.gathered_peak),
-               human(e.peak_total), *host, human(e.comm_bytes)]  # fmt: skip
+               human(e.peak_total), *host, human(e.comm_bytes),
+               *([human(e.comm_inter_node)] if nodes else [])]  # fmt: skip
         if memory is not None:
             row.append("yes" if e.fits else "no")
         rows.append(row)
@@ -203,6 +206,14 @@ def handle(args: argparse.Namespace) -> int:
         print(f"stage {e.stage}: 8-bit states {human(e.bytes['optimizer_states'])} vs fp32 "
               f"AdamW {human(b.bytes['optimizer_states'])}; total {human(e.peak_total)} vs "
               f"{human(b.peak_total)} ({human(saved)} less per rank)")
+    for e in ests:
+        if e.hpz_secondary:
+            print(f"stage {e.stage}: hpZ's secondary shards take {human(e.hpz_secondary)} from "
+                  "forward to the update (in the total)")
+    if nodes:
+        print(f"inter-node/step: what a rank sends to the other nodes' ranks ({args.gpus_per_node} "
+              "ranks per node); ZeRO++ keys in --config (zero_quantized_weights, "
+              "zero_quantized_gradients, zero_hpz_partition_size) cut it at stage 3")
     if offload:
         print("offload: each category counts device and host bytes; `device total` is what "
               "stays on the device (with the gathered peak), `host` what moved to host memory")

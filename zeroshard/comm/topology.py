@@ -62,6 +62,12 @@ class NodeTopology:
         return sum(self.node_of(r) != mine for r in peers) / len(peers)
 
 
+def inter_fraction(world: int, local: int | None, rank: int) -> float:
+    """Share of `rank`'s peers (the whole world's) on other nodes of `local` ranks (None:
+    one node)."""
+    return NodeTopology(world, min(local or world, world)).inter_fraction(range(world), rank)
+
+
 def consecutive_groups(ranks: Sequence[int], size: int) -> list[list[int]]:
     """`ranks` cut into runs of `size` (hpZ's secondary partitions, nodes)."""
     return [list(ranks[i : i + size]) for i in range(0, len(ranks), size)]

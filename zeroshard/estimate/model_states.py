@@ -31,8 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from zeroshard.comm.meta import MetaComm
+from zeroshard.comm.topology import inter_fraction
 from zeroshard.config.honoured import hidden_size_of
 from zeroshard.config.schema import ConfigError, ZeroConfig, load_config
+from zeroshard.config.zeropp import HPZ_KEY, ZEROPP_BOOL_KEYS
 from zeroshard.estimate.offload import with_offload
 from zeroshard.estimate.stage3 import stage3, state_codec
 from zeroshard.shard.codec import FP32, StateCodec
@@ -60,13 +62,16 @@ class StageEstimate:
     # total is "device" and "host" memory (offload), as `memory_report()` reports them
     bytes: dict[str, int]
     gathered_peak: int | None  # stage 3: full parameters alive at the peak (forward/backward)
-    peak_total: int  # device bytes + gathered_peak: what the device must hold
+    peak_total: int  # device bytes + gathered_peak (+ hpz_secondary): what the device holds
     comm_bytes: int  # bytes this rank sends per step
     per_rank: list[dict[str, int]] = field(default_factory=list)
     fits: bool | None = None
     # stage 3: "traced" (the engine ran on the example input), "synthesized input: ..." or
     # "registration order: <why>"
     schedule: str | None = None
+    # of comm_bytes, what goes to ranks on other nodes (comm/topology.py; None: not known)
+    comm_inter_node: int | None = None
+    hpz_secondary: int = 0  # stage 3 with hpZ: secondary shards held from forward to update
 
 
 def zero_config(
@@ -100,8 +105,10 @@ def zero_config(
     # an offload the stage does not have (stage 0: nothing sharded; params below 3) is left out
     if stage == 0:
         zo.pop("offload_optimizer", None)
-    if stage < 3:
+    if stage < 3:  # so are stage 3's own options: offloaded parameters, ZeRO++
         zo.pop("offload_param", None)
+        for key in (*ZEROPP_BOOL_KEYS, HPZ_KEY):
+            zo.pop(key, None)
     if precision is not None:
         raw.pop("bfloat16", None)
         for name in ("bf16", "fp16"):
@@ -136,13 +143,14 @@ def _group_of(model: nn.Module, model_parameters: Any) -> dict[int, int]:
 
 
 def _stage012(
-    groups: list[list[nn.Parameter]], cfg: ZeroConfig, world: int, codec: StateCodec
-) -> tuple[dict[str, int], int]:
+    groups: list[list[nn.Parameter]], cfg: ZeroConfig, world: int, codec: StateCodec,
+    local: int | None = None,
+) -> tuple[dict[str, int], int, int]:
     """Bytes and bytes sent per step at stages 0-2, read from the shard groups the optimizer
     itself builds (`FlatSharding` over a `MetaComm`): buckets, padding, gradient buffers and
     the codec's stored state are what a real run holds."""
     zo = cfg.zero_optimization
-    comm = MetaComm(world, 0)
+    comm = MetaComm(world, 0, inter_fraction=inter_fraction(world, local, 0))
     sharding = FlatSharding(
         comm, zo.stage, reduce_dtype=cfg.reduce_dtype, overlap_comm=zo.overlap_comm,
         accumulation_steps=int(cfg.gradient_accumulation_steps or 1),
@@ -185,7 +193,8 @@ def _stage012(
             comm.all_gather(flat.flat, flat.flat)
     if zo.stage > 0:
         comm.all_reduce(torch.empty(2, dtype=torch.float64, device="meta"))
-    return with_offload(out, cfg, master_numel, 0), comm.counter.snapshot()["total"]
+    sent = comm.counter.snapshot()
+    return with_offload(out, cfg, master_numel, 0), sent["total"], sent["inter_node"]
 
 
 def _full_grads(sharding: FlatSharding, grads: list[Tensor]) -> list[Tensor]:
@@ -224,6 +233,7 @@ def estimate(
     model_parameters: Any = None,
     example_input: Any = None,
     codec: StateCodec = FP32,
+    local_world_size: int | None = None,
 ) -> list[StageEstimate]:
     """Per stage: bytes per rank by category, stage-3 gathered peak, bytes sent per step.
 
@@ -238,6 +248,8 @@ def estimate(
     engine run on it; without it, on an input synthesized from the first layer, else on
     registration order (`schedule` says which).
     `codec`: how optimizer state is stored (its `stored_bytes` counts the state bytes).
+    `local_world_size`: ranks per node (default: all on one node); splits the bytes sent into
+    intra- and inter-node (`comm_inter_node`), and places ZeRO++'s hpZ and qgZ groups.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -250,22 +262,26 @@ def estimate(
         model.to(cfg.compute_dtype)
         schedule = None
         if stage < 3:
-            report, comm = _stage012(_groups(model, model_parameters), cfg, world_size, codec)
-            per_rank, peak = [report], None
+            report, comm, inter = _stage012(_groups(model, model_parameters), cfg, world_size,
+                                            codec, local_world_size)  # fmt: skip
+            per_rank, peak, secondary = [report], None, 0
         else:
             s3 = stage3(model, cfg, world_size, _sample_ranks(world_size), structured=structured,
                         group_of=_group_of(model, model_parameters),
-                        example_input=example_input, codec=codec)  # fmt: skip
+                        example_input=example_input, codec=codec,
+                        local=local_world_size)  # fmt: skip
             per_rank, comm, schedule = s3.per_rank, s3.comm, s3.schedule
+            inter, secondary = s3.comm_inter, s3.hpz_secondary
             peak = s3.peak if structured else None
         for r in per_rank:
             host = r.pop("host")
             r["total"] = sum(r[c] for c in CATEGORIES)
             r["device"], r["host"] = r["total"] - host, host
         worst = max(per_rank, key=lambda r: r["total"])
-        total = worst["device"] + (peak or 0)
+        total = worst["device"] + (peak or 0) + secondary
         fits = None if device_memory is None else total <= device_memory
-        out.append(StageEstimate(stage, dict(worst), peak, total, comm, per_rank, fits, schedule))
+        out.append(StageEstimate(stage, dict(worst), peak, total, comm, per_rank, fits, schedule,
+                                 comm_inter_node=inter, hpz_secondary=secondary))  # fmt: skip
     return out
 
 

@@ -26,7 +26,9 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from zeroshard.comm.meta import MetaComm
+from zeroshard.comm.topology import inter_fraction
 from zeroshard.config.schema import ZeroConfig
+from zeroshard.config.zeropp import ZeroPPConfig
 from zeroshard.estimate.offload import with_offload
 from zeroshard.estimate.replay import RegistrationOrder, input_candidates, stand_in_input
 from zeroshard.quant8.codec import codec_for
@@ -34,6 +36,7 @@ from zeroshard.shard.codec import FP32, StateCodec
 from zeroshard.stage3 import registry
 from zeroshard.stage3.build import make_engine, make_units
 from zeroshard.stage3.unit import GatherTracker
+from zeroshard.stage3.zeropp import ZeroPP, meta_zeropp
 from zeroshard.update import apply as update
 
 ELEM = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
@@ -51,6 +54,8 @@ class Stage3Result:
     peak: int  # bytes of full parameters gathered at the peak of forward/backward
     comm: int  # bytes a rank sends per step (after the first)
     schedule: str  # TRACED, or why the registration-order replay was used
+    comm_inter: int = 0  # of `comm`, to ranks on other nodes
+    hpz_secondary: int = 0  # ZeRO++ hpZ: secondary shards held from forward to the update
 
 
 def state_tensors(cfg: ZeroConfig) -> int:
@@ -115,26 +120,38 @@ def _step(model: nn.Module, args: tuple, kwargs: dict) -> None:
 
 def _trace(
     model: nn.Module, units: list[Any], comm: MetaComm, tracker: GatherTracker,
-    cfg: ZeroConfig, example: Any,
-) -> tuple[int, int]:
-    """(peak gathered bytes, bytes sent in forward and backward) of the engine's steady
-    schedule: the largest over the passes after the first, stopping once two agree."""
-    engine = make_engine(model, units, comm, cfg, tracker)
+    cfg: ZeroConfig, example: Any, local: int | None = None,
+) -> tuple[int, int, int]:
+    """(peak gathered bytes, bytes sent in forward and backward, of them inter-node) of the
+    engine's steady schedule: the largest over the passes after the first, stopping once two
+    agree. With ZeRO++ in the config the engine runs its codecs and subgroups (on meta)."""
+    engine = make_engine(model, units, comm, cfg, tracker, _meta_zeropp(comm, cfg, local))
     device = next((u.device for u in units), torch.device("meta"))
     args, kwargs = _inputs(example, device, cfg.compute_dtype)
-    seen: list[tuple[int, int]] = []
+    seen: list[tuple[int, int, int]] = []
     try:
         for _ in range(MAX_PASSES):
             tracker.reset_peak()
             comm.counter.snapshot()
             _step(model, args, kwargs)
-            seen.append((tracker.peak, comm.counter.snapshot()["total"]))
+            engine.params_changed()  # the update's: hpZ's secondary shards go
+            sent = comm.counter.snapshot()
+            seen.append((tracker.peak, sent["total"], sent["inter_node"]))
             if len(seen) >= 3 and seen[-1] == seen[-2]:
                 break
     finally:
         engine.remove()
     steady = seen[1:]
-    return max(p for p, _ in steady), max(c for _, c in steady)
+    return (max(p for p, _, _ in steady), max(c for _, c, _ in steady),
+            max(i for _, _, i in steady))  # fmt: skip
+
+
+def _meta_zeropp(comm: MetaComm, cfg: ZeroConfig, local: int | None) -> ZeroPP | None:
+    zpp = ZeroPPConfig.of(cfg.zero_optimization)
+    if not zpp.enabled:
+        return None
+    return meta_zeropp(comm, zpp.quantized_weights, zpp.quantized_nontrainable_weights,
+                       zpp.quantized_gradients, zpp.hpz_partition_size, local)  # fmt: skip
 
 
 def _synthesize(model: nn.Module, dtype: torch.dtype) -> tuple[Any, str] | str:
@@ -163,41 +180,45 @@ def _one_line(e: BaseException) -> str:
 def _run(
     model: nn.Module, runner: nn.Module, example: Any, shapes: dict, cfg: ZeroConfig,
     world: int, rank: int, group_of: dict[int, int] | None, codec: StateCodec,
-) -> tuple[int, int]:
+    local: int | None = None,
+) -> tuple[int, int, int]:
     """`_trace` of `runner` (the model, or a stand-in sharing its parameters) over fresh units
     of `model` for `rank`: a failed earlier run leaves nothing behind."""
     _forget_units(model, shapes)
-    comm, tracker = MetaComm(world, rank), GatherTracker()
+    comm = MetaComm(world, rank, inter_fraction=inter_fraction(world, local, rank))
+    tracker = GatherTracker()
     units = make_units(model, comm, cfg, tracker, group_of, codec)
-    return _trace(runner, units, comm, tracker, cfg, example)
+    return _trace(runner, units, comm, tracker, cfg, example, local)
 
 
 def _schedule(
     model: nn.Module, first: tuple[Any, str] | str, shapes: dict, cfg: ZeroConfig, world: int,
-    rank: int, group_of: dict[int, int] | None, codec: StateCodec,
-) -> tuple[int, int, str]:
-    """(peak gathered bytes, bytes sent in forward and backward, schedule): the engine on
+    rank: int, group_of: dict[int, int] | None, codec: StateCodec, local: int | None = None,
+) -> tuple[int, int, int, str]:
+    """(peak gathered bytes, bytes sent in forward and backward, of them inter-node,
+    schedule): the engine on
     `first` (an input and its schedule name, given or synthesized), else on the model's
     registration order."""
     why = first if isinstance(first, str) else ""
     if not why:
         example, schedule = first
         try:
-            return (*_run(model, model, example, shapes, cfg, world, rank, group_of, codec),
-                    schedule)  # fmt: skip
+            return (*_run(model, model, example, shapes, cfg, world, rank, group_of, codec,
+                          local), schedule)  # fmt: skip
         except Exception as e:  # noqa: BLE001 - any failure of the user's forward: say it
             run = ("the traced run" if schedule == TRACED else
                    f"the run on a {schedule.removeprefix(SYNTHESIZED)}")  # fmt: skip
             why = f"{run} failed ({_one_line(e)})"
     stand_in = RegistrationOrder(model)
-    peak, sent = _run(model, stand_in, stand_in_input(cfg.compute_dtype), shapes, cfg, world,
-                      rank, group_of, codec)  # fmt: skip
-    return peak, sent, REGISTRATION + why
+    peak, sent, inter = _run(model, stand_in, stand_in_input(cfg.compute_dtype), shapes, cfg,
+                             world, rank, group_of, codec, local)  # fmt: skip
+    return peak, sent, inter, REGISTRATION + why
 
 
 def stage3(
     model: nn.Module, cfg: ZeroConfig, world: int, ranks: list[int], *, structured: bool,
     group_of: dict[int, int] | None, example_input: Any = None, codec: StateCodec = FP32,
+    local: int | None = None,
 ) -> Stage3Result:
     """Per-rank bytes, gathered peak and bytes sent at stage 3. Without layers (`Numel`)
     every parameter is taken as gathered once in forward and once in backward, the paper's
@@ -232,16 +253,22 @@ def stage3(
             "comm_buffers": 0,
         }, cfg, pieces, shards))  # fmt: skip
     ring = (world - 1) / world
+    away = inter_fraction(world, local, ranks[-1])
     persistent = sum(u.numel for u in units if u.trainable and u.persistent)
     # the step's own: persistent units all-gathered after the update, the grad-norm all-reduce
     after = (persistent * elem + 2 * NORM_BYTES) * ring if world > 1 else 0.0
+    # hpZ: 1/P of every gathered unit, from a grad-enabled forward to the update
+    hpz = ZeroPPConfig.of(cfg.zero_optimization).hpz_partition_size if world > 1 else 1
+    secondary = sum(u.numel // hpz * elem for u in units if not u.persistent) if hpz > 1 else 0
     if not structured:
         gathers = 2 * sum(u.numel for u in units if not u.persistent)
         reduced = sum(u.numel for u in units if u.trainable) * red
         sent = (gathers * elem + reduced) * ring if world > 1 else 0.0
         _forget_units(model, shapes)
-        return Stage3Result(per_rank, 0, int(round(sent + after)), NO_LAYERS)
-    peak, sent, schedule = _schedule(model, first, shapes, cfg, world, ranks[-1], group_of,
-                                     piece_codec or codec)  # fmt: skip
+        return Stage3Result(per_rank, 0, int(round(sent + after)), NO_LAYERS,
+                            int(round((sent + after) * away)), secondary)  # fmt: skip
+    peak, sent, inter, schedule = _schedule(model, first, shapes, cfg, world, ranks[-1],
+                                            group_of, piece_codec or codec, local)  # fmt: skip
     _forget_units(model, shapes)
-    return Stage3Result(per_rank, peak, int(round(sent + after)), schedule)
+    return Stage3Result(per_rank, peak, int(round(sent + after)), schedule,
+                        int(round(inter + after * away)), secondary)  # fmt: skip
