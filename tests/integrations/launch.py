@@ -1,5 +1,8 @@
 """Helpers for the framework tests: run a script under torchrun (or plain python) as a
-subprocess with this checkout first on PYTHONPATH, and read the JSON it writes."""
+subprocess, and read the JSON it writes. The subprocess finds zeroshard through its editable
+install (`make install`), not through PYTHONPATH: with the checkout's root on the path, its
+kernels/ (installed as `zeroshard_kernels`) would shadow PyPI's `kernels`, which transformers
+imports."""
 
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ def free_port() -> int:
 
 def env() -> dict[str, str]:
     e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join([str(ROOT), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    kept = [p for p in e.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p) != ROOT]
+    e["PYTHONPATH"] = os.pathsep.join(kept)
     e.setdefault("OMP_NUM_THREADS", "1")
     e.setdefault("TOKENIZERS_PARALLELISM", "false")
     e.setdefault("HF_HUB_OFFLINE", "1")

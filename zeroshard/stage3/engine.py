@@ -43,17 +43,15 @@ from torch.utils._pytree import tree_flatten
 from zeroshard import guards
 from zeroshard.comm.collectives import Comm
 from zeroshard.comm.inflight import MAX_IN_FLIGHT, InFlight
+from zeroshard.stage3 import shapes
 from zeroshard.stage3.coalesce import GradBatcher, gather_coalesced
 from zeroshard.stage3.grouping import fetchers
 from zeroshard.stage3.prefetch import backward_head, next_use_within, to_prefetch
 from zeroshard.stage3.unit import GATHERED, RELEASED, GatherTracker, ShardedUnit
 from zeroshard.stage3.zeropp import ZeroPP
 
-# Metadata reads that need no parameter values: a released placeholder answers them right.
-_METADATA = frozenset(
-    getattr(Tensor, name).__get__
-    for name in ("dtype", "device", "requires_grad", "is_cuda", "is_leaf", "grad_fn", "layout")
-)
+# Metadata reads need no parameter values: a released placeholder has the full shape.
+_METADATA = shapes.METADATA_READS
 
 
 class TrainingState(Enum):

@@ -38,20 +38,12 @@ from zeroshard.config.honoured import stage3_bucket_numel
 from zeroshard.config.schema import ZeroConfig, load_config
 from zeroshard.quant8.codec import codec_for
 from zeroshard.shard.codec import FP32, alignment_of
-from zeroshard.stage3 import registry
+from zeroshard.stage3 import registry, shapes
 from zeroshard.stage3.unit import RELEASED, GatherTracker, ShardedUnit
 
-# Metadata reads that need no parameter values (a placeholder has the full shape: no gather
-# for a parameter count or a `p.dim()` test in a parent's __init__).
-_METADATA = frozenset(
-    [
-        getattr(torch.Tensor, name).__get__
-        for name in ("dtype", "device", "requires_grad", "is_cuda", "is_leaf", "grad_fn",
-                     "layout", "shape", "ndim")
-    ]
-    + [torch.Tensor.dim, torch.Tensor.ndimension, torch.Tensor.size, torch.Tensor.numel,
-       torch.Tensor.nelement, torch.Tensor.__len__, torch.numel]
-)  # fmt: skip
+# Metadata reads need no parameter values (a placeholder has the full shape: no gather for a
+# parameter count or a `p.dim()` test in a parent's __init__).
+_METADATA = shapes.METADATA_READS
 
 
 class _PartitionedUseMode(TorchFunctionMode):

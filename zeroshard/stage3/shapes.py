@@ -21,6 +21,18 @@ from torch import Tensor
 
 from zeroshard.stage3 import registry
 
+# Torch functions that read a tensor's metadata, not its values: a released placeholder
+# answers them right, so they never gather (a TorchFunctionMode sees the property getters).
+METADATA_READS = frozenset(
+    [
+        getattr(Tensor, name).__get__
+        for name in ("dtype", "device", "requires_grad", "is_cuda", "is_leaf", "grad_fn",
+                     "layout", "shape", "ndim")
+    ]
+    + [Tensor.dim, Tensor.ndimension, Tensor.size, Tensor.numel, Tensor.nelement,
+       Tensor.__len__, torch.numel]
+)  # fmt: skip
+
 # One element per (dtype, device) for every placeholder in the process: releasing a unit
 # allocates nothing.
 _SENTINELS: dict[tuple[torch.dtype, torch.device], Tensor] = {}
