@@ -204,3 +204,21 @@ def test_estimate_shows_intra_and_inter_node_bytes_as_measured(dist_run):
     (est,) = estimate(model, world_size=N, config=lm_config(zero_hpz_partition_size=2),
                       stages=(3,), local_world_size=L)  # fmt: skip
     assert est.hpz_secondary == memory["during"]["hpz_secondary"] > 0
+
+
+def test_run_refuses_an_hpz_partition_wider_than_a_node_before_launching(capsys, tmp_path):
+    """`zeroshard run --nproc 2 --nnodes 2` checks the config against 2 ranks per node, with
+    the runtime's rule (check-config's), and launches nothing."""
+    import json
+    from pathlib import Path
+
+    from zeroshard.cli.main import main
+
+    cfg = json.loads((Path(__file__).parents[1] / "configs" / "zero3_zeropp.json").read_text())
+    cfg["zero_optimization"]["zero_hpz_partition_size"] = 4
+    path = tmp_path / "hpz4.json"
+    path.write_text(json.dumps(cfg))
+    rc = main(["run", "--nproc", "2", "--nnodes", "2", "--config", str(path), "train.py"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "`zero_optimization.zero_hpz_partition_size` = 4" in err, err
+    assert "2 ranks of a node" in err

@@ -95,6 +95,11 @@ def _int_or(text: str | None, default: int) -> int:
 
 
 def world_size(nproc: str | None, torchrun_args: list[str]) -> int:
+    return ranks(nproc, torchrun_args)[0]
+
+
+def ranks(nproc: str | None, torchrun_args: list[str]) -> tuple[int, int]:
+    """(world size, ranks per node) of the torchrun command line."""
     if nproc in (None, "auto", "cpu", "gpu", "xpu"):
         import torch
 
@@ -109,7 +114,7 @@ def world_size(nproc: str | None, torchrun_args: list[str]) -> int:
     for j, tok in enumerate(torchrun_args):
         if tok == "--nnodes" and j + 1 < len(torchrun_args):
             nnodes = torchrun_args[j + 1]
-    return per_node * _int_or(nnodes, 1)
+    return per_node * _int_or(nnodes, 1), per_node
 
 
 def main(parser: argparse.ArgumentParser, argv: list[str]) -> int:
@@ -130,10 +135,10 @@ def main(parser: argparse.ArgumentParser, argv: list[str]) -> int:
 
     path = os.path.abspath(mine["config"])
     try:
-        world = world_size(mine.get("nproc"), passed)
+        world, per_node = ranks(mine.get("nproc"), passed)
         if not readable_json(path):
             load_config(path)  # a missing file or malformed JSON: in load_config's words
-        problems = config_problems(path, world)
+        problems = config_problems(path, world, per_node)  # hpZ needs to fit in a node
     except (ConfigError, CliError) as e:
         return fail("run", str(e))
     if problems:  # every problem, one line each, as check-config lists them
