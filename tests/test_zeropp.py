@@ -53,11 +53,12 @@ def test_hpz_alone_is_plain_stage3_bit_for_bit(dist_run, model, kw):
 
 
 def test_zeropp_small_lm_within_1pct_and_bytes(dist_run):
-    """64 steps of a small GPT on the demo's bigram language: the mean loss of the last 8 steps
-    with qwZ, qgZ and all three within 1% of plain stage 3; with all three, inter-node bytes
-    per step <= 0.3x and total bytes <= 0.5x plain stage 3's."""
+    """96 steps of a small GPT on the demo's bigram language: the mean loss of the last 8 steps
+    with qwZ, qgZ and all three within 1% of plain stage 3 (measured: 0.12%, 0.13%, 0.18%; at
+    step 64, while the loss still falls fast, all three were 0.95% behind); with all three,
+    inter-node bytes per step <= 0.3x and total bytes <= 0.5x plain stage 3's."""
     variants = [{}, {"zero_quantized_weights": True}, {"zero_quantized_gradients": True}, ALL3]
-    runs = dist_run(N, lm_runs, L, variants, 64)[0]
+    runs = dist_run(N, lm_runs, L, variants, 96)[0]
     last = [sum(r["losses"][-8:]) / 8 for r in runs]
     plain = runs[0]
     assert plain["losses"][-1] < 0.7 * plain["losses"][0]  # it learned
