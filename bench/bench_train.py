@@ -12,8 +12,10 @@ all alike.
     python bench/bench_train.py                       # everything, 2 ranks, ~5 min on 2 cores
     python bench/bench_train.py --quick --systems ddp,zs-2
 
-Spawns its own 2 gloo ranks (1 thread each). DeepSpeed rows are skipped when it is not
-installed; zeroshard stage 3 rows when `zeroshard.stage3` is not importable yet.
+Spawns its own 2 gloo ranks (1 thread each; `--ranks`, and `--local-world-size` to see them as
+nodes, as bench_zeropp.py does). DeepSpeed rows are skipped when it is not installed; zeroshard
+stage 3 rows when `zeroshard.stage3` is not importable yet. The default run leaves out the
+ZeRO++ rows (bench_zeropp.py runs them).
 Writes <out>/bench_train.json and <out>/bench_train.png.
 """
 
@@ -75,6 +77,26 @@ SYSTEMS: dict[str, tuple[str, int, str]] = {
     "zs-2-bf16": ("zeroshard", 2, "bf16"),
     "zs-3-bf16": ("zeroshard", 3, "bf16"),
 }
+# ZeRO++ at stage 3 (bench_zeropp.py: 4 ranks as 2 nodes x 2), with DeepSpeed's keys. "fp32-q":
+# fp32 training whose wire is quantized (its losses are not held to the fp32 agreement).
+ZEROPP_KEYS: dict[str, dict[str, Any]] = {
+    "qwz": {"zero_quantized_weights": True},
+    "qgz": {"zero_quantized_gradients": True},
+    "hpz": {"zero_hpz_partition_size": 2},
+    "zeropp": {"zero_quantized_weights": True, "zero_quantized_gradients": True,
+               "zero_hpz_partition_size": 2},
+}  # fmt: skip
+for _part, _keys in ZEROPP_KEYS.items():
+    _prec = "fp32" if "zero_hpz_partition_size" in _keys and len(_keys) == 1 else "fp32-q"
+    SYSTEMS[f"zs-3-{_part}"] = ("zeroshard", 3, _prec)
+    SYSTEMS[f"ds-3-{_part}"] = ("deepspeed", 3, _prec)
+# bench_train's default run: the single-node systems
+DEFAULT_SYSTEMS = [s for s in SYSTEMS if s.rsplit("-", 1)[-1] not in ZEROPP_KEYS]
+
+
+def zeropp_keys(name: str) -> dict[str, Any]:
+    """The ZeRO++ keys of system `name` ({} for the others)."""
+    return dict(ZEROPP_KEYS.get(name.partition("-3-")[2], {}))
 
 
 def zeroshard_peer(name: str) -> str:
@@ -241,8 +263,10 @@ def build_fsdp2(args: argparse.Namespace) -> Runner:
     return Runner(fb, step, held, {"optimizer": kind})
 
 
-def _zero_section(stage: int, bucket: int) -> dict[str, Any]:
-    """The same ZeRO knobs for DeepSpeed and zeroshard (zeroshard reads DeepSpeed's keys)."""
+def _zero_section(stage: int, bucket: int, reuse: int = 100_000_000) -> dict[str, Any]:
+    """The same ZeRO knobs for DeepSpeed and zeroshard (zeroshard reads DeepSpeed's keys).
+    `reuse`: stage3_max_reuse_distance (0: every unit is released after each use and
+    gathered again in backward, as on a model too large to keep gathered)."""
     zo: dict[str, Any] = {
         "stage": stage, "overlap_comm": True, "contiguous_gradients": True,
         "reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
@@ -252,12 +276,13 @@ def _zero_section(stage: int, bucket: int) -> dict[str, Any]:
             stage3_prefetch_bucket_size=bucket // 2,
             stage3_param_persistence_threshold=10000,
             stage3_max_live_parameters=100_000_000,
-            stage3_max_reuse_distance=100_000_000,
+            stage3_max_reuse_distance=reuse,
         )
     return zo
 
 
-def _ds_config(args: argparse.Namespace, stage: int, bf16: bool) -> dict[str, Any]:
+def _ds_config(args: argparse.Namespace, stage: int, bf16: bool,
+               zeropp: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": args.micro_batch,
         "gradient_accumulation_steps": 1,
@@ -266,25 +291,38 @@ def _ds_config(args: argparse.Namespace, stage: int, bf16: bool) -> dict[str, An
         "gradient_clipping": 0.0,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
-        "zero_optimization": _zero_section(stage, args.bucket),
+        "zero_optimization": _zero_section(stage, args.bucket, args.max_reuse_distance),
     }  # fmt: skip
+    cfg["zero_optimization"].update(zeropp or {})
     if bf16:
         cfg["bf16"] = {"enabled": True}
     return cfg
 
 
-def build_deepspeed(args: argparse.Namespace, stage: int, bf16: bool) -> Runner:
+def build_deepspeed(args: argparse.Namespace, stage: int, bf16: bool,
+                    zeropp: dict[str, Any] | None = None) -> Runner:  # fmt: skip
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     deepspeed.utils.logger.setLevel(logging.ERROR)
     model = _model(args)
+    if stage == 3 and not (zeropp or {}).get("zero_hpz_partition_size"):
+        # DeepSpeed keeps hpZ's process group process-wide and hands it to every later ZeRO-3
+        # engine, whatever that one's config says (0.19.8: engine.py reads it unconditionally):
+        # without this, plain ZeRO-3 after an hpZ row silently runs hpZ. Its getter is private.
+        from deepspeed.utils import groups
+
+        hpz_group = groups._get_zero_param_intra_parallel_group()
+        if hpz_group is not None:
+            deepspeed.comm.destroy_process_group(hpz_group)
     # torch.distributed is already up: deepspeed.init_distributed wraps the existing process
     # group (comm.TorchBackend) instead of creating another one.
     engine, opt, _, _ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=_ds_config(args, stage, bf16)
+        model=model, model_parameters=model.parameters(),
+        config=_ds_config(args, stage, bf16, zeropp),
     )
     inner = opt.optimizer  # the torch AdamW on the fp32 partitions
+    info: dict[str, Any] = {}
 
     def fb(x: Tensor, y: Tensor) -> Tensor:
         loss = engine(x, y)
@@ -298,6 +336,11 @@ def build_deepspeed(args: argparse.Namespace, stage: int, bf16: bool) -> Runner:
             h["params"] = list(_tensors(opt.fp16_partitioned_groups_flat))
             h["params"] += [p.ds_tensor for p in model.parameters()]
             h["params"] += [p.data for p in model.parameters()]  # persistent (never sharded)
+            # hpZ: the secondary (node-local) shards DeepSpeed keeps from forward to the update
+            secondary = [p.ds_secondary_tensor for p in model.parameters()
+                         if getattr(p, "ds_secondary_tensor", None) is not None]  # fmt: skip
+            h["params"] += secondary
+            info["hpz_secondary_bytes"] = sum(t.numel() * t.element_size() for t in secondary)
             h["grads"] = list(_tensors(getattr(opt, "grad_partitions_flat_buffer", None)))
             h["grads"] += list(_tensors(getattr(opt, "averaged_gradients", {})))
             h["master"] = list(_tensors(opt.fp32_partitioned_groups_flat))
@@ -312,15 +355,16 @@ def build_deepspeed(args: argparse.Namespace, stage: int, bf16: bool) -> Runner:
         h["other"] = [t for v in vars(opt).values() for t in _tensors(v, 2)]
         return h
 
-    info = {
-        "optimizer": "torch AdamW (torch_adam) on fp32 partitions",
-        "communication_data_type": str(getattr(engine, "communication_data_type", "?")),
-    }
+    info.update(
+        optimizer="torch AdamW (torch_adam) on fp32 partitions",
+        communication_data_type=str(getattr(engine, "communication_data_type", "?")),
+    )
     return Runner(fb, engine.step, held, info)
 
 
 def build_zeroshard(args: argparse.Namespace, stage: int, bf16: bool,
-                    overlap_param_gather: bool = False) -> Runner:  # fmt: skip
+                    overlap_param_gather: bool = False,
+                    zeropp: dict[str, Any] | None = None) -> Runner:  # fmt: skip
     import zeroshard
 
     model = _model(args)
@@ -333,7 +377,7 @@ def build_zeroshard(args: argparse.Namespace, stage: int, bf16: bool,
         )  # fmt: skip
         how = "ZeroOptimizer (drop-in)"
     else:
-        cfg = _ds_config(args, stage, bf16)
+        cfg = _ds_config(args, stage, bf16, zeropp)
         cfg["optimizer"]["params"].pop("torch_adam")
         model, opt = zeroshard.initialize(model, cfg)
         how = "zeroshard.initialize"
@@ -347,9 +391,13 @@ def build_zeroshard(args: argparse.Namespace, stage: int, bf16: bool,
         opt.step()
         opt.zero_grad()
 
+    info: dict[str, Any] = {}
+
     def held() -> dict[str, int]:
         # zeroshard counts its own tensors the same way (per storage, views free)
         rep = opt.memory_report()
+        if "hpz_secondary" in rep:  # hpZ's secondary shards, part of `params`
+            info["hpz_secondary_bytes"] = rep["hpz_secondary"]
         return {
             "params": rep["params"],
             "grads": rep["grads"],
@@ -358,7 +406,8 @@ def build_zeroshard(args: argparse.Namespace, stage: int, bf16: bool,
             "other": rep["comm_buffers"],
         }
 
-    runner = Runner(fb, step, held, {"optimizer": f"{how}, kernel {getattr(opt, 'kernel', '?')}"})
+    info["optimizer"] = f"{how}, kernel {getattr(opt, 'kernel', '?')}"
+    runner = Runner(fb, step, held, info)
     runner.info["comm"] = opt.comm_report
     return runner
 
@@ -383,30 +432,89 @@ def build(name: str, args: argparse.Namespace) -> Runner:
             raise SkipSystem(
                 "deepspeed is not installed (DS_BUILD_OPS=0 pip install deepspeed==0.19.8)"
             ) from None
-        return build_deepspeed(args, stage, bf16)
-    return build_zeroshard(args, stage, bf16, overlap_param_gather=name.endswith("-opg"))
+        return build_deepspeed(args, stage, bf16, zeropp_keys(name))
+    return build_zeroshard(args, stage, bf16, overlap_param_gather=name.endswith("-opg"),
+                           zeropp=zeropp_keys(name))  # fmt: skip
 
 
 # -- counting collectives -----------------------------------------------------------------------
 class CollectiveCount:
     """Collectives this rank issues, counted at the dispatcher (every c10d op goes through
     it, whichever system issues it), so DDP, FSDP2, DeepSpeed and zeroshard are counted the
-    same way. Used for one extra, untimed step: a dispatch mode slows every op."""
+    same way. Used for one extra, untimed step: a dispatch mode slows every op.
+
+    `sent` has the bytes each kind of op sends from this rank by the ring formulas zeroshard's
+    own counters use (comm/collectives.py: all-gather and reduce-scatter S·(N-1)/N, all-reduce
+    twice that, broadcast S·(N-1)/N, all-to-all its input·(N-1)/N, a send its tensor), and
+    `inter_node` the part of it addressed to ranks on other nodes (nodes of LOCAL_WORLD_SIZE
+    consecutive ranks, as zeroshard's topology). What an op sends is read from its own
+    tensors, so the same step of two systems is compared, not their documentation. gloo runs
+    some ops in other forms (zeroshard's stage-3 reduce-scatter is an in-place all-reduce on
+    gloo, counted here as an all-reduce): these are the bytes of the c10d calls made."""
 
     def __init__(self) -> None:
         from torch.utils._python_dispatch import TorchDispatchMode
 
         counts: dict[str, int] = {}
+        sent: dict[str, float] = {}
+        inter = [0.0]
+        local = int(os.environ.get("LOCAL_WORLD_SIZE") or 0)
 
         class _Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 name = func.__name__.split(".")[0]
                 if func.namespace == "c10d" and name not in ("barrier", "monitored_barrier"):
                     counts[name] = counts.get(name, 0) + 1
+                    nbytes, peers = _c10d_bytes(func, name, args, kwargs or {})
+                    sent[name] = sent.get(name, 0.0) + nbytes
+                    if local and peers:
+                        me = dist.get_rank() // local
+                        inter[0] += nbytes * sum(p // local != me for p in peers) / len(peers)
                 return func(*args, **(kwargs or {}))
 
-        self.counts = counts
-        self.mode = _Mode()
+        self.counts, self.mode = counts, _Mode()
+        self._sent, self._inter = sent, inter
+
+    def bytes(self) -> dict[str, int]:
+        """Bytes sent per c10d op, `total`, `inter_node` and `intra_node`."""
+        out = {k: int(round(v)) for k, v in self._sent.items()}
+        out["total"] = sum(out.values())
+        out["inter_node"] = min(int(round(self._inter[0])), out["total"])
+        out["intra_node"] = out["total"] - out["inter_node"]
+        return out
+
+
+def _flat_tensors(obj: Any) -> list[Tensor]:
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for x in obj for t in _flat_tensors(x)]
+    return []
+
+
+def _c10d_bytes(func: Any, name: str, args: tuple, kwargs: dict) -> tuple[float, list[int]]:
+    """(bytes this rank sends, the global ranks it sends them to) for one c10d op."""
+    schema = [a.name for a in func._schema.arguments]
+    bound = dict(zip(schema, args)) | kwargs
+    group = bound.get("process_group")
+    if group is None:
+        return 0.0, []
+    pg = dist.ProcessGroup.unbox(group)
+    ranks = dist.get_process_group_ranks(pg)
+    n, me = len(ranks), dist.get_rank()
+    peers = [r for r in ranks if r != me]
+    sent = next(bound[k] for k in ("input_tensors", "input_tensor", "inputs", "input_list",
+                                   "input", "tensors") if k in bound)  # fmt: skip
+    size = sum(t.numel() * t.element_size() for t in _flat_tensors(sent))
+    if name == "send":  # `dst`: the peer's rank in the group
+        return float(size), [ranks[bound["dst"]]]
+    if name.startswith(("recv", "gather", "scatter", "reduce_")) and "reduce_scatter" not in name:
+        return 0.0, []  # receives, and rooted ops the systems here do not use
+    if name.startswith(("allgather", "_allgather")):
+        return float(size * (n - 1)), peers  # this rank's input to every peer (ring)
+    if name.startswith("allreduce"):
+        return 2.0 * size * (n - 1) / n, peers
+    return size * (n - 1) / n, peers  # reduce-scatter, all-to-all, broadcast
 
 
 # -- one rank ----------------------------------------------------------------------------------
@@ -434,26 +542,39 @@ def run_system(
     fb_s, step_s, losses = torch.zeros(n, dtype=torch.float64), torch.zeros(n), torch.zeros(n)
     fb_s = fb_s.to(torch.float64)
     held: dict[str, int] = {}
-    for i in range(n):
-        x, y = batches[i]
+    phase = "step 0"
+    try:
+        for i in range(n):
+            x, y = batches[i]
+            phase = f"step {i}: forward and backward"
+            dist.barrier()
+            t0 = time.perf_counter()
+            loss = runner.forward_backward(x, y)
+            t1 = time.perf_counter()
+            if i == n - 1:  # peak model state: grads present, optimizer state allocated
+                h = runner.held()
+                held = _as_bytes(h)
+            t2 = time.perf_counter()
+            phase = f"step {i}: optimizer step"
+            runner.step()
+            t3 = time.perf_counter()
+            fb_s[i], step_s[i] = t1 - t0, t3 - t2
+            losses[i] = loss.detach().float().item()
+        counter = CollectiveCount()  # one more step, untimed, with every collective counted
+        x, y = batches[-1]
+        phase = "the extra (counted) step"
         dist.barrier()
-        t0 = time.perf_counter()
-        loss = runner.forward_backward(x, y)
-        t1 = time.perf_counter()
-        if i == n - 1:  # peak model state: grads present, optimizer state allocated
-            h = runner.held()
-            held = _as_bytes(h)
-        t2 = time.perf_counter()
-        runner.step()
-        t3 = time.perf_counter()
-        fb_s[i], step_s[i] = t1 - t0, t3 - t2
-        losses[i] = loss.detach().float().item()
-    counter = CollectiveCount()  # one more step, untimed, with every collective counted
-    x, y = batches[-1]
-    dist.barrier()
-    with counter.mode:
-        runner.forward_backward(x, y)
-        runner.step()
+        with counter.mode:
+            runner.forward_backward(x, y)
+            runner.step()
+    except Exception as e:
+        if not (SYSTEMS[name][0] == "deepspeed" and zeropp_keys(name)):
+            raise
+        # DeepSpeed's ZeRO++ on CPU may fail inside a step (an op it lacks): the same on
+        # every rank, so it is reported like a build failure
+        if dist.get_rank() == 0:
+            traceback.print_exc()
+        return {"skipped": f"failed at {phase}: {type(e).__name__}: {e}"}
     step_s = step_s.to(torch.float64)
     # A step lasts as long as its slowest rank: the whole step's max over ranks, not the sum
     # of the phases' maxima (a rank that finishes backward first waits in step() for the
@@ -469,6 +590,7 @@ def run_system(
         "bytes": held,
         "info": {k: v for k, v in runner.info.items() if not callable(v)},
         "collectives": dict(counter.counts),
+        "c10d_bytes": counter.bytes(),
     }
     if "comm" in runner.info:
         out["info"]["comm_bytes_last_step"] = runner.info["comm"]()
@@ -533,6 +655,11 @@ def run_interleaved(args: argparse.Namespace, batches: list[tuple[Tensor, Tensor
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
+    if args.local_world_size:  # nodes of that many ranks, as torchrun would say (topology.py)
+        local = args.local_world_size
+        os.environ.update(LOCAL_WORLD_SIZE=str(local), LOCAL_RANK=str(rank % local),
+                          GROUP_RANK=str(rank // local),
+                          LOCAL_SIZE=str(local))  # DeepSpeed's CPU accelerator: ranks per node
     warnings.filterwarnings("ignore")
     logging.getLogger("torch.distributed").setLevel(logging.ERROR)
     torch.set_num_threads(1)
@@ -547,6 +674,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
         results = run_interleaved(args, batches)
     for r in range(0 if args.interleave else args.rounds):
         for s in args.systems:
+            if results[s] and "skipped" in results[s][0]:
+                continue  # skipped in the first round (not installed, refused): stays so
             t0 = time.perf_counter()
             res = run_system(s, args, batches)
             results[s].append(res)
@@ -598,6 +727,7 @@ def summarize(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]
             "losses": ok[-1]["losses"], "info": ok[-1]["info"],
             "collectives": ok[-1].get("collectives", {}),
             "collectives_per_step": sum(ok[-1].get("collectives", {}).values()),
+            "c10d_bytes": ok[-1].get("c10d_bytes", {}),
         }  # fmt: skip
     ddp = rows.get("ddp", {}).get("ms_per_step")
     for name, row in rows.items():
@@ -719,9 +849,11 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -
     meta = {
         "model": f"TinyGPT n_layer {args.layers} n_embd {args.dim} n_head {args.heads} vocab "
                  f"{args.vocab} seq {args.seq}: {numel} params",
-        "params": numel, "world_size": 2, "backend": "gloo", "threads_per_rank": 1,
+        "params": numel, "world_size": args.ranks, "backend": "gloo", "threads_per_rank": 1,
+        "local_world_size": args.local_world_size or args.ranks,
         "micro_batch": args.micro_batch, "steps": args.steps, "warmup": args.warmup,
         "rounds": args.rounds, "bucket": args.bucket, "torch": torch.__version__,
+        "stage3_max_reuse_distance": args.max_reuse_distance,
         "machine": f"{platform.machine()} {os.cpu_count()} cpus", "loadavg": os.getloadavg(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }  # fmt: skip
@@ -732,7 +864,7 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -
     except ImportError:
         meta["deepspeed"] = None
     text = table(summary)
-    print(f"\n{meta['model']}, 2 gloo ranks x 1 thread, micro-batch {args.micro_batch}, "
+    print(f"\n{meta['model']}, {args.ranks} gloo ranks x 1 thread, micro-batch {args.micro_batch}, "
           f"{args.steps} timed steps x {args.rounds} rounds after {args.warmup} warmup\n{text}",
           flush=True)  # fmt: skip
     out = Path(args.out)
@@ -741,7 +873,7 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -
     chart(
         summary,
         out / "bench_train.png",
-        f"{meta['model']} | 2 gloo ranks x 1 thread | micro-batch {args.micro_batch}",
+        f"{meta['model']} | {args.ranks} gloo ranks x 1 thread | micro-batch {args.micro_batch}",
     )
     print(f"wrote {out / 'bench_train.json'} and {out / 'bench_train.png'}", flush=True)
 
@@ -752,8 +884,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=20, help="timed steps per system and round")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2, help="interleaved passes over all systems")
-    ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of: "
+    ap.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS), help="comma list of: "
                     + ", ".join(SYSTEMS))  # fmt: skip
+    ap.add_argument("--ranks", type=int, default=2, help="gloo ranks to spawn")
+    ap.add_argument("--local-world-size", type=int, default=0,
+                    help="ranks per simulated node (torchrun's LOCAL_WORLD_SIZE); 0: one node")
     ap.add_argument("--quick", action="store_true", help="smoke run: 3 steps, 1 warmup, 1 round")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--layers", type=int, default=4)
@@ -768,6 +903,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         default=2_000_000,
         help="reduce/allgather bucket size (elements), same for DeepSpeed/zeroshard",
     )
+    ap.add_argument("--max-reuse-distance", type=int, default=100_000_000,
+                    help="stage3_max_reuse_distance (elements) for both DeepSpeed and zeroshard")
     ap.add_argument("--interleave", action="store_true",
                     help="build every system at once and alternate them step by step")
     ap.add_argument("--loss-rtol", type=float, default=1e-4)
@@ -790,8 +927,9 @@ def _free_port() -> int:
 
 
 def spawn(args: argparse.Namespace) -> None:
-    """Run every system of `args` on 2 spawned gloo ranks; rank 0 writes the report."""
-    mp.spawn(_worker, args=(2, _free_port(), args), nprocs=2, join=True)
+    """Run every system of `args` on `args.ranks` spawned gloo ranks; rank 0 writes the
+    report."""
+    mp.spawn(_worker, args=(args.ranks, _free_port(), args), nprocs=args.ranks, join=True)
 
 
 def main(argv: list[str] | None = None) -> None:

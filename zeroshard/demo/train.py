@@ -133,9 +133,12 @@ def main(argv: list[str] | None = None) -> None:
             if rank == 0:
                 lr = opt.param_groups[0]["lr"]
                 norm = getattr(opt, "last_grad_norm", None)
+                sent = opt.comm_report()  # rank 0's last step (inter-node: torchrun's nodes)
                 lines = [
                     f"step {step + 1:4d} | loss {loss_sum:.4f} | lr {lr:.2e} | grad norm "
-                    f"{norm if norm is not None else float('nan'):.3f} | {ms:.0f} ms/step"
+                    f"{norm if norm is not None else float('nan'):.3f} | {ms:.0f} ms/step | "
+                    f"sent {sent['total'] / MiB:.2f} MiB/step "
+                    f"({sent['inter_node'] / MiB:.2f} MiB inter-node)"
                 ]
                 for r, rep in enumerate(reports):
                     lines.append(f"  rank {r} MiB: {_memory_line(rep, formula)}")
