@@ -308,7 +308,7 @@ def build_deepspeed(args: argparse.Namespace, stage: int, bf16: bool,
     model = _model(args)
     if stage == 3 and not (zeropp or {}).get("zero_hpz_partition_size"):
         # DeepSpeed keeps hpZ's process group process-wide and hands it to every later ZeRO-3
-        # engine, whatever that one's config says (0.19.8: engine.py reads it unconditionally):
+        # engine, whatever that one's config says (0.19.8: zero/stage3.py reads it unconditionally):
         # without this, plain ZeRO-3 after an hpZ row silently runs hpZ. Its getter is private.
         from deepspeed.utils import groups
 
