@@ -1,5 +1,6 @@
-"""Smoke test of bench/bench_train.py: one command spawns its ranks, trains DDP and zeroshard
-stage 2 the same way and writes the JSON users read. No timing is asserted (shared CPUs)."""
+"""Smoke tests of bench/bench_train.py and bench/bench_zeropp.py: one command spawns its ranks,
+trains the systems the same way and writes the JSON users read. No timing is asserted (shared
+CPUs)."""
 
 from __future__ import annotations
 
