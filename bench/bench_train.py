@@ -492,22 +492,25 @@ def _flat_tensors(obj: Any) -> list[Tensor]:
     return []
 
 
+# c10d ops' positional layout (torch 2.13): the tensors this rank sends are argument 1 (after
+# the outputs) except for these, which send their first argument; the process group is the
+# one ScriptObject among the arguments, and `send`'s destination follows it.
+_SENDS_FIRST = ("allreduce", "broadcast", "send")
+
+
 def _c10d_bytes(func: Any, name: str, args: tuple, kwargs: dict) -> tuple[float, list[int]]:
     """(bytes this rank sends, the global ranks it sends them to) for one c10d op."""
-    schema = [a.name for a in func._schema.arguments]
-    bound = dict(zip(schema, args)) | kwargs
-    group = bound.get("process_group")
-    if group is None:
+    at = next((i for i, a in enumerate(args) if isinstance(a, torch.ScriptObject)), None)
+    if at is None:
         return 0.0, []
-    pg = dist.ProcessGroup.unbox(group)
+    pg = dist.ProcessGroup.unbox(args[at])
     ranks = dist.get_process_group_ranks(pg)
     n, me = len(ranks), dist.get_rank()
     peers = [r for r in ranks if r != me]
-    sent = next(bound[k] for k in ("input_tensors", "input_tensor", "inputs", "input_list",
-                                   "input", "tensors") if k in bound)  # fmt: skip
+    sent = args[0 if name.startswith(_SENDS_FIRST) else 1]
     size = sum(t.numel() * t.element_size() for t in _flat_tensors(sent))
     if name == "send":  # `dst`: the peer's rank in the group
-        return float(size), [ranks[bound["dst"]]]
+        return float(size), [ranks[args[at + 1]]]
     if name.startswith(("recv", "gather", "scatter", "reduce_")) and "reduce_scatter" not in name:
         return 0.0, []  # receives, and rooted ops the systems here do not use
     if name.startswith(("allgather", "_allgather")):

@@ -90,8 +90,10 @@ def test_no_module_is_over_the_size_limit():
 # `a.b._name`, unless the chain starts at self/cls or a module we do not own (torch, os, ...)
 _PRIVATE = re.compile(r"(?<![\w.])([A-Za-z_][\w.]*?)\._[a-z]\w*")
 _ALLOWED_ROOTS = {"self", "cls", "torch", "dist", "os", "ctx"}
-# torch's own module internals that tests inspect to prove zeroshard left a model untouched
-_TORCH_PRIVATES = {"_forward_pre_hooks", "_forward_hooks"}
+# torch's own module internals that tests inspect to prove zeroshard left a model untouched;
+# DeepSpeed 0.19.8's getter of its process-wide hpZ group, which the bench must destroy before
+# a plain ZeRO-3 engine (else that one silently runs hpZ): it has no public getter
+_TORCH_PRIVATES = {"_forward_pre_hooks", "_forward_hooks", "_get_zero_param_intra_parallel_group"}
 
 
 def test_nothing_outside_the_package_reads_private_attributes():

@@ -149,23 +149,46 @@ def bytes_job() -> dict:
     return out
 
 
-def secondary_memory_job() -> dict:
-    """hpZ's secondary shards: held between forward and the update, counted in memory_report."""
+def secondary_memory_job(max_reuse: int = 0) -> dict:
+    """hpZ's secondary shards: made for each unit forward released (1/P of it), none for the
+    units kept gathered into backward; held until the update, counted in memory_report."""
     import torch.distributed as dist
 
     from zeroshard.demo.tiny_gpt import BigramLanguage
+    from zeroshard.stage3.unit import RELEASED
 
     with nodes_of(2):
-        model, opt = build_lm({"zero_hpz_partition_size": 2})
+        model, opt = build_lm({"zero_hpz_partition_size": 2,
+                               "stage3_max_reuse_distance": max_reuse})  # fmt: skip
         lang = BigramLanguage(LM["vocab_size"])
         x, y = lang.batch(LM_GLOBAL // 4, LM["block_size"], seed=dist.get_rank())
-        opt.backward(model(x, y))
+        loss = model(x, y)  # the first step records the order: the second one is steady
+        opt.backward(loss)
+        opt.step()
+        opt.zero_grad()
+        units = [u for u in opt.sharding.engine.units if not u.persistent]
+        gathered: set[int] = set()  # units seen gathered around some module's forward ...
+        released: set[int] = set()  # ... and released later in the forward
+
+        def seen(*_: object) -> None:
+            for i, u in enumerate(units):
+                if u.state is not RELEASED:
+                    gathered.add(i)
+                elif i in gathered:
+                    released.add(i)
+
+        hooks = [m.register_forward_pre_hook(seen) for m in model.modules()]
+        hooks += [m.register_forward_hook(seen) for m in model.modules()]
+        loss = model(x, y)
+        for h in hooks:
+            h.remove()
+        opt.backward(loss)
         during = opt.memory_report()
         opt.step()
         after = opt.memory_report()
-    units = [u for u in opt.sharding.engine.units if not u.persistent]
-    expected = sum(u.numel // 2 * u.full_bytes // u.numel for u in units)
-    return {"during": during, "after": after, "expected": expected}
+    expected = sum(units[i].numel // 2 * units[i].full_bytes // units[i].numel for i in released)
+    return {"during": during, "after": after, "expected": expected,
+            "released": len(released), "units": len(units)}
 
 
 def exact_state_dict_job() -> bool:

@@ -121,29 +121,30 @@ def _step(model: nn.Module, args: tuple, kwargs: dict) -> None:
 def _trace(
     model: nn.Module, units: list[Any], comm: MetaComm, tracker: GatherTracker,
     cfg: ZeroConfig, example: Any, local: int | None = None,
-) -> tuple[int, int, int]:
-    """(peak gathered bytes, bytes sent in forward and backward, of them inter-node) of the
-    engine's steady schedule: the largest over the passes after the first, stopping once two
-    agree. With ZeRO++ in the config the engine runs its codecs and subgroups (on meta)."""
+) -> tuple[int, int, int, int]:
+    """(peak gathered bytes, bytes sent in forward and backward, of them inter-node, hpZ's
+    secondary bytes at the end of backward) of the engine's steady schedule: the largest over
+    the passes after the first, stopping once two agree. With ZeRO++ in the config the engine
+    runs its codecs and subgroups (on meta)."""
     engine = make_engine(model, units, comm, cfg, tracker, _meta_zeropp(comm, cfg, local))
     device = next((u.device for u in units), torch.device("meta"))
     args, kwargs = _inputs(example, device, cfg.compute_dtype)
-    seen: list[tuple[int, int, int]] = []
+    seen: list[tuple[int, int, int, int]] = []
     try:
         for _ in range(MAX_PASSES):
             tracker.reset_peak()
             comm.counter.snapshot()
             _step(model, args, kwargs)
+            held = sum(t.numel() * t.element_size() for t in engine.secondary_tensors())
             engine.params_changed()  # the update's: hpZ's secondary shards go
             sent = comm.counter.snapshot()
-            seen.append((tracker.peak, sent["total"], sent["inter_node"]))
+            seen.append((tracker.peak, sent["total"], sent["inter_node"], held))
             if len(seen) >= 3 and seen[-1] == seen[-2]:
                 break
     finally:
         engine.remove()
     steady = seen[1:]
-    return (max(p for p, _, _ in steady), max(c for _, c, _ in steady),
-            max(i for _, _, i in steady))  # fmt: skip
+    return tuple(max(s[k] for s in steady) for k in range(4))  # type: ignore[return-value]
 
 
 def _meta_zeropp(comm: MetaComm, cfg: ZeroConfig, local: int | None) -> ZeroPP | None:
@@ -181,7 +182,7 @@ def _run(
     model: nn.Module, runner: nn.Module, example: Any, shapes: dict, cfg: ZeroConfig,
     world: int, rank: int, group_of: dict[int, int] | None, codec: StateCodec,
     local: int | None = None,
-) -> tuple[int, int, int]:
+) -> tuple[int, int, int, int]:
     """`_trace` of `runner` (the model, or a stand-in sharing its parameters) over fresh units
     of `model` for `rank`: a failed earlier run leaves nothing behind."""
     _forget_units(model, shapes)
@@ -194,9 +195,9 @@ def _run(
 def _schedule(
     model: nn.Module, first: tuple[Any, str] | str, shapes: dict, cfg: ZeroConfig, world: int,
     rank: int, group_of: dict[int, int] | None, codec: StateCodec, local: int | None = None,
-) -> tuple[int, int, int, str]:
-    """(peak gathered bytes, bytes sent in forward and backward, of them inter-node,
-    schedule): the engine on
+) -> tuple[int, int, int, int, str]:
+    """(peak gathered bytes, bytes sent in forward and backward, of them inter-node, hpZ's
+    secondary bytes, schedule): the engine on
     `first` (an input and its schedule name, given or synthesized), else on the model's
     registration order."""
     why = first if isinstance(first, str) else ""
@@ -210,9 +211,9 @@ def _schedule(
                    f"the run on a {schedule.removeprefix(SYNTHESIZED)}")  # fmt: skip
             why = f"{run} failed ({_one_line(e)})"
     stand_in = RegistrationOrder(model)
-    peak, sent, inter = _run(model, stand_in, stand_in_input(cfg.compute_dtype), shapes, cfg,
-                             world, rank, group_of, codec, local)  # fmt: skip
-    return peak, sent, inter, REGISTRATION + why
+    peak, sent, inter, held = _run(model, stand_in, stand_in_input(cfg.compute_dtype), shapes,
+                                   cfg, world, rank, group_of, codec, local)  # fmt: skip
+    return peak, sent, inter, held, REGISTRATION + why
 
 
 def stage3(
@@ -257,18 +258,18 @@ def stage3(
     persistent = sum(u.numel for u in units if u.trainable and u.persistent)
     # the step's own: persistent units all-gathered after the update, the grad-norm all-reduce
     after = (persistent * elem + 2 * NORM_BYTES) * ring if world > 1 else 0.0
-    # hpZ: 1/P of every gathered unit, from a grad-enabled forward to the update
-    hpz = ZeroPPConfig.of(cfg.zero_optimization).hpz_partition_size if world > 1 else 1
-    secondary = sum(u.numel // hpz * elem for u in units if not u.persistent) if hpz > 1 else 0
-    if not structured:
+    if not structured:  # hpZ: at most 1/P of every unit, from forward to the update
+        hpz = ZeroPPConfig.of(cfg.zero_optimization).hpz_partition_size if world > 1 else 1
+        secondary = sum(u.numel // hpz * elem for u in units if not u.persistent) if hpz > 1 else 0
         gathers = 2 * sum(u.numel for u in units if not u.persistent)
         reduced = sum(u.numel for u in units if u.trainable) * red
         sent = (gathers * elem + reduced) * ring if world > 1 else 0.0
         _forget_units(model, shapes)
         return Stage3Result(per_rank, 0, int(round(sent + after)), NO_LAYERS,
                             int(round((sent + after) * away)), secondary)  # fmt: skip
-    peak, sent, inter, schedule = _schedule(model, first, shapes, cfg, world, ranks[-1],
-                                            group_of, piece_codec or codec, local)  # fmt: skip
+    peak, sent, inter, secondary, schedule = _schedule(model, first, shapes, cfg, world,
+                                                       ranks[-1], group_of, piece_codec or codec,
+                                                       local)  # fmt: skip
     _forget_units(model, shapes)
     return Stage3Result(per_rank, peak, int(round(sent + after)), schedule,
                         int(round(inter + after * away)), secondary)  # fmt: skip

@@ -227,7 +227,6 @@ class Stage3Engine:
                 output = self._post_forward(self.model, args, output)
         finally:
             mode, self._mode = self._mode, None
-            self.zpp.collect = False
             if mode is not None:
                 mode.__exit__(None, None, None)
             if self.training_state is TrainingState.FORWARD:
@@ -242,6 +241,7 @@ class Stage3Engine:
                         u.discard()
                 self._recording = []
                 self._pass = ""
+            self.zpp.collect = False  # releases after this forward keep no hpZ copy
         return output if ok else None
 
     def _pre_forward(self, module: nn.Module, args: Any) -> None:

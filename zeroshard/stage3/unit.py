@@ -309,9 +309,6 @@ class ShardedUnit:
             self._staging = None
             self._point_params()
             self.state = GATHERED
-            if not self._from_secondary and self.secondary is None:
-                self.secondary = self.zpp.secondary_of(self.full)
-                self.secondary_exact = self.exact
 
     def release(self) -> None:
         """Drop the full parameters; releasing a unit still in use or pinned is a bug."""
@@ -345,6 +342,11 @@ class ShardedUnit:
             self._shared = None
         self._works = []
         self._staging = None
+        if self.state == GATHERED and not self._from_secondary and self.secondary is None:
+            # hpZ: released during a grad-enabled forward, the unit will be gathered again
+            # before the update; a unit kept gathered into backward never needs a copy
+            self.secondary = self.zpp.secondary_of(self.full)
+            self.secondary_exact = self.exact
         self.exact = True
         self._placeholders()
         if self.full is not None:
