@@ -6,9 +6,9 @@ rank holds as state.
   rank, the owner included, computes with the dequantized values; the shards, the fp32
   master and the optimizer state stay exact. `zero_quantized_nontrainable_weights` does the
   same for frozen units.
-- hpZ (`zero_hpz_partition_size` = P > 1): when a grad-enabled forward gathers a unit from
-  the world, each rank keeps 1/P of the gathered buffer (its "secondary" shard, within its
-  group of P consecutive ranks on one node). Every later gather of that unit before the next
+- hpZ (`zero_hpz_partition_size` = P > 1): when a grad-enabled forward releases a unit it
+  gathered from the world, each rank keeps 1/P of the buffer (its "secondary" shard, within
+  its group of P consecutive ranks on one node; a unit kept gathered into backward has none). Every later gather of that unit before the next
   update (backward, recomputation, the next micro-batch) is an all-gather over those P ranks
   only, so it never leaves the node, and it returns the very values forward used. The
   secondary shards are dropped when the parameters change (the update, a load, a rewrite).
@@ -59,8 +59,8 @@ class ZeroPP:
         return self.weights if trainable else self.frozen
 
     def secondary_of(self, full: Tensor) -> Tensor | None:
-        """This rank's 1/P of a unit just gathered from the world, kept until the next update
-        (None: hpZ is off, or this pass does not keep one)."""
+        """This rank's 1/P of a unit gathered from the world and released now, kept until the
+        next update (None: hpZ is off, or this pass does not keep one)."""
         if self.hpz is None or not self.collect:
             return None
         return full.view(self.hpz.world_size, -1)[self.hpz.rank].clone()
