@@ -8,10 +8,11 @@ rank holds as state.
   same for frozen units.
 - hpZ (`zero_hpz_partition_size` = P > 1): when a grad-enabled forward releases a unit it
   gathered from the world, each rank keeps 1/P of the buffer (its "secondary" shard, within
-  its group of P consecutive ranks on one node; a unit kept gathered into backward has none). Every later gather of that unit before the next
-  update (backward, recomputation, the next micro-batch) is an all-gather over those P ranks
-  only, so it never leaves the node, and it returns the very values forward used. The
-  secondary shards are dropped when the parameters change (the update, a load, a rewrite).
+  its group of P consecutive ranks on one node; a unit kept gathered into backward has none).
+  Every later gather of that unit before the next update (backward, recomputation, the next
+  micro-batch) is an all-gather over those P ranks only, so it never leaves the node, and it
+  returns the very values forward used. The secondary shards are dropped when the parameters
+  change (the update, a load, a rewrite).
 - qgZ (`zero_quantized_gradients`): gradient reduce-scatters go through
   comm/hierarchical.py's `HierarchicalQuantizedReduce`.
 
