@@ -100,8 +100,9 @@ def test_zeropp_inter_node_bytes_equal_the_formula(dist_run):
 
 def test_qgz_reduce_scatter_against_the_exact_mean(dist_run):
     """Each hop's error is at most half a step of its block's int4 scale; the result is the
-    same in place and out of place (fixed summation order); bytes are the formula's; a nan
-    on one rank reaches the owner of its chunk, and only that owner."""
+    same in place and out of place, and waited in any order (fixed summation order); the
+    inter-node hop is posted as soon as the intra-node one landed; bytes are the formula's; a
+    nan on one rank reaches the owner of its chunk, and only that owner."""
     results = dist_run(N, hierarchical_job, 7)
     chunk = 1000
     for rank, r in enumerate(results):
@@ -116,6 +117,7 @@ def test_qgz_reduce_scatter_against_the_exact_mean(dist_run):
         assert report["reduce_scatter"] == 2 * (intra + inter)
         assert report["inter_node"] == 2 * inter
         assert r["finite"] == (rank != 3)
+        assert r["posted_early"] and r["same"]
 
 
 def test_qgz_with_accumulation_clipping_and_a_bad_step(dist_run):

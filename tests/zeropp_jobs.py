@@ -128,13 +128,24 @@ def hierarchical_job(seed: int) -> dict:
     again = inputs[rank].clone()  # in place: the output is the input's own chunk
     hq.reduce_scatter(again.view(world, chunk)[rank], again, op="avg", async_op=True).wait()
     report = world_comm.counter.snapshot()
+    # a second reduction launched after the first one's intra-node hop landed posts the
+    # first one's inter-node hop at once (it overlaps what follows, not only wait())
+    first = hq.reduce_scatter(torch.empty(chunk), inputs[rank].clone(), async_op=True)
+    first.work.wait()
+    second = hq.reduce_scatter(torch.empty(chunk), inputs[rank].clone(), async_op=True)
+    posted_early = first.rows is not None
+    second.wait()
+    first.wait()  # waited out of order: still the same result
+    same = torch.equal(first.output, out) and torch.equal(second.output, out)
+    world_comm.counter.snapshot()
     poisoned = inputs[rank].clone()
     if rank == 1:
         poisoned[3 * chunk + 5] = float("nan")  # reaches rank 3's chunk only
     bad = torch.empty(chunk)
     hq.reduce_scatter(bad, poisoned, op="avg")
     return {"out": out, "exact": exact, "in_place": again.view(world, chunk)[rank].clone(),
-            "report": report, "finite": bool(torch.isfinite(bad).all())}
+            "report": report, "finite": bool(torch.isfinite(bad).all()),
+            "posted_early": posted_early, "same": same}
 
 
 def bytes_job() -> dict:

@@ -43,6 +43,7 @@ class HierarchicalQuantizedReduce:
         self.counter = world.counter
         self.intra_wire = BlockwiseWire(intra_bits, block)
         self.inter_wire = BlockwiseWire(inter_bits, block)
+        self.in_flight: list[_Pending] = []  # launched, oldest first
 
     @property
     def world_size(self) -> int:
@@ -62,11 +63,23 @@ class HierarchicalQuantizedReduce:
             raise ValueError(f"qgZ reduces with 'avg' or 'sum', not {op!r}")
         if not self.world.active:
             return self.world.reduce_scatter(output, input, op, async_op)
+        self.advance()
         pending = _Pending(self, output, input, op)
+        self.in_flight.append(pending)
         if async_op:
             return pending
         pending.wait()
         return None
+
+    def advance(self) -> None:
+        """Start the inter-node hop of every reduction whose intra-node hop has landed, oldest
+        first, stopping at the first still in flight: each group sees its collectives in the
+        same order on every rank, and the hop overlaps backward instead of waiting for
+        `wait()`."""
+        self.in_flight = [p for p in self.in_flight if not p.done]
+        for p in self.in_flight:
+            if not p.advance():
+                break
 
     def exchange(self, comm: Collectives, wire: BlockwiseWire, rows: Tensor) -> tuple[Any, Tensor]:
         """Send row r of `rows` (encoded) to rank r of `comm`; the received rows come back in
@@ -94,8 +107,9 @@ class HierarchicalQuantizedReduce:
 
 
 class _Pending:
-    """A qgZ reduce-scatter in flight: the intra-node hop is posted at once; `wait()` sums
-    it, runs the inter-node hop and writes the output."""
+    """A qgZ reduce-scatter in flight: the intra-node hop is posted at once; once it has
+    landed, the next `advance()` (or `wait()`) sums it and posts the inter-node hop; `wait()`
+    sums that and writes the output."""
 
     def __init__(self, hq: HierarchicalQuantizedReduce, output: Tensor, input: Tensor,
                  op: str) -> None:  # fmt: skip
@@ -106,21 +120,45 @@ class _Pending:
         # own rows are read now: `output` may be one of them, and is written only at the end
         self.own = grid[:, hq.intra.rank].to(torch.float32, copy=True)
         self.work, self.recv = hq.exchange(hq.intra, hq.intra_wire, grid.transpose(0, 1))
+        self.rows: Tensor | None = None  # the node's partial sums, once the first hop landed
         self.done = False
+
+    def advance(self) -> bool:
+        """Post the inter-node hop if the intra-node one has landed; True once it is posted."""
+        if self.rows is None:
+            landed = getattr(self.work, "is_completed", None)
+            if landed is not None and not landed():
+                return False
+            self.second_hop()
+        return True
+
+    def second_hop(self) -> None:
+        """Sum the landed intra-node hop (waiting for it) and post the inter-node one."""
+        hq = self.hq
+        self.work.wait()
+        partial = hq.combine(hq.intra, hq.intra_wire, self.own, self.recv, self.own.numel())
+        self.rows = partial.view(hq.inter.world_size, self.chunk)  # row n: for rank (n, l)
+        self.work, self.recv = hq.exchange(hq.inter, hq.inter_wire, self.rows)
+        self.own = None  # type: ignore[assignment]
 
     def wait(self) -> bool:
         if self.done:
             return True
         hq = self.hq
+        for p in hq.in_flight:  # older reductions' hops first: the same order on every rank
+            if p is self:
+                break
+            if not p.done and p.rows is None:
+                p.second_hop()
+        if self.rows is None:
+            self.second_hop()
+        assert self.rows is not None
         self.work.wait()
-        partial = hq.combine(hq.intra, hq.intra_wire, self.own, self.recv, self.own.numel())
-        rows = partial.view(hq.inter.world_size, self.chunk)  # row n: for rank (n, l)
-        work, recv = hq.exchange(hq.inter, hq.inter_wire, rows)
-        work.wait()
-        total = hq.combine(hq.inter, hq.inter_wire, rows[hq.inter.rank], recv, self.chunk)
+        total = hq.combine(hq.inter, hq.inter_wire, self.rows[hq.inter.rank], self.recv,
+                           self.chunk)  # fmt: skip
         if self.op == "avg":
             total.div_(hq.world_size)
         self.output.copy_(total.view(self.output.shape))
-        self.own = self.recv = None  # type: ignore[assignment]
+        self.rows = self.recv = None  # type: ignore[assignment]
         self.done = True
         return True
