@@ -39,8 +39,9 @@ Bytes per element moved: quantize reads 4 (fp32) or 2 (bf16/fp16), writes 1 (int
 output (and reads it too with accumulate); dequantize_sum reads k rows of codes (plus `own`)
 and writes the output once.
 
-The torch path (`backend="auto"` off CUDA, or "torch"; any device) gives the same bytes as the
-kernels, nan payloads included (tests check bit equality). Measured on one of our CPU machines
+The torch path (`zeroshard/comm/quant_torch.py`, also the wire codec's CPU path;
+`backend="auto"` off CUDA, or "torch"; any device) gives the same bytes as the kernels, nan
+payloads included (tests check bit equality). Measured on one of our CPU machines
 (AMD EPYC, one torch thread, 4M elements, block 256, best of 9 runs on a busy machine; a plain
 4M fp32 copy took 0.65 ms): quantize fp32 -> int8 2.3 ms (1.8 G elements/s), -> int4 2.8 ms
 (1.5 G/s), bf16 input about the same; dequantize int8 -> fp32 0.8 ms (5.3 G/s), int4 -> fp32
@@ -58,9 +59,7 @@ import torch
 import triton
 from torch import Tensor
 
-from ._common import GRAD_DTYPES, INTERPRET, INTERPRET_BLOCK
-from ._quant_kernels import dequantize_kernel, dequantize_sum_kernel, quantize_kernel
-from ._quant_torch import (
+from zeroshard.comm.quant_torch import (
     QMAX,
     code_bytes,
     num_blocks,
@@ -69,6 +68,9 @@ from ._quant_torch import (
     torch_quantize,
     torch_requantize_sum,
 )
+
+from ._common import GRAD_DTYPES, INTERPRET, INTERPRET_BLOCK
+from ._quant_kernels import dequantize_kernel, dequantize_sum_kernel, quantize_kernel
 
 Backend = Literal["auto", "triton", "torch"]
 Rows = Union[Tensor, Sequence[Tensor]]

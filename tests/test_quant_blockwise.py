@@ -137,7 +137,7 @@ def test_torch_path_across_chunks(monkeypatch: pytest.MonkeyPatch, bits: int,
                                   block: int) -> None:
     """The torch path works in chunks of CHUNK elements (2^18); shrunk here so that many
     chunk seams, a short last chunk and odd sizes are crossed."""
-    from zeroshard_kernels import _quant_torch
+    from zeroshard.comm import quant_torch as _quant_torch
 
     monkeypatch.setattr(_quant_torch, "CHUNK", 1000)
     n = 50_001

@@ -7,21 +7,24 @@ element in the low nibble, two's complement). A block holding inf or nan gets a 
 scale (absmax is inf or nan) and codes 0, so it dequantizes to non-finite values: an overflow
 survives a quantized reduction and the step is skipped as it would be without quantization.
 
-`quantize` / `dequantize` run torch on CPU (and on the meta device, for the estimator) and
-the fused Triton kernels of `zeroshard_kernels.quant_blockwise` on CUDA, which produce the same
-bytes. `BlockwiseWire` packs codes and scales into one byte tensor, the form a collective
-sends: [codes, padded to 16 bytes | fp32 scales].
+`quantize` / `dequantize` run comm/quant_torch.py on CPU (and only allocate on the meta
+device, for the estimator) and the fused Triton kernels of `zeroshard_kernels.quant_blockwise`
+on CUDA, which produce the same bytes. `BlockwiseWire` packs codes and scales into one byte
+tensor, the form a collective sends: [codes, padded to 16 bytes | fp32 scales].
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-QMAX = {8: 127, 4: 7}
+from zeroshard.comm.quant_torch import (
+    QMAX,
+    code_bytes,
+    num_blocks,
+    torch_dequantize,
+    torch_quantize,
+)
 
 
 def _check(bits: int, block: int) -> None:
@@ -29,14 +32,6 @@ def _check(bits: int, block: int) -> None:
         raise ValueError(f"quantization bits must be 8 or 4, got {bits}")
     if block < 2 or block % 2:
         raise ValueError(f"quantization block must be an even number >= 2, got {block}")
-
-
-def code_bytes(numel: int, bits: int) -> int:
-    return numel if bits == 8 else (numel + 1) // 2
-
-
-def num_blocks(numel: int, block: int) -> int:
-    return math.ceil(numel / block)
 
 
 def _use_triton(t: Tensor) -> bool:
@@ -51,22 +46,13 @@ def quantize(x: Tensor, bits: int, block: int) -> tuple[Tensor, Tensor]:
         from zeroshard_kernels.quant_blockwise import quantize as triton_quantize
 
         return triton_quantize(x, bits, block)
-    n, nb = x.numel(), num_blocks(x.numel(), block)
-    if x.is_meta:
-        return (torch.empty(code_bytes(n, bits), dtype=torch.int8 if bits == 8 else torch.uint8,
-                            device=x.device),
-                torch.empty(nb, dtype=torch.float32, device=x.device))  # fmt: skip
-    xb = F.pad(x.float(), (0, nb * block - n)).view(nb, block)
-    scales = xb.abs().amax(dim=1) / QMAX[bits]
-    q = torch.where(scales[:, None] > 0, xb / scales[:, None], 0.0)
-    q = torch.nan_to_num(q.round_(), nan=0.0, posinf=0.0, neginf=0.0)
-    q = q.clamp_(-QMAX[bits], QMAX[bits]).to(torch.int8).view(-1)[:n]
-    if bits == 8:
-        return q, scales
-    if n % 2:
-        q = F.pad(q, (0, 1))
-    pairs = q.view(-1, 2).view(torch.uint8)
-    return (pairs[:, 0] & 0xF) | ((pairs[:, 1] & 0xF) << 4), scales
+    n = x.numel()
+    codes = torch.empty(code_bytes(n, bits), dtype=torch.int8 if bits == 8 else torch.uint8,
+                        device=x.device)  # fmt: skip
+    scales = torch.empty(num_blocks(n, block), dtype=torch.float32, device=x.device)
+    if not x.is_meta:
+        torch_quantize(x, bits, block, codes, scales)
+    return codes, scales
 
 
 def dequantize(codes: Tensor, scales: Tensor, bits: int, block: int, out: Tensor,
@@ -78,22 +64,8 @@ def dequantize(codes: Tensor, scales: Tensor, bits: int, block: int, out: Tensor
 
         triton_dequantize(codes, scales, bits, block, out, accumulate=accumulate)
         return
-    if out.is_meta:
-        return
-    n = out.numel()
-    if bits == 8:
-        q = codes.view(torch.int8).float()
-    else:
-        b = codes.view(torch.uint8).to(torch.int16)
-        nibbles = torch.stack([b & 0xF, (b >> 4) & 0xF], dim=1).view(-1)
-        q = (nibbles - 16 * (nibbles >= 8)).float()
-    nb = scales.numel()
-    q = F.pad(q[:n], (0, nb * block - n)).view(nb, block) * scales[:, None]
-    values = q.view(-1)[:n].view(out.shape)
-    if accumulate:
-        out.add_(values)
-    else:
-        out.copy_(values)
+    if not out.is_meta:
+        torch_dequantize(codes, scales, bits, block, out.view(-1), accumulate)
 
 
 class BlockwiseWire:

@@ -1,4 +1,7 @@
-"""The torch path of quant_blockwise.py: the same bytes as its kernels, on any device.
+"""Blockwise int8/int4 quantization in torch: the same bytes as the Triton kernels of
+`zeroshard_kernels.quant_blockwise`, on any device. It is their torch backend and the CPU
+path of comm/quantized.py (the wire codec), one implementation for both (the core never
+imports triton).
 
 Works through the tensor in chunks of whole blocks (CHUNK elements) so the fp32 temporaries stay
 in cache and no tensor-sized scratch is allocated; every operation is elementwise or a per-block
