@@ -112,12 +112,13 @@ def hierarchical_job(seed: int) -> dict:
     import torch.distributed as dist
 
     from zeroshard.comm.collectives import Comm
+    from zeroshard.config.zeropp import ZeroPPConfig
     from zeroshard.stage3.zeropp import build_zeropp
 
     rank, world = dist.get_rank(), dist.get_world_size()
     with nodes_of(2):
         world_comm = Comm()
-        hq = build_zeropp(world_comm, quantized_gradients=True).grads
+        hq = build_zeropp(world_comm, ZeroPPConfig(quantized_gradients=True)).grads
     chunk = 1000
     inputs = [torch.randn(world * chunk, generator=torch.Generator().manual_seed(seed + r))
               * (1 + r) for r in range(world)]  # fmt: skip

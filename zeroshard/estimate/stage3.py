@@ -151,8 +151,7 @@ def _meta_zeropp(comm: MetaComm, cfg: ZeroConfig, local: int | None) -> ZeroPP |
     zpp = ZeroPPConfig.of(cfg.zero_optimization)
     if not zpp.enabled:
         return None
-    return meta_zeropp(comm, zpp.quantized_weights, zpp.quantized_nontrainable_weights,
-                       zpp.quantized_gradients, zpp.hpz_partition_size, local)  # fmt: skip
+    return meta_zeropp(comm, zpp, local)
 
 
 def _synthesize(model: nn.Module, dtype: torch.dtype) -> tuple[Any, str] | str:

@@ -137,8 +137,7 @@ def make_zeropp(comm: Comm, cfg: ZeroConfig) -> ZeroPP | None:
         check_zeropp_topology(zo, world, NodeTopology.from_env(world).local_world_size)
     except ValueError as e:
         raise ValueError(f"rank {comm.rank}: {e}") from None
-    return build_zeropp(comm, zpp.quantized_weights, zpp.quantized_nontrainable_weights,
-                        zpp.quantized_gradients, zpp.hpz_partition_size)  # fmt: skip
+    return build_zeropp(comm, zpp)
 
 
 def build_stage3(

@@ -33,6 +33,7 @@ from zeroshard.comm.hierarchical import HierarchicalQuantizedReduce
 from zeroshard.comm.meta import MetaComm
 from zeroshard.comm.quantized import BlockwiseWire
 from zeroshard.comm.topology import NodeTopology, consecutive_groups, strided_groups
+from zeroshard.config.zeropp import ZeroPPConfig
 
 # Blockwise quantization: int8 weights and int4 gradients on both hops, as DeepSpeed's ZeRO++.
 # Blocks of 128 weights / 64 gradients: a small LM's loss after 48-96 steps stayed within
@@ -79,16 +80,23 @@ def _subgroup(world: Comm, groups: list[list[int]]) -> Comm:
     return Comm(group, counter=world.counter)
 
 
-def build_zeropp(world: Comm, quantized_weights: bool = False,
-                 quantized_nontrainable_weights: bool = False, quantized_gradients: bool = False,
-                 hpz_partition_size: int = 1) -> ZeroPP:  # fmt: skip
+def _assemble(world: Collectives, cfg: ZeroPPConfig, hpz: Collectives | None = None,
+              intra: Collectives | None = None, inter: Collectives | None = None) -> ZeroPP:
+    """The codecs and qgZ's reduce over subgroups the caller made (real or counted only)."""
+    wire = BlockwiseWire(WEIGHT_BITS, WEIGHT_BLOCK)
+    grads = None
+    if intra is not None and inter is not None:
+        grads = HierarchicalQuantizedReduce(world, intra, inter, intra_bits=GRAD_INTRA_BITS,
+                                            inter_bits=GRAD_BITS, block=GRAD_BLOCK)  # fmt: skip
+    return ZeroPP(wire if cfg.quantized_weights else None,
+                  wire if cfg.quantized_nontrainable_weights else None, hpz, grads)  # fmt: skip
+
+
+def build_zeropp(world: Comm, cfg: ZeroPPConfig) -> ZeroPP:
     """The ZeRO++ collectives of `world` (collective: every rank calls it, in the same order)."""
-    weights = BlockwiseWire(WEIGHT_BITS, WEIGHT_BLOCK) if quantized_weights else None
-    frozen = BlockwiseWire(WEIGHT_BITS, WEIGHT_BLOCK) if quantized_nontrainable_weights else None
-    if not world.active:  # one rank: nothing travels, nothing to change
-        return ZeroPP(weights, frozen)
-    if hpz_partition_size <= 1 and not quantized_gradients:  # qwZ alone needs no nodes
-        return ZeroPP(weights, frozen)
+    hpz_size = cfg.hpz_partition_size
+    if not world.active or (hpz_size <= 1 and not cfg.quantized_gradients):
+        return _assemble(world, cfg)  # one rank, or qwZ alone: no subgroups, no nodes
     ranks = world.global_ranks
     topology = NodeTopology.from_env(dist.get_world_size())
     local = topology.local_world_size
@@ -96,37 +104,28 @@ def build_zeropp(world: Comm, quantized_weights: bool = False,
                                  for g in consecutive_groups(ranks, local)):  # fmt: skip
         raise ValueError(f"rank {world.rank}: hpZ and qgZ need the process group's ranks to "
                          f"fill whole nodes in order (LOCAL_WORLD_SIZE={local}); got {ranks}")
-    hpz = None
-    if hpz_partition_size > 1:
-        hpz = _subgroup(world, consecutive_groups(ranks, hpz_partition_size))
-    grads = None
-    if quantized_gradients:
-        intra = _subgroup(world, consecutive_groups(ranks, local))
-        inter = _subgroup(world, strided_groups(ranks, local))
-        grads = HierarchicalQuantizedReduce(world, intra, inter, intra_bits=GRAD_INTRA_BITS,
-                                            inter_bits=GRAD_BITS, block=GRAD_BLOCK)  # fmt: skip
-    return ZeroPP(weights, frozen, hpz, grads)
+    hpz = _subgroup(world, consecutive_groups(ranks, hpz_size)) if hpz_size > 1 else None
+    if not cfg.quantized_gradients:
+        return _assemble(world, cfg, hpz)
+    intra = _subgroup(world, consecutive_groups(ranks, local))
+    inter = _subgroup(world, strided_groups(ranks, local))
+    return _assemble(world, cfg, hpz, intra, inter)
 
 
-def meta_zeropp(world: MetaComm, quantized_weights: bool = False,
-                quantized_nontrainable_weights: bool = False, quantized_gradients: bool = False,
-                hpz_partition_size: int = 1,
-                local_world_size: int | None = None) -> ZeroPP:  # fmt: skip
+def meta_zeropp(world: MetaComm, cfg: ZeroPPConfig, local_world_size: int | None = None
+                ) -> ZeroPP:  # fmt: skip
     """`build_zeropp` for the estimator's rank of a world that does not exist: the subgroups
-    are `MetaComm`s counting into `world`'s counter, with their shares of other nodes."""
-    weights = BlockwiseWire(WEIGHT_BITS, WEIGHT_BLOCK) if quantized_weights else None
-    frozen = BlockwiseWire(WEIGHT_BITS, WEIGHT_BLOCK) if quantized_nontrainable_weights else None
+    are `MetaComm`s counting into `world`'s counter, with their shares of other nodes (the
+    world's own share is the caller's: `MetaComm(inter_fraction=)`)."""
     n, rank = world.world_size, world.rank
+    if n == 1:
+        return _assemble(world, cfg)
     local = min(local_world_size or n, n)
-    topology = NodeTopology(n, local)
-    world.inter_fraction = topology.inter_fraction(range(n), rank)
-    hpz = grads = None
-    if hpz_partition_size > 1 and n > 1:
-        hpz = MetaComm(hpz_partition_size, rank % hpz_partition_size, world.counter)
-    if quantized_gradients and n > 1:
-        intra = MetaComm(local, rank % local, world.counter)
-        nodes = topology.num_nodes
-        inter = MetaComm(nodes, rank // local, world.counter, 1.0 if nodes > 1 else 0.0)
-        grads = HierarchicalQuantizedReduce(world, intra, inter, intra_bits=GRAD_INTRA_BITS,
-                                            inter_bits=GRAD_BITS, block=GRAD_BLOCK)  # fmt: skip
-    return ZeroPP(weights, frozen, hpz, grads)
+    nodes = n // local
+    hpz_size = cfg.hpz_partition_size
+    hpz = MetaComm(hpz_size, rank % hpz_size, world.counter) if hpz_size > 1 else None
+    if not cfg.quantized_gradients:
+        return _assemble(world, cfg, hpz)
+    intra = MetaComm(local, rank % local, world.counter)
+    inter = MetaComm(nodes, rank // local, world.counter, 1.0 if nodes > 1 else 0.0)
+    return _assemble(world, cfg, hpz, intra, inter)
