@@ -16,7 +16,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.plugins.precision import MixedPrecision
-from torch import nn
+from lightning_net import TinyLM
 
 from zeroshard.integrations.lightning import ZeroShardStrategy
 
@@ -27,23 +27,13 @@ OUT = sys.argv[1]
 OVERFLOW_AT = 6  # micro-batch 0 of optimizer step 3
 
 
-class Net(L.LightningModule):
+class Net(TinyLM):
     def __init__(self) -> None:
         super().__init__()
-        torch.manual_seed(0)
-        self.emb = nn.Embedding(64, 32)
-        self.body = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
-        self.head = nn.Linear(32, 64)
-        self.losses: list[float] = []
         self.scales: list[float] = []
 
-    def forward(self, x, y):
-        h = self.emb(x)
-        return nn.functional.cross_entropy(self.head(h + self.body(h)).flatten(0, 1), y.flatten())
-
     def training_step(self, batch, batch_idx):
-        loss = self(*batch)
-        self.losses.append(loss.item())
+        loss = super().training_step(batch, batch_idx)
         plugin = self.trainer.precision_plugin
         scaler = getattr(plugin, "scaler", None)  # DDP's GradScaler
         self.scales.append(scaler.get_scale() if scaler is not None
@@ -51,15 +41,6 @@ class Net(L.LightningModule):
         if batch_idx == OVERFLOW_AT and self.global_rank == 1:
             loss = loss * 1e8  # finite in fp32; its gradients overflow fp16 at scale 2**16
         return loss
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1)
-
-    def train_dataloader(self):
-        g = torch.Generator().manual_seed(0)
-        data = torch.utils.data.TensorDataset(torch.randint(0, 64, (160, 8), generator=g),
-                                              torch.randint(0, 64, (160, 8), generator=g))
-        return torch.utils.data.DataLoader(data, batch_size=4, shuffle=False)
 
 
 def fit(strategy):

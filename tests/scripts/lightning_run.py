@@ -10,7 +10,7 @@ import sys
 import lightning as L
 import torch
 import torch.distributed as dist
-from torch import nn
+from lightning_net import TinyLM
 
 from zeroshard.integrations.lightning import ZeroShardStrategy
 
@@ -19,32 +19,8 @@ logging.getLogger("lightning").setLevel(logging.ERROR)
 OUT, WORK = sys.argv[1], sys.argv[2]
 
 
-class Net(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb = nn.Embedding(64, 32)
-        self.body = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
-        self.head = nn.Linear(32, 64)
-        self.losses: list[float] = []
-
-    def forward(self, x, y):
-        h = self.emb(x)
-        return nn.functional.cross_entropy(self.head(h + self.body(h)).flatten(0, 1), y.flatten())
-
-    def training_step(self, batch, batch_idx):
-        loss = self(*batch)
-        self.losses.append(loss.item())
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1)
-
-    def train_dataloader(self):
-        g = torch.Generator().manual_seed(0)
-        data = torch.utils.data.TensorDataset(torch.randint(0, 64, (160, 8), generator=g),
-                                              torch.randint(0, 64, (160, 8), generator=g))
-        return torch.utils.data.DataLoader(data, batch_size=4, shuffle=False)
+class Net(TinyLM):
+    """The user's LightningModule (lightning_net.py): the strategy must train it unwrapped."""
 
 
 class Record(L.Callback):

@@ -11,7 +11,7 @@ import sys
 import lightning as L
 import torch
 import torch.distributed as dist
-from torch import nn
+from lightning_net import TinyLM
 
 from zeroshard.integrations.lightning import ZeroShardStrategy
 
@@ -20,23 +20,15 @@ logging.getLogger("lightning").setLevel(logging.ERROR)
 OUT = sys.argv[1]
 
 
-class Net(L.LightningModule):
+class Net(TinyLM):
+    samples = 96
+
     def __init__(self) -> None:
         super().__init__()
-        torch.manual_seed(0)
-        self.emb = nn.Embedding(64, 32)
-        self.body = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
-        self.head = nn.Linear(32, 64)
-        self.losses, self.lrs = [], []
-
-    def forward(self, x, y):
-        h = self.emb(x)
-        logits = self.head(h + self.body(h)).float()
-        return nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        self.lrs: list[float] = []
 
     def training_step(self, batch, batch_idx):
-        loss = self(*batch)
-        self.losses.append(loss.item())
+        loss = super().training_step(batch, batch_idx)
         self.lrs.append(self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
@@ -44,12 +36,6 @@ class Net(L.LightningModule):
         opt = torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def train_dataloader(self):
-        g = torch.Generator().manual_seed(0)
-        data = torch.utils.data.TensorDataset(torch.randint(0, 64, (96, 8), generator=g),
-                                              torch.randint(0, 64, (96, 8), generator=g))
-        return torch.utils.data.DataLoader(data, batch_size=4, shuffle=False)
 
 
 def fit(strategy, precision="32-true", steps=8):
