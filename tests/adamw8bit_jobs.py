@@ -80,19 +80,22 @@ def job_train(stage: int, precision: str = "fp32", steps: int = 8, **kw) -> dict
     }
 
 
-def reference(steps: int = 8, block: int = BLOCK, min8: int = MIN8) -> dict:
-    """One process, whole parameters: 8-bit ones by `adamw8bit_step_`, the rest by AdamW."""
+def reference(steps: int = 8, block: int = BLOCK, min8: int = MIN8,
+              group_codecs: list[dict] | None = None) -> dict:  # fmt: skip
+    """One process, whole parameters: 8-bit ones by `adamw8bit_step_`, the rest by AdamW.
+    `group_codecs`: per param group {"block_size", "min_8bit_size"} instead of one of each."""
     model = make_model()
     groups = param_groups(model, weight_decay=WD)
+    codecs = group_codecs or [{"block_size": block, "min_8bit_size": min8}] * len(groups)
     fallback, states = [], {}
-    for g in groups:
+    for g, c in zip(groups, codecs):
         for p in g["params"]:
-            if Q.uses_8bit(p.numel(), min8):
-                states[p] = (Q.init_state8(p.numel(), block), g)
+            if Q.uses_8bit(p.numel(), c["min_8bit_size"]):
+                states[p] = (Q.init_state8(p.numel(), c["block_size"]), g, c["block_size"])
             else:
                 fallback.append({"params": [p], "lr": g.get("lr", LR),
                                  "weight_decay": g["weight_decay"]})  # fmt: skip
-    adamw = torch.optim.AdamW(fallback, lr=LR, betas=BETAS)
+    adamw = torch.optim.AdamW(fallback, lr=LR, betas=BETAS) if fallback else None
     losses = []
     for step in range(steps):
         x, y = batch(step, GLOBAL_BATCH)
@@ -100,16 +103,17 @@ def reference(steps: int = 8, block: int = BLOCK, min8: int = MIN8) -> dict:
         loss.backward()
         losses.append(loss.item())
         with torch.no_grad():
-            for p, (st, g) in states.items():
+            for p, (st, g, size) in states.items():
                 Q.adamw8bit_step_(
                     p.data.view(-1), p.grad.reshape(-1), st["exp_avg_codes"],
                     st["exp_avg_absmax"], st["exp_avg_sq_codes"], st["exp_avg_sq_absmax"],
                     lr=g.get("lr", LR), beta1=BETAS[0], beta2=BETAS[1],
-                    weight_decay=g["weight_decay"], step=step + 1, block_size=block,
+                    weight_decay=g["weight_decay"], step=step + 1, block_size=size,
                 )  # fmt: skip
-        adamw.step()
+        if adamw is not None:
+            adamw.step()
         model.zero_grad()
-    return {"losses": losses,
+    return {"losses": losses, "n8": len(states),
             "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
 
 

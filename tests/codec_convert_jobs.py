@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 import zeroshard
+from tests.adamw8bit_jobs import reference
 from tests.ckpt_jobs import train
-from tests.models import batch, loss_fn, make_model, param_groups
-from zeroshard import quant8 as Q
+from tests.models import make_model, param_groups
 
 LR, BETAS, WD = 3e-3, (0.9, 0.95), 0.1
 BLOCK, MIN8 = 64, 500  # most test-model matrices 8-bit, several blocks each; norms fp32
@@ -118,32 +118,4 @@ def job_train_groups(steps: int, group_codecs: list[dict]) -> dict:
 def reference_groups(steps: int, group_codecs: list[dict]) -> dict:
     """One process, whole parameters: each 8-bit one stepped by `adamw8bit_step_` with its
     group's block size, the rest by torch.optim.AdamW."""
-    model = make_model()
-    states, fallback = {}, []
-    for g, c in zip(param_groups(model, weight_decay=WD), group_codecs):
-        for p in g["params"]:
-            if Q.uses_8bit(p.numel(), c["min_8bit_size"]):
-                states[p] = (Q.init_state8(p.numel(), c["block_size"]), g, c["block_size"])
-            else:
-                fallback.append({"params": [p], "lr": g.get("lr", LR),
-                                 "weight_decay": g["weight_decay"]})  # fmt: skip
-    adamw = torch.optim.AdamW(fallback, lr=LR, betas=BETAS) if fallback else None
-    losses = []
-    for step in range(steps):
-        x, y = batch(step, GLOBAL_BATCH)
-        loss = loss_fn(model, x, y)
-        loss.backward()
-        losses.append(loss.item())
-        with torch.no_grad():
-            for p, (st, g, block) in states.items():
-                Q.adamw8bit_step_(
-                    p.data.view(-1), p.grad.reshape(-1), st["exp_avg_codes"],
-                    st["exp_avg_absmax"], st["exp_avg_sq_codes"], st["exp_avg_sq_absmax"],
-                    lr=g.get("lr", LR), beta1=BETAS[0], beta2=BETAS[1],
-                    weight_decay=g["weight_decay"], step=step + 1, block_size=block,
-                )  # fmt: skip
-        if adamw is not None:
-            adamw.step()
-        model.zero_grad()
-    return {"losses": losses, "n8": len(states),
-            "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+    return reference(steps, group_codecs=group_codecs)
