@@ -192,9 +192,9 @@ class Comm:
 
     @property
     def global_ranks(self) -> list[int]:
-        """The group's ranks in the default group's numbering, in group order."""
-        return list(self._global_ranks) if self.active else [dist.get_rank()
-                                                              if self.initialized else 0]
+        """The group's ranks in the default group's numbering, in group order (empty when
+        nothing is sent: one rank)."""
+        return list(self._global_ranks)
 
     @property
     def active(self) -> bool:
